@@ -1,0 +1,237 @@
+// CPU kernels: OpenMP over fixed-size chunks of all tensors together, and inside a chunk a
+// `#pragma omp simd` loop over the shared per-element math of mgpp_math.h. Histogram counting
+// would stop the compiler from vectorising the update, so the update loop writes bin indices to
+// a small block buffer and a scalar loop counts them while the block is still in L1.
+#include "mgpp_cpu.h"
+
+#include <algorithm>
+#include <vector>
+
+#include <omp.h>
+
+namespace mgpp {
+namespace cpu {
+namespace {
+
+// Chunks are multiples of 8 elements so that one byte of a packed mask belongs to one chunk.
+constexpr int64_t kChunk = 1 << 15;
+constexpr int64_t kBlock = 1024;
+// Thread-local counters are uint32; they are flushed to the shared int64 histogram well before
+// they could overflow.
+constexpr int64_t kFlushEvery = int64_t{1} << 31;
+
+struct F32 {
+  using T = float;
+  static float load(T x) { return x; }
+  static T store(float x) { return x; }
+};
+struct BF16 {
+  using T = uint16_t;
+  static float load(T x) { return bf16_bits_to_float(x); }
+  static T store(float x) { return float_to_bf16_bits(x); }
+};
+struct F16 {
+  using T = uint16_t;
+  static float load(T x) { return f16_bits_to_float(x); }
+  static T store(float x) { return float_to_f16_bits(x); }
+};
+
+struct Chunk {
+  int64_t tensor;
+  int64_t begin;
+  int64_t end;
+};
+
+template <typename GetNumel>
+std::vector<Chunk> make_chunks(int64_t count, GetNumel numel_of) {
+  std::vector<Chunk> chunks;
+  for (int64_t t = 0; t < count; ++t) {
+    const int64_t numel = numel_of(t);
+    for (int64_t begin = 0; begin < numel; begin += kChunk) {
+      chunks.push_back({t, begin, std::min(begin + kChunk, numel)});
+    }
+  }
+  return chunks;
+}
+
+// Runs body(chunk, local_histogram) over all chunks in parallel; each thread counts into its own
+// histogram of `bins` counters (none when bins == 0), merged into `histogram` at the end.
+template <typename Body>
+void parallel_chunks(const std::vector<Chunk>& chunks, int num_threads, uint32_t bins,
+                     int64_t* histogram, Body body) {
+  const int64_t n = static_cast<int64_t>(chunks.size());
+  if (n == 0) return;
+  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, n)));
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<uint32_t> local(bins, 0u);
+    int64_t counted = 0;
+    auto flush = [&]() {
+#pragma omp critical(mgpp_histogram_merge)
+      for (uint32_t b = 0; b < bins; ++b) histogram[b] += local[b];
+      std::fill(local.begin(), local.end(), 0u);
+      counted = 0;
+    };
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < n; ++c) {
+      body(chunks[c], local.data());
+      counted += chunks[c].end - chunks[c].begin;
+      if (bins != 0 && counted >= kFlushEvery) flush();
+    }
+    if (bins != 0) flush();
+  }
+}
+
+template <typename P, typename S, bool kPrior, bool kHist, bool kMask>
+void update_chunk(const StepTensor& t, const Chunk& chunk, const StepOptions& options,
+                  uint32_t* histogram) {
+  auto* __restrict param = static_cast<typename P::T*>(t.param);
+  const auto* __restrict grad = static_cast<const typename P::T*>(t.grad);
+  auto* __restrict exp_avg = static_cast<typename S::T*>(t.exp_avg);
+  auto* __restrict exp_avg_sq = static_cast<typename S::T*>(t.exp_avg_sq);
+  const uint8_t* __restrict keep_mask = t.keep_mask;
+  const AdamWScalars adamw = t.adamw;
+  const PriorConstants prior = options.prior;
+  const float inv_grad_scale = options.inv_grad_scale;
+  uint32_t bins[kBlock];
+  for (int64_t block = chunk.begin; block < chunk.end; block += kBlock) {
+    const int64_t end = std::min(block + kBlock, chunk.end);
+#pragma omp simd
+    for (int64_t i = block; i < end; ++i) {
+      float theta = P::load(param[i]);
+      float g = P::load(grad[i]) * inv_grad_scale;
+      if (kPrior) g = g + prior_gradient(theta, prior);
+      float m = S::load(exp_avg[i]);
+      float v = S::load(exp_avg_sq[i]);
+      adamw_update(theta, m, v, g, adamw);
+      if (kMask) {
+        const bool keep = (keep_mask[i >> 3] >> (i & 7)) & 1;
+        theta = keep ? theta : 0.0f;
+      }
+      const typename P::T stored = P::store(theta);
+      param[i] = stored;
+      exp_avg[i] = S::store(m);
+      exp_avg_sq[i] = S::store(v);
+      if (kHist) bins[i - block] = key_high_bin(abs_key(P::load(stored)));
+    }
+    if (kHist) {
+      for (int64_t i = 0; i < end - block; ++i) ++histogram[bins[i]];
+    }
+  }
+}
+
+template <typename P, typename S>
+void fused_step_typed(const StepTensor* tensors, int64_t count, const StepOptions& options,
+                      int64_t* high_histogram) {
+  const auto chunks = make_chunks(count, [&](int64_t t) { return tensors[t].numel; });
+  const bool hist = high_histogram != nullptr;
+  const uint32_t bins = hist ? kHistHighBins : 0;
+  parallel_chunks(chunks, options.num_threads, bins, high_histogram,
+                  [&](const Chunk& chunk, uint32_t* local) {
+    const StepTensor& t = tensors[chunk.tensor];
+    const bool mask = t.keep_mask != nullptr;
+    // Instantiate each combination so that the inner loop carries no runtime branch.
+    if (options.prior_on) {
+      if (hist) {
+        mask ? update_chunk<P, S, true, true, true>(t, chunk, options, local)
+             : update_chunk<P, S, true, true, false>(t, chunk, options, local);
+      } else {
+        mask ? update_chunk<P, S, true, false, true>(t, chunk, options, local)
+             : update_chunk<P, S, true, false, false>(t, chunk, options, local);
+      }
+    } else {
+      if (hist) {
+        mask ? update_chunk<P, S, false, true, true>(t, chunk, options, local)
+             : update_chunk<P, S, false, true, false>(t, chunk, options, local);
+      } else {
+        mask ? update_chunk<P, S, false, false, true>(t, chunk, options, local)
+             : update_chunk<P, S, false, false, false>(t, chunk, options, local);
+      }
+    }
+  });
+}
+
+template <typename P>
+void histogram_chunk(const ValueTensor& t, const Chunk& chunk, int level, uint32_t high_bin,
+                     uint32_t* histogram) {
+  const auto* __restrict data = static_cast<const typename P::T*>(t.data);
+  for (int64_t i = chunk.begin; i < chunk.end; ++i) {
+    const uint32_t key = abs_key(P::load(data[i]));
+    if (level == 0) {
+      ++histogram[key_high_bin(key)];
+    } else if (key_high_bin(key) == high_bin) {
+      ++histogram[key_low_bin(key)];
+    }
+  }
+}
+
+template <typename P>
+void threshold_chunk(const ValueTensor& t, uint8_t* keep_mask, const Chunk& chunk,
+                     uint32_t tau_key) {
+  auto* __restrict data = static_cast<typename P::T*>(t.data);
+#pragma omp simd
+  for (int64_t i = chunk.begin; i < chunk.end; ++i) {
+    if (below_threshold(abs_key(P::load(data[i])), tau_key)) data[i] = P::store(0.0f);
+  }
+  if (keep_mask == nullptr) return;
+  for (int64_t byte = chunk.begin / 8; byte * 8 < chunk.end; ++byte) {
+    uint32_t bits = 0;
+    for (int64_t bit = 0; bit < 8 && byte * 8 + bit < chunk.end; ++bit) {
+      const bool keep = !below_threshold(abs_key(P::load(data[byte * 8 + bit])), tau_key);
+      bits |= static_cast<uint32_t>(keep) << bit;
+    }
+    keep_mask[byte] = static_cast<uint8_t>(bits);
+  }
+}
+
+template <typename Fn>
+void dispatch_dtype(DType dtype, Fn fn) {
+  switch (dtype) {
+    case DType::Float32: fn(F32{}); break;
+    case DType::BFloat16: fn(BF16{}); break;
+    case DType::Float16: fn(F16{}); break;
+  }
+}
+
+}  // namespace
+
+void fused_step(const StepTensor* tensors, int64_t count, const StepOptions& options,
+                int64_t* high_histogram) {
+  dispatch_dtype(options.param_dtype, [&](auto param_tag) {
+    using P = decltype(param_tag);
+    if (options.state_dtype == DType::Float32) {
+      fused_step_typed<P, F32>(tensors, count, options, high_histogram);
+    } else {
+      // State in the parameter's dtype (the only other layout the op layer admits).
+      fused_step_typed<P, P>(tensors, count, options, high_histogram);
+    }
+  });
+}
+
+void count_histogram(const ValueTensor* tensors, int64_t count, DType dtype, int level,
+                     uint32_t high_bin, int64_t* histogram, int num_threads) {
+  const auto chunks = make_chunks(count, [&](int64_t t) { return tensors[t].numel; });
+  const uint32_t bins = level == 0 ? kHistHighBins : kHistLowBins;
+  dispatch_dtype(dtype, [&](auto tag) {
+    using P = decltype(tag);
+    parallel_chunks(chunks, num_threads, bins, histogram,
+                    [&](const Chunk& chunk, uint32_t* local) {
+      histogram_chunk<P>(tensors[chunk.tensor], chunk, level, high_bin, local);
+    });
+  });
+}
+
+void apply_threshold(const ValueTensor* tensors, uint8_t* const* keep_masks, int64_t count,
+                     DType dtype, uint32_t tau_key, int num_threads) {
+  const auto chunks = make_chunks(count, [&](int64_t t) { return tensors[t].numel; });
+  dispatch_dtype(dtype, [&](auto tag) {
+    using P = decltype(tag);
+    parallel_chunks(chunks, num_threads, 0, nullptr, [&](const Chunk& chunk, uint32_t*) {
+      uint8_t* mask = keep_masks == nullptr ? nullptr : keep_masks[chunk.tensor];
+      threshold_chunk<P>(tensors[chunk.tensor], mask, chunk, tau_key);
+    });
+  });
+}
+
+}  // namespace cpu
+}  // namespace mgpp

@@ -1,0 +1,58 @@
+// The CPU kernels of MGPP on raw contiguous buffers: no torch here, so that CMake builds and tests
+// them alone and the torch op layer (csrc/torch_ops.cpp) stays a thin adapter.
+#pragma once
+
+#include <stdint.h>
+
+#include "../mgpp_math.h"
+
+namespace mgpp {
+namespace cpu {
+
+enum class DType : int { Float32 = 0, BFloat16 = 1, Float16 = 2 };
+
+// One tensor of a fused step. All pointers address `numel` contiguous elements; `grad` has the
+// parameter's dtype, `exp_avg`/`exp_avg_sq` the state dtype.
+struct StepTensor {
+  void* param;
+  const void* grad;
+  void* exp_avg;
+  void* exp_avg_sq;
+  const uint8_t* keep_mask;  // frozen mask, bit i%8 of byte i/8 set = keep; null before the freeze
+  int64_t numel;
+  AdamWScalars adamw;
+};
+
+struct StepOptions {
+  DType param_dtype;
+  DType state_dtype;
+  bool prior_on;
+  PriorConstants prior;
+  float inv_grad_scale;  // gradients are multiplied by this before use (1 without a GradScaler)
+  int num_threads;
+};
+
+// Prior gradient + AdamW + frozen mask for every tensor, in one pass over each element. When
+// `high_histogram` (kHistHighBins counters) is not null, it also adds the count of every
+// key_high_bin(|θ_new|): the first level of the radix selection of τ.
+void fused_step(const StepTensor* tensors, int64_t count, const StepOptions& options,
+                int64_t* high_histogram);
+
+struct ValueTensor {
+  void* data;
+  int64_t numel;
+};
+
+// Adds a radix histogram of |x| over the tensors. level 0: kHistHighBins counters indexed by
+// key_high_bin, over all elements; level 1: kHistLowBins counters indexed by key_low_bin, over
+// the elements whose key_high_bin equals `high_bin`.
+void count_histogram(const ValueTensor* tensors, int64_t count, DType dtype, int level,
+                     uint32_t high_bin, int64_t* histogram, int num_threads);
+
+// Sets every element with |x| < τ to zero. When `keep_masks` is not null, also writes each
+// tensor's packed mask of the elements that stay (ceil(numel/8) bytes each).
+void apply_threshold(const ValueTensor* tensors, uint8_t* const* keep_masks, int64_t count,
+                     DType dtype, uint32_t tau_key, int num_threads);
+
+}  // namespace cpu
+}  // namespace mgpp

@@ -1,0 +1,64 @@
+"""The reference backend: mgpp_kernels.reference applied tensor by tensor."""
+from __future__ import annotations
+
+import torch
+
+from .. import reference
+from . import PruneEvent, Threshold, UpdateGroup
+
+
+class ReferenceBackend:
+    name = "reference"
+
+    def check_params(self, params: list[torch.Tensor]) -> None:
+        for p in params:
+            if p.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+                raise ValueError(f"the reference backend takes float64, float32, bfloat16 and "
+                                 f"float16 parameters, got {p.dtype}")
+
+    def step(self, groups: list[UpdateGroup], event: PruneEvent | None,
+             grad_scale: torch.Tensor | None) -> Threshold | None:
+        for group in groups:
+            for i, param in enumerate(group.params):
+                self._update(group, i, param, grad_scale)
+        if event is None:
+            return None
+        tau = reference.global_threshold(event.params, event.k)
+        below = torch.zeros((), dtype=torch.int64, device=tau.device)
+        for i, param in enumerate(event.params):
+            keep = reference.keep_mask(param, tau)
+            below += (~keep).sum()
+            param.masked_fill_(~keep, 0)
+            if event.keep_masks:
+                event.keep_masks[i].copy_(reference.pack_mask(keep))
+        return Threshold(tau=tau, below=below)
+
+    def global_threshold(self, tensors: list[torch.Tensor], k: int) -> torch.Tensor:
+        return reference.global_threshold(tensors, k)
+
+    @staticmethod
+    def _update(group: UpdateGroup, i: int, param: torch.Tensor,
+                grad_scale: torch.Tensor | None) -> None:
+        # Math in float32 (float64 for float64 tensors), stored back with round-to-nearest-even.
+        compute = torch.promote_types(param.dtype, torch.float32)
+        theta = param.detach().to(compute, copy=True)
+        grad = group.grads[i].to(compute, copy=True)
+        if grad_scale is not None:
+            grad = grad / grad_scale.to(compute)
+        if group.prior is not None:
+            prior = group.prior
+            grad = grad + reference.prior_gradient(theta, prior.lambda_t, prior.sigma0_sq,
+                                                   prior.sigma1_sq, prior.num_train_examples)
+        exp_avg = group.exp_avgs[i].to(compute, copy=True)
+        exp_avg_sq = group.exp_avg_sqs[i].to(compute, copy=True)
+        group.state_steps[i] += 1
+        reference.adamw_update(theta, grad, exp_avg, exp_avg_sq, int(group.state_steps[i].item()),
+                               group.lr, group.beta1, group.beta2, group.eps, group.weight_decay)
+        if group.keep_masks:
+            theta.masked_fill_(~reference.unpack_mask(group.keep_masks[i], theta), 0)
+        param.detach().copy_(theta)
+        group.exp_avgs[i].copy_(exp_avg)
+        group.exp_avg_sqs[i].copy_(exp_avg_sq)
+
+
+BACKEND = ReferenceBackend()

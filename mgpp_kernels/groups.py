@@ -1,0 +1,66 @@
+"""Param groups for MGPP: which of a model's parameters are pruning candidates."""
+from __future__ import annotations
+
+import re
+from typing import Any, Iterable
+
+import torch
+
+# The attention and MLP weight matrices of every block, by architecture (SPEC §1): embeddings,
+# LayerNorm, biases, pooler and classifier never match.
+DEFAULT_PATTERNS: dict[str, str] = {
+    # BERT, RoBERTa, MiniLM, ELECTRA: layer.N.attention.self.{query,key,value},
+    # attention.output.dense, intermediate.dense, output.dense
+    "bert": r"layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense"
+            r"|intermediate\.dense|output\.dense)\.weight$",
+    # DeBERTa(-v2/-v3): {query,key,value}_proj; DeBERTa v1: in_proj
+    "deberta": r"layer\.\d+\.attention\.self\.(query_proj|key_proj|value_proj|in_proj)\.weight$",
+    # GPT-2: h.N.attn.{c_attn,c_proj}, h.N.mlp.{c_fc,c_proj}
+    "gpt2": r"\bh\.\d+\.(attn\.(c_attn|c_proj)|mlp\.(c_fc|c_proj))\.weight$",
+    # LLaMA, Mistral, Qwen: layers.N.self_attn.{q,k,v,o}_proj, layers.N.mlp.{gate,up,down}_proj
+    "llama": r"layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)"
+             r"|mlp\.(gate_proj|up_proj|down_proj))\.weight$",
+}
+
+
+def candidate_names(model: torch.nn.Module, patterns: Iterable[str] | None = None) -> list[str]:
+    """Names of the trainable parameters that match any pattern (re.search on the full name)."""
+    compiled = [re.compile(p) for p in (DEFAULT_PATTERNS.values() if patterns is None else patterns)]
+    return [name for name, p in model.named_parameters()
+            if p.requires_grad and p.dim() >= 2 and any(c.search(name) for c in compiled)]
+
+
+def param_groups(model: torch.nn.Module, patterns: Iterable[str] | None = None,
+                 weight_decay: float | None = None,
+                 no_decay: Iterable[str] = ("bias", "LayerNorm.weight", "layer_norm.weight",
+                                            "norm.weight")) -> list[dict[str, Any]]:
+    """Param groups for :class:`mgpp_kernels.MGPP`: the candidates with ``prune=True``, the rest
+    with ``prune=False``.
+
+    ``patterns`` are regular expressions matched against ``model.named_parameters()`` names;
+    the default covers BERT, RoBERTa, DeBERTa(-v3), MiniLM, GPT-2 and LLaMA-style models. When
+    ``weight_decay`` is given, candidates and other weights get it and parameters whose name ends
+    with one of ``no_decay`` get 0, as the transformers Trainer does; otherwise every group uses
+    the optimizer's weight_decay.
+    """
+    candidates = set(candidate_names(model, patterns))
+    if not candidates:
+        raise ValueError("no parameter of the model matches the pruning patterns; pass "
+                         "patterns=[...] with regular expressions for its weight matrices")
+    pruned, decayed, undecayed = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name in candidates:
+            pruned.append(p)
+        elif weight_decay is not None and name.endswith(tuple(no_decay)):
+            undecayed.append(p)
+        else:
+            decayed.append(p)
+    extra = {} if weight_decay is None else {"weight_decay": weight_decay}
+    groups = [{"params": pruned, "prune": True, **extra}]
+    if decayed:
+        groups.append({"params": decayed, "prune": False, **extra})
+    if undecayed:
+        groups.append({"params": undecayed, "prune": False, "weight_decay": 0.0})
+    return groups
