@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <map>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -135,7 +136,7 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                            static_cast<float>(beta1),
                            static_cast<float>(beta2),
                            static_cast<float>(lr / bc1),
-                           static_cast<float>(std::sqrt(bc2)),
+                           static_cast<float>(1.0 / std::sqrt(bc2)),
                            static_cast<float>(s[kEps])};
     const DType param_dtype = to_kernel_dtype(p.scalar_type(), "params");
     const DType state_dtype = to_kernel_dtype(exp_avgs[i].scalar_type(), "exp_avgs");
@@ -196,9 +197,25 @@ void apply_threshold_cpu(at::TensorList tensors, at::TensorList keep_masks,
   }
 }
 
+std::string build_info() {
+  std::string isa = "x86-64";
+#if defined(__AVX512F__)
+  isa = "AVX-512";
+#elif defined(__AVX2__)
+  isa = "AVX2";
+#elif defined(__aarch64__)
+  isa = "aarch64";
+#endif
+#if defined(__F16C__)
+  isa += " F16C";
+#endif
+  return "cpu kernels: " + isa + ", OpenMP " + std::to_string(_OPENMP) + ", compiler " + __VERSION__;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(mgpp, m) {
+  m.def("build_info() -> str", &build_info);
   m.def(
       "fused_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] state_steps, Tensor[] keep_masks, Tensor scalars, "

@@ -5,6 +5,7 @@
 #include "mgpp_cpu.h"
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include <omp.h>
@@ -35,6 +36,20 @@ struct F16 {
   static float load(T x) { return f16_bits_to_float(x); }
   static T store(float x) { return float_to_f16_bits(x); }
 };
+
+// Each byte value of a packed mask expanded to eight 0/1 bytes, so that the vector loop reads a
+// byte per element instead of gathering bits.
+struct MaskByteExpansion {
+  uint64_t bytes[256];
+  constexpr MaskByteExpansion() : bytes() {
+    for (int value = 0; value < 256; ++value) {
+      for (int bit = 0; bit < 8; ++bit) {
+        bytes[value] |= static_cast<uint64_t>((value >> bit) & 1) << (8 * bit);
+      }
+    }
+  }
+};
+constexpr MaskByteExpansion kMaskByteExpansion{};
 
 struct Chunk {
   int64_t tensor;
@@ -94,8 +109,14 @@ void update_chunk(const StepTensor& t, const Chunk& chunk, const StepOptions& op
   const PriorConstants prior = options.prior;
   const float inv_grad_scale = options.inv_grad_scale;
   uint32_t bins[kBlock];
+  uint8_t keep[kBlock];
   for (int64_t block = chunk.begin; block < chunk.end; block += kBlock) {
     const int64_t end = std::min(block + kBlock, chunk.end);
+    if (kMask) {
+      for (int64_t byte = 0; byte * 8 < end - block; ++byte) {
+        memcpy(&keep[8 * byte], &kMaskByteExpansion.bytes[keep_mask[block / 8 + byte]], 8);
+      }
+    }
 #pragma omp simd
     for (int64_t i = block; i < end; ++i) {
       float theta = P::load(param[i]);
@@ -104,10 +125,7 @@ void update_chunk(const StepTensor& t, const Chunk& chunk, const StepOptions& op
       float m = S::load(exp_avg[i]);
       float v = S::load(exp_avg_sq[i]);
       adamw_update(theta, m, v, g, adamw);
-      if (kMask) {
-        const bool keep = (keep_mask[i >> 3] >> (i & 7)) & 1;
-        theta = keep ? theta : 0.0f;
-      }
+      if (kMask) theta = keep[i - block] ? theta : 0.0f;
       const typename P::T stored = P::store(theta);
       param[i] = stored;
       exp_avg[i] = S::store(m);
@@ -152,15 +170,37 @@ void fused_step_typed(const StepTensor* tensors, int64_t count, const StepOption
 }
 
 template <typename P>
-void histogram_chunk(const ValueTensor& t, const Chunk& chunk, int level, uint32_t high_bin,
-                     uint32_t* histogram) {
+void high_histogram_chunk(const ValueTensor& t, const Chunk& chunk, uint32_t* histogram) {
   const auto* __restrict data = static_cast<const typename P::T*>(t.data);
-  for (int64_t i = chunk.begin; i < chunk.end; ++i) {
-    const uint32_t key = abs_key(P::load(data[i]));
-    if (level == 0) {
-      ++histogram[key_high_bin(key)];
-    } else if (key_high_bin(key) == high_bin) {
-      ++histogram[key_low_bin(key)];
+  uint32_t bins[kBlock];
+  for (int64_t block = chunk.begin; block < chunk.end; block += kBlock) {
+    const int64_t end = std::min(block + kBlock, chunk.end);
+#pragma omp simd
+    for (int64_t i = block; i < end; ++i) bins[i - block] = key_high_bin(abs_key(P::load(data[i])));
+    for (int64_t i = 0; i < end - block; ++i) ++histogram[bins[i]];
+  }
+}
+
+// Few elements fall in the selected high bin: test groups of elements with vector code and count
+// only inside the groups that hold a match.
+template <typename P>
+void low_histogram_chunk(const ValueTensor& t, const Chunk& chunk, uint32_t high_bin,
+                         uint32_t* histogram) {
+  constexpr int64_t kGroup = 64;
+  const auto* __restrict data = static_cast<const typename P::T*>(t.data);
+  for (int64_t group = chunk.begin; group < chunk.end; group += kGroup) {
+    const int64_t end = std::min(group + kGroup, chunk.end);
+    int matches = 0;
+#pragma omp simd reduction(+ : matches)
+    for (int64_t i = group; i < end; ++i) {
+      matches += key_high_bin(abs_key(P::load(data[i]))) == high_bin;
+    }
+    if (matches == 0) continue;
+    // Branch-free: when most elements match (say τ falls among many exact zeros), a branch per
+    // element would be mispredicted half the time.
+    for (int64_t i = group; i < end; ++i) {
+      const uint32_t key = abs_key(P::load(data[i]));
+      histogram[key_low_bin(key)] += key_high_bin(key) == high_bin;
     }
   }
 }
@@ -216,7 +256,11 @@ void count_histogram(const ValueTensor* tensors, int64_t count, DType dtype, int
     using P = decltype(tag);
     parallel_chunks(chunks, num_threads, bins, histogram,
                     [&](const Chunk& chunk, uint32_t* local) {
-      histogram_chunk<P>(tensors[chunk.tensor], chunk, level, high_bin, local);
+      if (level == 0) {
+        high_histogram_chunk<P>(tensors[chunk.tensor], chunk, local);
+      } else {
+        low_histogram_chunk<P>(tensors[chunk.tensor], chunk, high_bin, local);
+      }
     });
   });
 }

@@ -1,0 +1,66 @@
+"""python -m mgpp_kernels {info, verify, bench}."""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+
+import torch
+
+from . import __version__, bench, verify
+from .backends import BACKENDS, BackendUnavailableError, load_backend
+
+
+def info() -> int:
+    print(f"mgpp_kernels {__version__}, torch {torch.__version__}, Python {platform.python_version()}")
+    try:
+        import triton
+        print(f"triton {triton.__version__}")
+    except ImportError:
+        print("triton: not installed")
+    print(f"CUDA available: {torch.cuda.is_available()}; torch threads: {torch.get_num_threads()}")
+    print(f"CPU: {bench._cpu_model()}; features: {' '.join(_cpu_features()) or 'unknown'}")
+    for name in BACKENDS:
+        try:
+            load_backend(name)
+            print(f"backend {name}: built")
+        except BackendUnavailableError as error:
+            print(f"backend {name}: not available ({error})")
+    if hasattr(torch.ops.mgpp, "build_info"):
+        print(torch.ops.mgpp.build_info())
+    return 0
+
+
+def _cpu_features() -> list[str]:
+    wanted = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_bf16", "asimd", "sve")
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith(("flags", "Features")):
+                    flags = set(line.split(":", 1)[1].split())
+                    return [f for f in wanted if f in flags]
+    except OSError:
+        pass
+    return []
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mgpp_kernels")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("info", help="backends built, versions, CPU features")
+    verify_parser = commands.add_parser("verify", help="every built backend against the reference")
+    verify_parser.add_argument("--backend", action="append", help="only this backend (repeatable)")
+    verify_parser.add_argument("--layers", type=int, default=12, help="encoder layers (default 12)")
+    commands.add_parser("bench", help="step time against torch.optim.AdamW", add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "info":
+        return info()
+    if args.command == "verify":
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        return verify.run(args.backend, args.layers)
+    return bench.main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""`python -m mgpp_kernels verify`: every built backend against the reference, SPEC §4's bounds.
+
+Each backend runs a BERT-base-shaped set of tensors through every stage of the schedule twice:
+synced (its state is reset to the reference's before each step, so each step is a one-step
+comparison from the same input) and free-running (its own state throughout, for the end-to-end
+bounds). On every pruning event, τ is also selected by the backend from the reference's weights and
+must equal kthvalue's bit for bit.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+
+from . import reference
+from .backends import available_backends, load_backend
+from .optimizer import MGPP
+
+BERT_BASE_LAYER = [(768, 768)] * 4 + [(3072, 768), (768, 3072)]
+# Small enough for the Triton interpreter, which runs every program instance in Python.
+SMALL_LAYER = [(64, 64)] * 4 + [(256, 64), (64, 256)]
+
+SCHEDULE = dict(total_steps=16, initial_warmup_steps=2, final_warmup_steps=3, pruning_interval=3,
+                initial_sparsity=0.3, final_sparsity=0.9, num_train_examples=67349)
+# Steps 0-1 dense, 2 prunes to s_i, 3/6/9 cubic events, 12 = t_end freezes, 13-15 frozen.
+
+
+@dataclasses.dataclass
+class Result:
+    backend: str
+    elements: int
+    step_error: dict[str, float]      # worst |diff| / SPEC §4 one-step bound, per quantity
+    tau_exact: bool                   # τ from the same weights equals kthvalue's, every event
+    step_mask_diff: float             # worst fraction of mask positions that differ after a step
+    final_rel_error: float            # ‖θ_backend − θ_ref‖ / ‖θ_ref‖ after the free run
+    final_mask_diff: float
+
+    @property
+    def ok(self) -> bool:
+        return (max(self.step_error.values()) <= 1.0 and self.tau_exact
+                and self.step_mask_diff <= 1e-3 and self.final_rel_error <= 1e-4
+                and self.final_mask_diff <= 1e-3)
+
+
+def make_model(layer: list[tuple[int, int]], layers: int, device: torch.device,
+               seed: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Candidate weight matrices and non-candidate vectors (biases, LayerNorm) of an encoder."""
+    generator = torch.Generator().manual_seed(seed)
+    candidates = [(torch.randn(shape, generator=generator) * 0.04).to(device)
+                  for _ in range(layers) for shape in layer]
+    hidden = layer[0][0]
+    others = [(torch.randn(hidden, generator=generator) * 0.02).to(device)
+              for _ in range(layers * 4)]
+    return candidates, others
+
+
+def _optimizer(candidates, others, backend: str) -> MGPP:
+    return MGPP([{"params": candidates, "prune": True}, {"params": others, "prune": False}],
+                lr=2e-3, weight_decay=0.01, backend=backend, **SCHEDULE)
+
+
+def _one_step_error(new, ref_new, ref_old_m, ref_old_v, grad_total, beta1, beta2) -> dict[str, float]:
+    """SPEC §4's one-step fp32 bound, worst ratio over elements, for θ, m and v."""
+    theta, m, v = new
+    ref_theta, ref_m, ref_v = ref_new
+    bound_theta = 1e-6 + 1e-5 * ref_theta.abs()
+    scale_m = torch.maximum(torch.maximum(ref_m.abs(), beta1 * ref_old_m.abs()),
+                            (1 - beta1) * grad_total.abs())
+    scale_v = torch.maximum(torch.maximum(ref_v, beta2 * ref_old_v), (1 - beta2) * grad_total ** 2)
+    return {
+        "theta": float(((theta - ref_theta).abs() / bound_theta).max()),
+        "m": float(((m - ref_m).abs() / (1e-6 + 1e-5 * scale_m)).max()),
+        "v": float(((v - ref_v).abs() / (1e-6 + 1e-5 * scale_v)).max()),
+    }
+
+
+def verify_backend(name: str, device: torch.device, layer, layers: int) -> Result:
+    backend = load_backend(name)
+    ref_cand, ref_other = make_model(layer, layers, device)
+    free_cand, free_other = make_model(layer, layers, device)
+    sync_cand, sync_other = make_model(layer, layers, device)
+    ref_params, free_params, sync_params = ref_cand + ref_other, free_cand + free_other, sync_cand + sync_other
+    ref_opt = _optimizer(ref_cand, ref_other, "reference")
+    free_opt = _optimizer(free_cand, free_other, name)
+    sync_opt = _optimizer(sync_cand, sync_other, name)
+    config = ref_opt.config
+    beta1, beta2 = ref_opt.defaults["betas"]
+    generator = torch.Generator().manual_seed(1)
+    base_grads = [(torch.randn(p.shape, generator=generator) * 1e-3).to(device) for p in ref_params]
+    noise = [(torch.randn(p.shape, generator=generator) * 1e-3).to(device) for p in ref_params]
+
+    worst = {"theta": 0.0, "m": 0.0, "v": 0.0}
+    tau_exact, step_mask_diff = True, 0.0
+    numel = sum(p.numel() for p in ref_cand)
+    for t in range(config.total_steps):
+        grads = [b + n * ((-1) ** t) * (1 + t / 4) for b, n in zip(base_grads, noise)]
+        for params in (ref_params, free_params, sync_params):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+        sync_opt.load_state_dict(ref_opt.state_dict())
+        with torch.no_grad():
+            for p, q in zip(sync_params, ref_params):
+                p.copy_(q)
+        point = reference.schedule_at(config, t)
+        if point.prune_to is not None:
+            k = reference.prune_count(numel, point.prune_to)
+            same = backend.global_threshold(ref_cand, k)
+            tau_exact &= bool(torch.equal(same, reference.global_threshold(ref_cand, k)))
+        old_m = [ref_opt.state[p]["exp_avg"].clone() if p in ref_opt.state else torch.zeros_like(p)
+                 for p in ref_params]
+        old_v = [ref_opt.state[p]["exp_avg_sq"].clone() if p in ref_opt.state else torch.zeros_like(p)
+                 for p in ref_params]
+        prior_grads = [reference.prior_gradient(p.detach(), point.lambda_t, config.sigma0_sq,
+                                                config.sigma1_sq, config.num_train_examples)
+                       if point.prior_on and i < len(ref_cand) else torch.zeros_like(p)
+                       for i, p in enumerate(ref_params)]
+        ref_opt.step()
+        sync_opt.step()
+        free_opt.step()
+        for i, (p, q) in enumerate(zip(sync_params, ref_params)):
+            error = _one_step_error(
+                (p.detach(), sync_opt.state[p]["exp_avg"], sync_opt.state[p]["exp_avg_sq"]),
+                (q.detach(), ref_opt.state[q]["exp_avg"], ref_opt.state[q]["exp_avg_sq"]),
+                old_m[i], old_v[i], grads[i] + prior_grads[i], beta1, beta2)
+            for key in worst:
+                worst[key] = max(worst[key], error[key])
+        differ = sum(int(((p == 0) != (q == 0)).sum()) for p, q in zip(sync_cand, ref_cand))
+        step_mask_diff = max(step_mask_diff, differ / numel)
+
+    with torch.no_grad():
+        diff = torch.sqrt(sum(((p - q).double() ** 2).sum() for p, q in zip(free_params, ref_params)))
+        norm = torch.sqrt(sum((q.double() ** 2).sum() for q in ref_params))
+    final_mask = sum(int(((p == 0) != (q == 0)).sum()) for p, q in zip(free_cand, ref_cand)) / numel
+    return Result(name, numel, worst, tau_exact, step_mask_diff, float(diff / norm), final_mask)
+
+
+def format_table(results: list[Result]) -> str:
+    header = ("backend", "elements", "θ err/bound", "m err/bound", "v err/bound", "τ exact",
+              "mask diff (step)", "final rel err", "final mask diff", "status")
+    rows = [header]
+    for r in results:
+        rows.append((r.backend, f"{r.elements:,}", f"{r.step_error['theta']:.3f}",
+                     f"{r.step_error['m']:.3f}", f"{r.step_error['v']:.3f}",
+                     "yes" if r.tau_exact else "NO", f"{r.step_mask_diff:.2e}",
+                     f"{r.final_rel_error:.2e}", f"{r.final_mask_diff:.2e}",
+                     "ok" if r.ok else "FAIL"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def run(backends: list[str] | None = None, layers: int = 12, small: bool = False) -> int:
+    names = [b for b in (backends or available_backends()) if b != "reference"]
+    results = []
+    for name in names:
+        device = torch.device("cpu")
+        layer = SMALL_LAYER if small else BERT_BASE_LAYER
+        if name in ("triton", "cuda") and torch.cuda.is_available():
+            device = torch.device("cuda")
+        elif name == "triton":
+            if os.environ.get("TRITON_INTERPRET") != "1":
+                print("triton: skipped (no GPU; set TRITON_INTERPRET=1 to run it in the interpreter)")
+                continue
+            layer, layers = SMALL_LAYER, 2  # the interpreter is slow: a small set
+        elif name == "cuda":
+            print("cuda: skipped (no GPU)")
+            continue
+        print(f"verifying {name} on {device} ({layers} layers) ...", flush=True)
+        results.append(verify_backend(name, device, layer, layers))
+    if not results:
+        print("no backend besides the reference is built")
+        return 1
+    print(format_table(results))
+    failed = [r.backend for r in results if not r.ok]
+    print("FAILED: " + ", ".join(failed) if failed else "all backends within SPEC §4")
+    return 1 if failed else 0
