@@ -186,7 +186,8 @@ struct PriorConstants {
 
 // Gradient of −log prior / n at θ: (θ/n)·(ρ0/σ0² + (1 − ρ0)/σ1²), ρ0 the spike's posterior weight.
 MGPP_HD float prior_gradient(float theta, const PriorConstants& prior) {
-  const float rho0 = 1.0f / (1.0f + exp_for_logistic(prior.c1 + prior.c2 * (theta * theta)));
+  // (c2·θ)·θ in the reference's order: z reaches ~90, where one rounding moves ρ0 by ~1e-5.
+  const float rho0 = 1.0f / (1.0f + exp_for_logistic(prior.c1 + (prior.c2 * theta) * theta));
   // ρ0/σ0² + (1 − ρ0)/σ1², rearranged to one multiply-add.
   const float weight = prior.inv_sigma1_sq + rho0 * (prior.inv_sigma0_sq - prior.inv_sigma1_sq);
   return (theta * prior.inv_n) * weight;
@@ -212,12 +213,14 @@ enum StepScalar : int {
 // ---- AdamW ------------------------------------------------------------------------------------
 
 // Per-tensor scalars of one AdamW step; bias corrections depend on the tensor's own step count.
+// 1 − β1 and 1 − β2 are rounded from float64, as torch does: 1 − (float)0.999 is 1.3e-5 off.
 struct AdamWScalars {
-  float decay;          // 1 − lr·wd
-  float beta1;
+  float decay;            // 1 − lr·wd
+  float one_minus_beta1;
   float beta2;
-  float step_size;      // lr / (1 − β1^k)
-  float inv_bc2_sqrt;   // 1 / √(1 − β2^k)
+  float one_minus_beta2;
+  float step_size;        // lr / (1 − β1^k)
+  float inv_bc2_sqrt;     // 1 / √(1 − β2^k)
   float eps;
 };
 
@@ -227,8 +230,8 @@ struct AdamWScalars {
 MGPP_HD void adamw_update(float& theta, float& exp_avg, float& exp_avg_sq, float grad,
                           const AdamWScalars& s) {
   theta = theta * s.decay;
-  exp_avg = exp_avg + (1.0f - s.beta1) * (grad - exp_avg);  // lerp, as torch
-  exp_avg_sq = exp_avg_sq * s.beta2 + (1.0f - s.beta2) * (grad * grad);
+  exp_avg = exp_avg + s.one_minus_beta1 * (grad - exp_avg);  // lerp, as torch
+  exp_avg_sq = exp_avg_sq * s.beta2 + s.one_minus_beta2 * (grad * grad);
   const float denom = sqrtf(exp_avg_sq) * s.inv_bc2_sqrt + s.eps;
   theta = theta - s.step_size * (exp_avg / denom);
 }

@@ -133,8 +133,9 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
     t.keep_mask = keep_masks.empty() ? nullptr : keep_masks[i].data_ptr<uint8_t>();
     t.numel = p.numel();
     t.adamw = AdamWScalars{static_cast<float>(1.0 - lr * s[kWeightDecay]),
-                           static_cast<float>(beta1),
+                           static_cast<float>(1.0 - beta1),
                            static_cast<float>(beta2),
+                           static_cast<float>(1.0 - beta2),
                            static_cast<float>(lr / bc1),
                            static_cast<float>(1.0 / std::sqrt(bc2)),
                            static_cast<float>(s[kEps])};

@@ -50,7 +50,8 @@ def main(argv=None) -> int:
     commands.add_parser("info", help="backends built, versions, CPU features")
     verify_parser = commands.add_parser("verify", help="every built backend against the reference")
     verify_parser.add_argument("--backend", action="append", help="only this backend (repeatable)")
-    verify_parser.add_argument("--layers", type=int, default=12, help="encoder layers (default 12)")
+    verify_parser.add_argument("--layers", type=int, default=2,
+                               help="BERT-base encoder layers (default 2; 12 for the whole model)")
     commands.add_parser("bench", help="step time against torch.optim.AdamW", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "info":

@@ -33,7 +33,8 @@ class Result:
     step_error: dict[str, float]      # worst |diff| / SPEC §4 one-step bound, per quantity
     tau_exact: bool                   # τ from the same weights equals kthvalue's, every event
     step_mask_diff: float             # worst fraction of mask positions that differ after a step
-    final_rel_error: float            # ‖θ_backend − θ_ref‖ / ‖θ_ref‖ after the free run
+    final_rel_error: float            # ‖θ_backend − θ_ref‖ / ‖θ_ref‖ after the free run, where
+                                      # both runs agree on the mask
     final_mask_diff: float
 
     @property
@@ -128,9 +129,15 @@ def verify_backend(name: str, device: torch.device, layer, layers: int) -> Resul
         differ = sum(int(((p == 0) != (q == 0)).sum()) for p, q in zip(sync_cand, ref_cand))
         step_mask_diff = max(step_mask_diff, differ / numel)
 
+    # A weight that one run prunes and the other keeps (allowed in ≤ 0.1% of P) then evolves
+    # differently by design, so θ is compared where both runs agree on the mask.
     with torch.no_grad():
-        diff = torch.sqrt(sum(((p - q).double() ** 2).sum() for p, q in zip(free_params, ref_params)))
-        norm = torch.sqrt(sum((q.double() ** 2).sum() for q in ref_params))
+        diff = norm = torch.zeros((), dtype=torch.float64)
+        for i, (p, q) in enumerate(zip(free_params, ref_params)):
+            agree = (p == 0) == (q == 0) if i < len(free_cand) else torch.ones_like(p, dtype=torch.bool)
+            diff = diff + ((p - q).double()[agree] ** 2).sum()
+            norm = norm + (q.double()[agree] ** 2).sum()
+        diff, norm = diff.sqrt(), norm.sqrt()
     final_mask = sum(int(((p == 0) != (q == 0)).sum()) for p, q in zip(free_cand, ref_cand)) / numel
     return Result(name, numel, worst, tau_exact, step_mask_diff, float(diff / norm), final_mask)
 
@@ -151,12 +158,12 @@ def format_table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
-def run(backends: list[str] | None = None, layers: int = 12, small: bool = False) -> int:
+def run(backends: list[str] | None = None, layers: int = 2) -> int:
     names = [b for b in (backends or available_backends()) if b != "reference"]
     results = []
     for name in names:
         device = torch.device("cpu")
-        layer = SMALL_LAYER if small else BERT_BASE_LAYER
+        layer = BERT_BASE_LAYER
         if name in ("triton", "cuda") and torch.cuda.is_available():
             device = torch.device("cuda")
         elif name == "triton":

@@ -86,7 +86,7 @@ void test_fused_step(DType param_dtype, DType state_dtype, bool prior_on, bool w
   cpu::StepOptions options{param_dtype, state_dtype, prior_on, prior, 0.5f, threads};
   std::vector<cpu::StepTensor> tensors;
   for (size_t t = 0; t < cases.size(); ++t) {
-    const AdamWScalars adamw{0.99999f, 0.9f, 0.999f, 1e-3f / (1.0f - 0.9f * t / 10.0f),
+    const AdamWScalars adamw{0.99999f, 0.1f, 0.999f, 0.001f, 1e-3f / (1.0f - 0.9f * t / 10.0f),
                              1.0f / (0.05f + 0.01f * t), 1e-8f};
     tensors.push_back({cases[t].param.data(), cases[t].grad.data(), cases[t].exp_avg.data(),
                        cases[t].exp_avg_sq.data(), with_mask ? cases[t].mask.data() : nullptr,

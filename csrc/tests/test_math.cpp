@@ -69,8 +69,8 @@ void test_adamw_update() {
   double worst = 0;
   for (int step = 1; step <= 50; step += 7) {
     const double bc1 = 1 - std::pow(beta1, step), bc2 = 1 - std::pow(beta2, step);
-    const AdamWScalars s{static_cast<float>(1 - lr * wd), static_cast<float>(beta1),
-                         static_cast<float>(beta2), static_cast<float>(lr / bc1),
+    const AdamWScalars s{static_cast<float>(1 - lr * wd), static_cast<float>(1 - beta1),
+                         static_cast<float>(beta2), static_cast<float>(1 - beta2), static_cast<float>(lr / bc1),
                          static_cast<float>(1 / std::sqrt(bc2)), static_cast<float>(eps)};
     for (int i = 0; i < 10000; ++i) {
       float theta = normal(rng) * 0.05f, m = normal(rng) * 0.01f, v = std::fabs(normal(rng)) * 1e-4f;
