@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
+# The conventional toolkit root: nvcc on PATH may be a wrapper that hides it. Without a toolkit
+# there, setup.py and CMake skip the CUDA kernels and say so.
+export CUDA_HOME ?= /usr/local/cuda
 
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') \
            setup.py pyproject.toml
@@ -30,7 +33,7 @@ test: setup
 	$(MAKE) ctest
 
 ctest: setup
-	cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release > /dev/null
+	cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release
 	cmake --build build/cmake -j 2
 	ctest --test-dir build/cmake --output-on-failure
 

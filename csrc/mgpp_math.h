@@ -236,4 +236,27 @@ MGPP_HD void adamw_update(float& theta, float& exp_avg, float& exp_avg_sq, float
   theta = theta - s.step_size * (exp_avg / denom);
 }
 
+// One step's per-tensor AdamW scalars and prior constants from the float64 step scalars
+// (StepScalar) and the tensor's step count k, this step included: float64 math, then float32.
+// The CPU op and the CUDA kernels both call these.
+MGPP_HD AdamWScalars adamw_scalars(const double* scalars, double k) {
+  const double lr = scalars[kLr];
+  const double beta1 = scalars[kBeta1];
+  const double beta2 = scalars[kBeta2];
+  return AdamWScalars{static_cast<float>(1.0 - lr * scalars[kWeightDecay]),
+                      static_cast<float>(1.0 - beta1),
+                      static_cast<float>(beta2),
+                      static_cast<float>(1.0 - beta2),
+                      static_cast<float>(lr / (1.0 - pow(beta1, k))),
+                      static_cast<float>(1.0 / sqrt(1.0 - pow(beta2, k))),
+                      static_cast<float>(scalars[kEps])};
+}
+
+MGPP_HD PriorConstants prior_constants(const double* scalars) {
+  return PriorConstants{static_cast<float>(scalars[kPriorC1]), static_cast<float>(scalars[kPriorC2]),
+                        static_cast<float>(scalars[kPriorInvN]),
+                        static_cast<float>(scalars[kPriorInvSigma0Sq]),
+                        static_cast<float>(scalars[kPriorInvSigma1Sq])};
+}
+
 }  // namespace mgpp

@@ -74,14 +74,10 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
               "mgpp: scalars must be a contiguous CPU float64 tensor of ", kNumStepScalars,
               " elements");
   const double* s = scalars.data_ptr<double>();
-  const double lr = s[kLr], beta1 = s[kBeta1], beta2 = s[kBeta2];
 
   cpu::StepOptions options{};
   options.prior_on = s[kPriorOn] != 0.0;
-  options.prior = PriorConstants{static_cast<float>(s[kPriorC1]), static_cast<float>(s[kPriorC2]),
-                                 static_cast<float>(s[kPriorInvN]),
-                                 static_cast<float>(s[kPriorInvSigma0Sq]),
-                                 static_cast<float>(s[kPriorInvSigma1Sq])};
+  options.prior = prior_constants(s);
   options.inv_grad_scale = 1.0f;
   if (grad_scale.has_value()) {
     TORCH_CHECK(grad_scale->numel() == 1, "mgpp: grad_scale must hold one value");
@@ -122,9 +118,6 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
     const Tensor& p = params[i];
     Tensor step = state_steps[i];
     step.add_(1);
-    const double k = step.item<double>();
-    const double bc1 = 1.0 - std::pow(beta1, k);
-    const double bc2 = 1.0 - std::pow(beta2, k);
     cpu::StepTensor t{};
     t.param = p.data_ptr();
     t.grad = grads[i].data_ptr();
@@ -132,13 +125,7 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
     t.exp_avg_sq = exp_avg_sqs[i].data_ptr();
     t.keep_mask = keep_masks.empty() ? nullptr : keep_masks[i].data_ptr<uint8_t>();
     t.numel = p.numel();
-    t.adamw = AdamWScalars{static_cast<float>(1.0 - lr * s[kWeightDecay]),
-                           static_cast<float>(1.0 - beta1),
-                           static_cast<float>(beta2),
-                           static_cast<float>(1.0 - beta2),
-                           static_cast<float>(lr / bc1),
-                           static_cast<float>(1.0 / std::sqrt(bc2)),
-                           static_cast<float>(s[kEps])};
+    t.adamw = adamw_scalars(s, step.item<double>());
     const DType param_dtype = to_kernel_dtype(p.scalar_type(), "params");
     const DType state_dtype = to_kernel_dtype(exp_avgs[i].scalar_type(), "exp_avgs");
     by_dtype[{param_dtype, state_dtype}].push_back(t);

@@ -143,6 +143,11 @@ class MGPP(Optimizer):
     def _candidates(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups if group["prune"] for p in group["params"]]
 
+    def _step_device(self, p: torch.Tensor) -> torch.device:
+        # Kernels that count steps on the device (the cuda backend) keep them there, so that
+        # reading one never waits for the GPU; the others keep them on the host, as torch does.
+        return p.device if getattr(self._backend, "steps_on_device", False) else torch.device("cpu")
+
     def _state_dtype_of(self, p: torch.Tensor) -> torch.dtype:
         return torch.float32 if self._state_dtype is torch.float32 else p.dtype
 
@@ -229,7 +234,7 @@ class MGPP(Optimizer):
         state = self.state[p]
         if "step" not in state:
             dtype = self._state_dtype_of(p)
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["step"] = torch.zeros((), dtype=torch.float32, device=self._step_device(p))
             state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype,
                                                    memory_format=torch.contiguous_format)
@@ -263,7 +268,8 @@ class MGPP(Optimizer):
             state = self.state[p]
             for key, value in saved.items():
                 if key == "step":
-                    state[key] = value.detach().to(torch.float32, copy=True)
+                    state[key] = value.detach().to(device=self._step_device(p), dtype=torch.float32,
+                                                   copy=True)
                 elif key == "keep_mask":
                     state[key] = value.detach().to(device=p.device, dtype=torch.uint8, copy=True)
                 else:

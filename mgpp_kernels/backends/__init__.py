@@ -13,9 +13,9 @@ from typing import Protocol
 
 import torch
 
-BACKENDS = ("reference", "cpu")
+BACKENDS = ("reference", "cpu", "cuda")
 # Fastest first, per device type: what "auto" picks among the backends that are built.
-AUTO_ORDER = {"cpu": ("cpu", "reference")}
+AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -80,6 +80,9 @@ class Backend(Protocol):
 _BUILD_HINTS = {
     "cpu": "the cpu backend needs the compiled extension mgpp_kernels._C: run "
            "`pip install --no-build-isolation -e .` in the repository (or `make run`)",
+    "cuda": "the cuda backend needs a CUDA device and mgpp_kernels._C built with its CUDA kernels: "
+            "a CUDA build of torch and nvcc (set CUDA_HOME to the toolkit), then "
+            "`pip install --no-build-isolation -e .` (the build prints why it skips CUDA)",
 }
 
 

@@ -1,0 +1,629 @@
+// The bodies of the CUDA kernels, written once for the device and for the host-side emulated grid
+// of csrc/tests/test_cuda_emulated.cpp. No CUDA runtime and no torch here: nvcc and g++ both
+// compile this header.
+//
+// Multi-tensor apply, as PyTorch's MultiTensorApply.cuh and apex do: a launch carries a table of
+// up to kMaxTensors tensors in its kernel arguments, and every block runs one chunk of one tensor.
+// Blocks find their tensor by binary search over the table's first-block offsets, so the number
+// of blocks per launch is not bounded by the argument size, and a step launches once per
+// kMaxTensors tensors of one dtype pair. The tables take up to 32 KiB of kernel arguments, which
+// needs CUDA 12.1 or newer (toolkit and driver) on sm_70 or newer.
+//
+// A kernel is a struct with `Args` (the kernel argument), `BlockState` (a __shared__ struct),
+// kPhases and kMaxThreads, and a `phase(p, thread, args, state)` function template: the device
+// runs the phases in order with a __syncthreads() between them; the emulator runs phase p of
+// every thread of a block before phase p + 1. `Thread` supplies the block and thread indices and
+// the few operations that differ between the device and the host:
+//   int64_t block() const; int thread() const; int block_dim() const;
+//   uint32_t* shared_words() const;                     // the block's dynamic shared memory
+//   void atomic_add_shared(uint32_t* word, uint32_t value) const;
+//   void atomic_add_global(unsigned long long* counter, unsigned long long value) const;
+//   Bytes16 load16(const void* address) const;          // 128-bit, address 16-byte aligned
+//   void store16(void* address, const Bytes16& value) const;
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+
+#include <stdexcept>
+#include <vector>
+
+#include "../mgpp_math.h"
+#include "mgpp_cuda.h"
+
+// Unrolled loops keep the lanes of a Vector in registers (nvcc otherwise may put them on the stack).
+// Only in the device pass: the host compiler of nvcc's host pass does not know the pragma.
+#if defined(__CUDA_ARCH__)
+#define MGPP_UNROLL _Pragma("unroll")
+#else
+#define MGPP_UNROLL
+#endif
+
+namespace mgpp {
+namespace cuda {
+
+// Elements per block. Below 2^16 so that a block's uint16 shared counters cannot overflow, and a
+// multiple of 8 so that a byte of a packed mask and a 16-byte vector never straddle two blocks.
+constexpr int64_t kChunkSize = 32768;
+constexpr int kBlockThreads = 512;
+constexpr int kSelectThreads = 1024;
+// The largest kernel argument CUDA 12.1+ accepts; the tables below stay under it.
+constexpr size_t kMaxArgBytes = 32764;
+
+// Where a kernel counts its histogram: nowhere; in uint16 counters in shared memory merged into
+// the global int64 counters by atomics at the end of the block; or with global atomics directly
+// (on devices whose shared memory per block cannot hold the counters).
+enum HistogramMode : int32_t { kNoHistogram = 0, kSharedHistogram = 1, kGlobalHistogram = 2 };
+
+constexpr size_t shared_histogram_bytes(uint32_t bins) { return bins * sizeof(uint16_t); }
+
+struct alignas(16) Bytes16 {
+  uint32_t word[4];
+};
+
+// ---- storage formats ---------------------------------------------------------------------------
+
+struct F32 {
+  using T = float;
+  static MGPP_HD float load(T x) { return x; }
+  static MGPP_HD T store(float x) { return x; }
+};
+struct BF16 {
+  using T = uint16_t;
+  static MGPP_HD float load(T x) { return bf16_bits_to_float(x); }
+  static MGPP_HD T store(float x) { return float_to_bf16_bits(x); }
+};
+struct F16 {
+  using T = uint16_t;
+  static MGPP_HD float load(T x) { return f16_bits_to_float(x); }
+  static MGPP_HD T store(float x) { return float_to_f16_bits(x); }
+};
+
+// N elements of a 4- or 2-byte storage type, moved with 128-bit loads and stores.
+template <typename T, int N>
+struct Vector {
+  static_assert(N * sizeof(T) % 16 == 0, "a Vector is a whole number of 16-byte words");
+  static constexpr int kWords = static_cast<int>(N * sizeof(T) / 16);
+  Bytes16 words[kWords];
+
+  template <class Thread>
+  MGPP_HD void load(const Thread& th, const T* address) {
+    MGPP_UNROLL for (int w = 0; w < kWords; ++w) words[w] = th.load16(address + w * (16 / sizeof(T)));
+  }
+  template <class Thread>
+  MGPP_HD void store(const Thread& th, T* address) const {
+    MGPP_UNROLL for (int w = 0; w < kWords; ++w) th.store16(address + w * (16 / sizeof(T)), words[w]);
+  }
+  MGPP_HD T get(int j) const {
+    if constexpr (sizeof(T) == 4) {
+      return bits_to_float(words[j / 4].word[j % 4]);
+    } else {
+      return static_cast<T>(words[j / 8].word[(j / 2) % 4] >> ((j % 2) * 16));
+    }
+  }
+  MGPP_HD void set(int j, T x) {
+    if constexpr (sizeof(T) == 4) {
+      words[j / 4].word[j % 4] = float_to_bits(x);
+    } else {
+      uint32_t& word = words[j / 8].word[(j / 2) % 4];
+      const int shift = (j % 2) * 16;
+      word = (word & ~(0xFFFFu << shift)) | (static_cast<uint32_t>(x) << shift);
+    }
+  }
+};
+
+template <typename T>
+MGPP_HD bool aligned16(const T* address) {
+  return (reinterpret_cast<uintptr_t>(address) & 15u) == 0;
+}
+
+// ---- block → (tensor, chunk) ---------------------------------------------------------------------
+
+struct ChunkRange {
+  int32_t slot;  // the tensor's index in the launch's table
+  int64_t begin;
+  int64_t end;
+};
+
+// first_block[s] is the first block of table slot s; slots hold no empty tensors, so the offsets
+// increase strictly and the block's slot is the last one whose offset is <= block.
+MGPP_HD ChunkRange locate_chunk(const int32_t* first_block, const int64_t* numel, int32_t count,
+                                int64_t chunk_size, int64_t block) {
+  int32_t low = 0;
+  int32_t high = count - 1;
+  while (low < high) {
+    const int32_t mid = (low + high + 1) / 2;
+    if (first_block[mid] <= block) {
+      low = mid;
+    } else {
+      high = mid - 1;
+    }
+  }
+  const int64_t begin = (block - first_block[low]) * chunk_size;
+  const int64_t end = begin + chunk_size < numel[low] ? begin + chunk_size : numel[low];
+  return ChunkRange{low, begin, end};
+}
+
+// ---- histogram counters ----------------------------------------------------------------------------
+// Shared counters are uint16, two per 32-bit word (bin b in the low half of word b/2 when b is
+// even): a block counts at most kChunkSize < 2^16 elements, so they cannot overflow.
+
+template <class Thread>
+MGPP_HD void zero_shared_histogram(const Thread& th, uint32_t bins) {
+  uint32_t* words = th.shared_words();
+  for (uint32_t w = static_cast<uint32_t>(th.thread()); w < bins / 2;
+       w += static_cast<uint32_t>(th.block_dim())) {
+    words[w] = 0u;
+  }
+}
+
+template <class Thread>
+MGPP_HD void count_bin(const Thread& th, int32_t mode, unsigned long long* histogram, uint32_t bin) {
+  if (mode == kSharedHistogram) {
+    th.atomic_add_shared(th.shared_words() + bin / 2, 1u << ((bin % 2) * 16));
+  } else {
+    th.atomic_add_global(histogram + bin, 1ull);
+  }
+}
+
+template <class Thread>
+MGPP_HD void merge_shared_histogram(const Thread& th, uint32_t bins, unsigned long long* histogram) {
+  const uint32_t* words = th.shared_words();
+  for (uint32_t w = static_cast<uint32_t>(th.thread()); w < bins / 2;
+       w += static_cast<uint32_t>(th.block_dim())) {
+    const uint32_t pair = words[w];
+    if ((pair & 0xFFFFu) != 0) th.atomic_add_global(histogram + 2 * w, pair & 0xFFFFu);
+    if ((pair >> 16) != 0) th.atomic_add_global(histogram + 2 * w + 1, pair >> 16);
+  }
+}
+
+// ---- fused step --------------------------------------------------------------------------------
+
+struct FusedStepArgs {
+  static constexpr int kMaxTensors = 384;
+  int32_t num_tensors;
+  int32_t histogram_mode;
+  int64_t chunk_size;
+  const double* scalars;
+  const float* grad_scale;
+  unsigned long long* histogram;  // kHistHighBins int64 counters
+  int32_t first_block[kMaxTensors + 1];
+  float step_value[kMaxTensors];
+  int64_t numel[kMaxTensors];
+  void* param[kMaxTensors];
+  const void* grad[kMaxTensors];
+  void* exp_avg[kMaxTensors];
+  void* exp_avg_sq[kMaxTensors];
+  const uint8_t* keep_mask[kMaxTensors];
+  const float* step[kMaxTensors];
+};
+static_assert(sizeof(FusedStepArgs) <= kMaxArgBytes, "FusedStepArgs exceeds the argument limit");
+
+struct FusedStepBlock {
+  AdamWScalars adamw;
+  PriorConstants prior;
+  float inv_grad_scale;
+  int32_t prior_on;
+  ChunkRange chunk;
+};
+
+template <class P, class S>
+struct FusedStepKernel {
+  using Args = FusedStepArgs;
+  using BlockState = FusedStepBlock;
+  using PT = typename P::T;
+  using ST = typename S::T;
+  static constexpr int kPhases = 3;
+  static constexpr int kMaxThreads = kBlockThreads;
+  // Elements per vector step: 16 bytes of the narrower of the parameter and state types.
+  static constexpr int kVector = static_cast<int>(16 / (sizeof(PT) < sizeof(ST) ? sizeof(PT) : sizeof(ST)));
+
+  template <class Thread>
+  static MGPP_HD void phase(int p, const Thread& th, const Args& a, BlockState& st) {
+    if (p == 0) {
+      prepare(th, a, st);
+    } else if (p == 1) {
+      update(th, a, st);
+    } else if (a.histogram_mode == kSharedHistogram) {
+      merge_shared_histogram(th, kHistHighBins, a.histogram);
+    }
+  }
+
+  // Thread 0 reads the block's tensor and the step's constants from device memory.
+  template <class Thread>
+  static MGPP_HD void prepare(const Thread& th, const Args& a, BlockState& st) {
+    if (a.histogram_mode == kSharedHistogram) zero_shared_histogram(th, kHistHighBins);
+    if (th.thread() != 0) return;
+    st.chunk = locate_chunk(a.first_block, a.numel, a.num_tensors, a.chunk_size, th.block());
+    const int32_t slot = st.chunk.slot;
+    const float* step = a.step[slot];
+    st.adamw = adamw_scalars(a.scalars, static_cast<double>(step != nullptr ? *step : a.step_value[slot]));
+    st.prior = prior_constants(a.scalars);
+    st.prior_on = a.scalars[kPriorOn] != 0.0;
+    st.inv_grad_scale = a.grad_scale != nullptr ? 1.0f / *a.grad_scale : 1.0f;
+  }
+
+  // The per-element step of the CPU kernel (csrc/cpu/mgpp_cpu.cpp, update_chunk), in its order.
+  static MGPP_HD void update_element(PT& param, PT grad, ST& exp_avg, ST& exp_avg_sq, bool masked,
+                                     bool keep, const BlockState& st) {
+    float theta = P::load(param);
+    float g = P::load(grad) * st.inv_grad_scale;
+    if (st.prior_on) g = g + prior_gradient(theta, st.prior);
+    float m = S::load(exp_avg);
+    float v = S::load(exp_avg_sq);
+    adamw_update(theta, m, v, g, st.adamw);
+    if (masked) theta = keep ? theta : 0.0f;
+    param = P::store(theta);
+    exp_avg = S::store(m);
+    exp_avg_sq = S::store(v);
+  }
+
+  static MGPP_HD bool keep_bit(const uint8_t* mask, int64_t i) {
+    return mask == nullptr || ((mask[i >> 3] >> (i & 7)) & 1) != 0;
+  }
+
+  template <class Thread>
+  static MGPP_HD void update(const Thread& th, const Args& a, const BlockState& st) {
+    const int32_t slot = st.chunk.slot;
+    const int64_t begin = st.chunk.begin;
+    const int64_t end = st.chunk.end;
+    PT* param = static_cast<PT*>(a.param[slot]);
+    const PT* grad = static_cast<const PT*>(a.grad[slot]);
+    ST* exp_avg = static_cast<ST*>(a.exp_avg[slot]);
+    ST* exp_avg_sq = static_cast<ST*>(a.exp_avg_sq[slot]);
+    const uint8_t* mask = a.keep_mask[slot];
+    const bool masked = mask != nullptr;
+    const bool count = a.histogram_mode != kNoHistogram;
+    // 128-bit accesses when all four arrays are 16-byte aligned at the chunk's start (chunk sizes
+    // are multiples of 16 bytes, so then every vector is aligned); a scalar loop does the rest.
+    const bool aligned = aligned16(param + begin) && aligned16(grad + begin) &&
+                         aligned16(exp_avg + begin) && aligned16(exp_avg_sq + begin);
+    const int64_t vector_end = aligned ? begin + (end - begin) / kVector * kVector : begin;
+    const int64_t threads = th.block_dim();
+    for (int64_t i = begin + th.thread() * int64_t{kVector}; i < vector_end; i += threads * kVector) {
+      Vector<PT, kVector> p, g;
+      Vector<ST, kVector> m, v;
+      p.load(th, param + i);
+      g.load(th, grad + i);
+      m.load(th, exp_avg + i);
+      v.load(th, exp_avg_sq + i);
+      MGPP_UNROLL for (int j = 0; j < kVector; ++j) {
+        PT pj = p.get(j);
+        ST mj = m.get(j);
+        ST vj = v.get(j);
+        update_element(pj, g.get(j), mj, vj, masked, keep_bit(mask, i + j), st);
+        p.set(j, pj);
+        m.set(j, mj);
+        v.set(j, vj);
+        if (count) count_bin(th, a.histogram_mode, a.histogram, key_high_bin(abs_key(P::load(pj))));
+      }
+      p.store(th, param + i);
+      m.store(th, exp_avg + i);
+      v.store(th, exp_avg_sq + i);
+    }
+    for (int64_t i = vector_end + th.thread(); i < end; i += threads) {
+      PT p = param[i];
+      ST m = exp_avg[i];
+      ST v = exp_avg_sq[i];
+      update_element(p, grad[i], m, v, masked, keep_bit(mask, i), st);
+      param[i] = p;
+      exp_avg[i] = m;
+      exp_avg_sq[i] = v;
+      if (count) count_bin(th, a.histogram_mode, a.histogram, key_high_bin(abs_key(P::load(p))));
+    }
+  }
+};
+
+// ---- |x| histogram (radix levels 0 and 1) ------------------------------------------------------
+
+struct HistogramArgs {
+  static constexpr int kMaxTensors = 1024;
+  int32_t num_tensors;
+  int32_t histogram_mode;
+  int32_t level;
+  int64_t chunk_size;
+  const int64_t* selection;       // level 1 counts the high bin of selection[kSelKey]
+  unsigned long long* histogram;  // kHistHighBins (level 0) or kHistLowBins (level 1) counters
+  int32_t first_block[kMaxTensors + 1];
+  int64_t numel[kMaxTensors];
+  const void* data[kMaxTensors];
+};
+static_assert(sizeof(HistogramArgs) <= kMaxArgBytes, "HistogramArgs exceeds the argument limit");
+
+struct HistogramBlock {
+  ChunkRange chunk;
+  uint32_t high_bin;
+};
+
+template <class P>
+struct HistogramKernel {
+  using Args = HistogramArgs;
+  using BlockState = HistogramBlock;
+  using T = typename P::T;
+  static constexpr int kPhases = 3;
+  static constexpr int kMaxThreads = kBlockThreads;
+  static constexpr int kVector = static_cast<int>(16 / sizeof(T));
+
+  static MGPP_HD uint32_t bins(int32_t level) { return level == 0 ? kHistHighBins : kHistLowBins; }
+
+  template <class Thread>
+  static MGPP_HD void phase(int p, const Thread& th, const Args& a, BlockState& st) {
+    if (p == 0) {
+      if (a.histogram_mode == kSharedHistogram) zero_shared_histogram(th, bins(a.level));
+      if (th.thread() == 0) {
+        st.chunk = locate_chunk(a.first_block, a.numel, a.num_tensors, a.chunk_size, th.block());
+        st.high_bin = a.level == 0 ? 0u : key_high_bin(static_cast<uint32_t>(a.selection[kSelKey]));
+      }
+    } else if (p == 1) {
+      count(th, a, st);
+    } else if (a.histogram_mode == kSharedHistogram) {
+      merge_shared_histogram(th, bins(a.level), a.histogram);
+    }
+  }
+
+  template <class Thread>
+  static MGPP_HD void count_key(const Thread& th, const Args& a, uint32_t high_bin, uint32_t key) {
+    if (a.level == 0) {
+      count_bin(th, a.histogram_mode, a.histogram, key_high_bin(key));
+    } else if (key_high_bin(key) == high_bin) {
+      count_bin(th, a.histogram_mode, a.histogram, key_low_bin(key));
+    }
+  }
+
+  template <class Thread>
+  static MGPP_HD void count(const Thread& th, const Args& a, const BlockState& st) {
+    const T* data = static_cast<const T*>(a.data[st.chunk.slot]);
+    const int64_t begin = st.chunk.begin;
+    const int64_t end = st.chunk.end;
+    const int64_t vector_end = aligned16(data + begin) ? begin + (end - begin) / kVector * kVector : begin;
+    const int64_t threads = th.block_dim();
+    for (int64_t i = begin + th.thread() * int64_t{kVector}; i < vector_end; i += threads * kVector) {
+      Vector<T, kVector> x;
+      x.load(th, data + i);
+      MGPP_UNROLL for (int j = 0; j < kVector; ++j) count_key(th, a, st.high_bin, abs_key(P::load(x.get(j))));
+    }
+    for (int64_t i = vector_end + th.thread(); i < end; i += threads) {
+      count_key(th, a, st.high_bin, abs_key(P::load(data[i])));
+    }
+  }
+};
+
+// ---- threshold ---------------------------------------------------------------------------------
+
+struct ThresholdArgs {
+  static constexpr int kMaxTensors = 1024;
+  int32_t num_tensors;
+  int64_t chunk_size;
+  const int64_t* selection;  // τ's key is selection[kSelKey]
+  int32_t first_block[kMaxTensors + 1];
+  int64_t numel[kMaxTensors];
+  void* data[kMaxTensors];
+  uint8_t* keep_mask[kMaxTensors];  // null: no mask to write
+};
+static_assert(sizeof(ThresholdArgs) <= kMaxArgBytes, "ThresholdArgs exceeds the argument limit");
+
+struct ThresholdBlock {
+  ChunkRange chunk;
+  uint32_t tau_key;
+};
+
+template <class P>
+struct ThresholdKernel {
+  using Args = ThresholdArgs;
+  using BlockState = ThresholdBlock;
+  using T = typename P::T;
+  static constexpr int kPhases = 2;
+  static constexpr int kMaxThreads = kBlockThreads;
+
+  template <class Thread>
+  static MGPP_HD void phase(int p, const Thread& th, const Args& a, BlockState& st) {
+    if (p == 0) {
+      if (th.thread() == 0) {
+        st.chunk = locate_chunk(a.first_block, a.numel, a.num_tensors, a.chunk_size, th.block());
+        st.tau_key = static_cast<uint32_t>(a.selection[kSelKey]);
+      }
+    } else {
+      apply(th, a, st);
+    }
+  }
+
+  // Each thread takes groups of 8 elements: one byte of the packed mask. A group is rewritten
+  // only when one of its elements is zeroed.
+  template <class Thread>
+  static MGPP_HD void apply(const Thread& th, const Args& a, const BlockState& st) {
+    T* data = static_cast<T*>(a.data[st.chunk.slot]);
+    uint8_t* mask = a.keep_mask[st.chunk.slot];
+    const int64_t begin = st.chunk.begin;
+    const int64_t end = st.chunk.end;
+    const bool aligned = aligned16(data + begin);
+    const uint32_t tau_key = st.tau_key;
+    for (int64_t i = begin + 8 * int64_t{th.thread()}; i < end; i += 8 * int64_t{th.block_dim()}) {
+      uint32_t keep_bits = 0;
+      if (aligned && i + 8 <= end) {
+        Vector<T, 8> x;
+        x.load(th, data + i);
+        bool changed = false;
+        MGPP_UNROLL for (int j = 0; j < 8; ++j) {
+          const bool below = below_threshold(abs_key(P::load(x.get(j))), tau_key);
+          if (below) x.set(j, P::store(0.0f));
+          changed = changed || below;
+          keep_bits |= static_cast<uint32_t>(!below) << j;
+        }
+        if (changed) x.store(th, data + i);
+      } else {
+        for (int j = 0; j < 8 && i + j < end; ++j) {
+          const bool below = below_threshold(abs_key(P::load(data[i + j])), tau_key);
+          if (below) data[i + j] = P::store(0.0f);
+          keep_bits |= static_cast<uint32_t>(!below) << j;
+        }
+      }
+      if (mask != nullptr) mask[i >> 3] = static_cast<uint8_t>(keep_bits);
+    }
+  }
+};
+
+// ---- radix selection -----------------------------------------------------------------------------
+
+struct SelectArgs {
+  const int64_t* histogram;
+  int64_t* selection;
+  int32_t level;
+};
+
+struct SelectBlock {
+  int64_t segment_sum[kSelectThreads];
+};
+
+// select_bin (csrc/mgpp_math.h) with one block: each thread sums a segment of bins, then thread
+// 0 walks the segment sums and scans only the segment that holds the rank. The result is
+// select_bin's, bin for bin (csrc/tests/test_cuda_emulated.cpp checks it); one thread walking
+// all 65536 bins of global memory would take milliseconds.
+struct SelectKernel {
+  using Args = SelectArgs;
+  using BlockState = SelectBlock;
+  static constexpr int kPhases = 2;
+  static constexpr int kMaxThreads = kSelectThreads;
+
+  template <class Thread>
+  static MGPP_HD void phase(int p, const Thread& th, const Args& a, BlockState& st) {
+    const uint32_t bins = a.level == 0 ? kHistHighBins : kHistLowBins;
+    const uint32_t segments = static_cast<uint32_t>(th.block_dim());  // a power of two <= 1024
+    const uint32_t segment_bins = bins / segments;
+    if (p == 0) {
+      const uint32_t first = static_cast<uint32_t>(th.thread()) * segment_bins;
+      int64_t sum = 0;
+      for (uint32_t b = first; b < first + segment_bins; ++b) sum += a.histogram[b];
+      st.segment_sum[th.thread()] = sum;
+      return;
+    }
+    if (th.thread() != 0) return;
+    int64_t* selection = a.selection;
+    const int64_t rank = selection[kSelRank];
+    int64_t before = 0;
+    uint32_t segment = 0;
+    for (; segment + 1 < segments; ++segment) {
+      if (before + st.segment_sum[segment] >= rank) break;
+      before += st.segment_sum[segment];
+    }
+    uint32_t bin = segment * segment_bins;
+    const uint32_t segment_end = bin + segment_bins;
+    for (; bin + 1 < segment_end; ++bin) {
+      if (before + a.histogram[bin] >= rank) break;
+      before += a.histogram[bin];
+    }
+    selection[kSelRank] = rank - before;
+    if (a.level == 0) {
+      selection[kSelKey] = static_cast<int64_t>(bin) << kHistLowBits;
+      selection[kSelBelow] = before;
+    } else {
+      selection[kSelKey] |= bin;
+      selection[kSelBelow] += before;
+    }
+  }
+};
+
+// ---- launch planning (host) ----------------------------------------------------------------------
+
+// Appends one non-empty tensor of `numel` elements to the last launch, or to a new launch (a copy
+// of `common`) when the last one's table is full; returns the launch and the tensor's slot.
+template <class Args>
+Args& add_tensor(std::vector<Args>& launches, const Args& common, int64_t numel, int max_tensors,
+                 int32_t* slot) {
+  const int64_t blocks = (numel + common.chunk_size - 1) / common.chunk_size;
+  const int64_t max_blocks = 0x7FFFFFFF;  // gridDim.x
+  if (blocks > max_blocks) throw std::invalid_argument("mgpp: a tensor is too large for the CUDA kernels");
+  if (launches.empty() || launches.back().num_tensors == max_tensors ||
+      launches.back().first_block[launches.back().num_tensors] + blocks > max_blocks) {
+    launches.push_back(common);
+    launches.back().num_tensors = 0;
+    launches.back().first_block[0] = 0;
+  }
+  Args& launch = launches.back();
+  *slot = launch.num_tensors++;
+  launch.numel[*slot] = numel;
+  launch.first_block[*slot + 1] = static_cast<int32_t>(launch.first_block[*slot] + blocks);
+  return launch;
+}
+
+template <class Args>
+void check_plan(const Args& common, int max_tensors, bool shared_counters) {
+  if (max_tensors < 1 || max_tensors > Args::kMaxTensors) {
+    throw std::invalid_argument("mgpp: max_tensors out of range");
+  }
+  if (common.chunk_size < 8 || common.chunk_size % 8 != 0 || (shared_counters && common.chunk_size > 0xFFFF)) {
+    throw std::invalid_argument("mgpp: chunk_size must be a positive multiple of 8 (below 2^16 "
+                                "with shared counters)");
+  }
+}
+
+inline std::vector<FusedStepArgs> plan_fused_step(const StepTensor* tensors, int64_t count,
+                                                  const StepLaunch& launch, int32_t histogram_mode,
+                                                  int64_t chunk_size = kChunkSize,
+                                                  int max_tensors = FusedStepArgs::kMaxTensors) {
+  FusedStepArgs common{};
+  common.histogram_mode = launch.high_histogram != nullptr ? histogram_mode : kNoHistogram;
+  common.chunk_size = chunk_size;
+  common.scalars = launch.scalars;
+  common.grad_scale = launch.grad_scale;
+  common.histogram = reinterpret_cast<unsigned long long*>(launch.high_histogram);
+  check_plan(common, max_tensors, common.histogram_mode == kSharedHistogram);
+  std::vector<FusedStepArgs> launches;
+  for (int64_t t = 0; t < count; ++t) {
+    const StepTensor& tensor = tensors[t];
+    if (tensor.numel == 0) continue;
+    int32_t s = 0;
+    FusedStepArgs& args = add_tensor(launches, common, tensor.numel, max_tensors, &s);
+    args.param[s] = tensor.param;
+    args.grad[s] = tensor.grad;
+    args.exp_avg[s] = tensor.exp_avg;
+    args.exp_avg_sq[s] = tensor.exp_avg_sq;
+    args.keep_mask[s] = tensor.keep_mask;
+    args.step[s] = tensor.step;
+    args.step_value[s] = tensor.step_value;
+  }
+  return launches;
+}
+
+inline std::vector<HistogramArgs> plan_histogram(const ValueTensor* tensors, int64_t count, int level,
+                                                 const int64_t* selection, int64_t* histogram,
+                                                 int32_t histogram_mode,
+                                                 int64_t chunk_size = kChunkSize,
+                                                 int max_tensors = HistogramArgs::kMaxTensors) {
+  if (level != 0 && level != 1) throw std::invalid_argument("mgpp: level must be 0 or 1");
+  HistogramArgs common{};
+  common.histogram_mode = histogram_mode;
+  common.level = level;
+  common.chunk_size = chunk_size;
+  common.selection = selection;
+  common.histogram = reinterpret_cast<unsigned long long*>(histogram);
+  check_plan(common, max_tensors, histogram_mode == kSharedHistogram);
+  std::vector<HistogramArgs> launches;
+  for (int64_t t = 0; t < count; ++t) {
+    if (tensors[t].numel == 0) continue;
+    int32_t s = 0;
+    add_tensor(launches, common, tensors[t].numel, max_tensors, &s).data[s] = tensors[t].data;
+  }
+  return launches;
+}
+
+inline std::vector<ThresholdArgs> plan_threshold(const ValueTensor* tensors, uint8_t* const* keep_masks,
+                                                 int64_t count, const int64_t* selection,
+                                                 int64_t chunk_size = kChunkSize,
+                                                 int max_tensors = ThresholdArgs::kMaxTensors) {
+  ThresholdArgs common{};
+  common.chunk_size = chunk_size;
+  common.selection = selection;
+  check_plan(common, max_tensors, false);
+  std::vector<ThresholdArgs> launches;
+  for (int64_t t = 0; t < count; ++t) {
+    if (tensors[t].numel == 0) continue;
+    int32_t s = 0;
+    ThresholdArgs& args = add_tensor(launches, common, tensors[t].numel, max_tensors, &s);
+    args.data[s] = tensors[t].data;
+    args.keep_mask[s] = keep_masks != nullptr ? keep_masks[t] : nullptr;
+  }
+  return launches;
+}
+
+}  // namespace cuda
+}  // namespace mgpp

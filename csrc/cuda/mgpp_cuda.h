@@ -1,0 +1,60 @@
+// The launcher API of the CUDA kernels: raw device pointers in, kernels queued on a stream out.
+// No torch and no CUDA runtime types here, so that the torch op layer (csrc/cuda_ops.cpp) and the
+// host-only tests include it with any C++ compiler. Nothing here waits for the device.
+#pragma once
+
+#include <stdint.h>
+
+#include <string>
+
+#include "../cpu/mgpp_cpu.h"
+
+namespace mgpp {
+namespace cuda {
+
+using cpu::DType;
+using cpu::ValueTensor;  // data (device) and numel of one contiguous tensor
+
+// One tensor of a fused step; every pointer is device memory with `numel` contiguous elements.
+struct StepTensor {
+  void* param;
+  const void* grad;          // the parameter's dtype
+  void* exp_avg;             // the state dtype
+  void* exp_avg_sq;
+  const uint8_t* keep_mask;  // frozen mask, bit i%8 of byte i/8 set = keep; null before the freeze
+  const float* step;         // the tensor's step count, this step included; null: step_value
+  float step_value;          // the step count when it lives in host memory
+  int64_t numel;
+};
+
+struct StepLaunch {
+  DType param_dtype;
+  DType state_dtype;         // float32 or param_dtype
+  const double* scalars;     // kNumStepScalars float64 in StepScalar order (csrc/mgpp_math.h)
+  const float* grad_scale;   // one float32; gradients are divided by it; null without a GradScaler
+  int64_t* high_histogram;   // kHistHighBins counters to add |θ_new|'s level-0 bins to, or null
+  void* stream;              // cudaStream_t
+};
+
+// Prior gradient + AdamW + frozen mask for every tensor (one dtype pair) in one pass.
+void fused_step(const StepTensor* tensors, int64_t count, const StepLaunch& launch);
+
+// Adds the radix histogram of |x| over the tensors: level 0 counts key_high_bin over all
+// elements (kHistHighBins counters); level 1 counts key_low_bin of the elements whose high bin is
+// key_high_bin(selection[kSelKey]) (kHistLowBins counters).
+void abs_histogram(const ValueTensor* tensors, int64_t count, DType dtype, int level,
+                   const int64_t* selection, int64_t* histogram, void* stream);
+
+// One radix selection level on the device: the same result as select_bin (csrc/mgpp_math.h).
+void radix_select(const int64_t* histogram, int level, int64_t* selection, void* stream);
+
+// Zeroes |x| < τ (τ's key is selection[kSelKey]); when keep_masks is not null, also writes each
+// tensor's packed keep mask (ceil(numel/8) bytes).
+void apply_threshold(const ValueTensor* tensors, uint8_t* const* keep_masks, int64_t count,
+                     DType dtype, const int64_t* selection, void* stream);
+
+// "cuda kernels: CUDA <runtime version the kernels were built with>, sm_<each arch>".
+std::string build_info();
+
+}  // namespace cuda
+}  // namespace mgpp

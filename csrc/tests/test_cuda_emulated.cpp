@@ -1,0 +1,497 @@
+// The CUDA kernel bodies (csrc/cuda/kernels.cuh) run on the host over an emulated grid: every
+// block, every thread, phase by phase as __syncthreads() separates them, through the same launch
+// planning as the device launchers. Results are checked bit for bit against the CPU kernels
+// (csrc/cpu) and the histograms against direct counts, over the vector and the scalar paths, odd
+// sizes, misaligned starts, empty tensors and several tensors (and launches) per call.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include "check.h"
+#include "cpu/mgpp_cpu.h"
+#include "cuda/kernels.cuh"
+
+using namespace mgpp;
+using cpu::DType;
+
+namespace {
+
+// The CPU kernels' own tests cover their threading; one thread keeps this test quick.
+constexpr int kCpuThreads = 1;
+
+// ---- the emulated grid --------------------------------------------------------------------------
+
+struct AccessStats {
+  int64_t vector_accesses = 0;
+  int64_t misaligned_vector_accesses = 0;
+};
+
+struct HostThread {
+  int64_t block_index;
+  int thread_index;
+  int threads;
+  uint32_t* words;
+  AccessStats* stats;
+
+  int64_t block() const { return block_index; }
+  int thread() const { return thread_index; }
+  int block_dim() const { return threads; }
+  uint32_t* shared_words() const { return words; }
+  void atomic_add_shared(uint32_t* word, uint32_t value) const { *word += value; }
+  void atomic_add_global(unsigned long long* counter, unsigned long long value) const {
+    *counter += value;
+  }
+  cuda::Bytes16 load16(const void* address) const {
+    note(address);
+    cuda::Bytes16 value;
+    std::memcpy(&value, address, sizeof(value));
+    return value;
+  }
+  void store16(void* address, const cuda::Bytes16& value) const {
+    note(address);
+    std::memcpy(address, &value, sizeof(value));
+  }
+  void note(const void* address) const {
+    ++stats->vector_accesses;
+    if (reinterpret_cast<uintptr_t>(address) % 16 != 0) ++stats->misaligned_vector_accesses;
+  }
+};
+
+// Runs one launch: phase p of every thread of a block before phase p + 1. Shared memory and the
+// block state start as garbage, as on the device.
+template <class Kernel>
+void emulate(const typename Kernel::Args& args, int64_t blocks, int threads, size_t shared_bytes,
+             AccessStats& stats) {
+  std::vector<uint32_t> words(shared_bytes / sizeof(uint32_t) + 1);
+  typename Kernel::BlockState state;
+  for (int64_t b = 0; b < blocks; ++b) {
+    std::fill(words.begin(), words.end(), 0xA5A5A5A5u);
+    std::memset(static_cast<void*>(&state), 0xA5, sizeof(state));
+    for (int p = 0; p < Kernel::kPhases; ++p) {
+      for (int t = 0; t < threads; ++t) {
+        Kernel::phase(p, HostThread{b, t, threads, words.data(), &stats}, args, state);
+      }
+    }
+  }
+}
+
+template <class Kernel>
+void emulate_all(const std::vector<typename Kernel::Args>& launches, int threads,
+                 size_t shared_bytes, AccessStats& stats) {
+  for (const auto& args : launches) {
+    emulate<Kernel>(args, args.first_block[args.num_tensors], threads, shared_bytes, stats);
+  }
+}
+
+size_t counter_bytes(int32_t mode, uint32_t bins) {
+  return mode == cuda::kSharedHistogram ? cuda::shared_histogram_bytes(bins) : 0;
+}
+
+// ---- test data ----------------------------------------------------------------------------------
+
+size_t width(DType dtype) { return dtype == DType::Float32 ? 4 : 2; }
+
+// A tensor in any storage dtype starting `offset` elements past a 64-byte boundary.
+class Buffer {
+ public:
+  Buffer(DType dtype, const std::vector<float>& values, size_t offset)
+      : dtype_(dtype), size_(values.size()), offset_(offset),
+        storage_((values.size() + offset) * width(dtype) + 64) {
+    for (size_t i = 0; i < size_; ++i) set(i, values[i]);
+  }
+  // A copy keeps the element offset from a 64-byte boundary, whatever the new storage's address.
+  Buffer(const Buffer& other)
+      : dtype_(other.dtype_), size_(other.size_), offset_(other.offset_), storage_(other.storage_.size()) {
+    std::memcpy(bytes(), other.bytes(), size_ * width(dtype_));
+  }
+  Buffer(Buffer&&) = default;
+  Buffer& operator=(const Buffer&) = delete;
+  size_t size() const { return size_; }
+  uint8_t* bytes() { return storage_.data() + start(); }
+  const uint8_t* bytes() const { return storage_.data() + start(); }
+  void* data() { return bytes(); }
+  std::vector<uint8_t> content() { return std::vector<uint8_t>(bytes(), bytes() + size_ * width(dtype_)); }
+  float get(size_t i) {
+    if (dtype_ == DType::Float32) {
+      float x;
+      std::memcpy(&x, bytes() + 4 * i, 4);
+      return x;
+    }
+    uint16_t h;
+    std::memcpy(&h, bytes() + 2 * i, 2);
+    return dtype_ == DType::BFloat16 ? bf16_bits_to_float(h) : f16_bits_to_float(h);
+  }
+  void set(size_t i, float x) {
+    if (dtype_ == DType::Float32) {
+      std::memcpy(bytes() + 4 * i, &x, 4);
+    } else {
+      const uint16_t h = dtype_ == DType::BFloat16 ? float_to_bf16_bits(x) : float_to_f16_bits(x);
+      std::memcpy(bytes() + 2 * i, &h, 2);
+    }
+  }
+
+ private:
+  size_t start() const {
+    const uintptr_t raw = reinterpret_cast<uintptr_t>(storage_.data());
+    return (64 - raw % 64) % 64 + offset_ * width(dtype_);
+  }
+
+  DType dtype_;
+  size_t size_;
+  size_t offset_;
+  std::vector<uint8_t> storage_;
+};
+
+// Normal values with the cases that break kernels mixed in: zeros of both signs, ties,
+// denormals, values whose prior term overflows exp, and (optionally) inf and NaN.
+std::vector<float> test_values(size_t n, float scale, std::mt19937& rng, bool non_finite) {
+  std::normal_distribution<float> normal(0.0f, scale);
+  std::vector<float> v(n);
+  for (size_t i = 0; i < n; ++i) {
+    switch (i % 17) {
+      case 3: v[i] = 0.0f; break;
+      case 5: v[i] = -0.0f; break;
+      case 7: v[i] = -0.0125f; break;
+      case 11: v[i] = 1e-39f; break;
+      case 13: v[i] = 3.0f; break;
+      case 16: v[i] = non_finite ? (i % 2 ? std::numeric_limits<float>::infinity() : std::nanf("")) : 1e-6f; break;
+      default: v[i] = normal(rng);
+    }
+  }
+  return v;
+}
+
+const char* name(DType dtype) {
+  return dtype == DType::Float32 ? "f32" : dtype == DType::BFloat16 ? "bf16" : "f16";
+}
+
+// ---- fused step ---------------------------------------------------------------------------------
+
+struct GridConfig {
+  int64_t chunk_size;
+  int threads;
+  int max_tensors;
+  int32_t histogram_mode;
+};
+
+const GridConfig kGridConfigs[] = {
+    {64, 3, cuda::FusedStepArgs::kMaxTensors, cuda::kSharedHistogram},
+    {24, 32, 2, cuda::kSharedHistogram},
+    {8, 1, 3, cuda::kGlobalHistogram},
+    {cuda::kChunkSize, cuda::kBlockThreads, cuda::FusedStepArgs::kMaxTensors, cuda::kNoHistogram},
+};
+
+struct StepCase {
+  Buffer param, grad, exp_avg, exp_avg_sq;
+  std::vector<uint8_t> mask;
+};
+
+template <class P, class S>
+void test_fused_step(DType param_dtype, DType state_dtype, const GridConfig& grid, bool prior_on,
+                     bool masked) {
+  std::mt19937 rng(static_cast<unsigned>(grid.chunk_size * 31 + grid.threads + prior_on * 7 + masked));
+  const std::vector<size_t> sizes = {7, 0, 1, 8, 9, 63, 64, 65, 200, 4097};
+  std::vector<StepCase> cases;
+  for (size_t t = 0; t < sizes.size(); ++t) {
+    const size_t n = sizes[t];
+    // Tensor 1 mod 3 starts one element off alignment; tensor 4 mod 5 has only exp_avg_sq off.
+    const size_t offset = t % 3 == 1 ? 1 : 0;
+    const size_t sq_offset = t % 5 == 4 ? 1 : offset;
+    std::vector<float> sq = test_values(n, 1e-4f, rng, false);
+    for (auto& x : sq) x = std::fabs(x);
+    StepCase c{Buffer(param_dtype, test_values(n, 0.05f, rng, false), offset),
+               Buffer(param_dtype, test_values(n, 0.01f, rng, t == 8), offset),
+               Buffer(state_dtype, test_values(n, 0.001f, rng, false), offset),
+               Buffer(state_dtype, sq, sq_offset), {}};
+    c.mask.resize((n + 7) / 8);
+    for (auto& b : c.mask) b = static_cast<uint8_t>(rng());
+    cases.push_back(std::move(c));
+  }
+  std::vector<StepCase> expected = cases;
+
+  const double lambda = 0.1, sigma0_sq = 1e-10, sigma1_sq = 0.05, n_train = 1000.0;
+  const double scalars[kNumStepScalars] = {
+      1e-3, 0.9, 0.999, 1e-8, 0.01, prior_on ? 1.0 : 0.0,
+      std::log(lambda) - std::log(1 - lambda) + 0.5 * std::log(sigma0_sq) - 0.5 * std::log(sigma1_sq),
+      1 / (2 * sigma0_sq) - 1 / (2 * sigma1_sq), 1 / n_train, 1 / sigma0_sq, 1 / sigma1_sq};
+  const float grad_scale = 512.0f;
+  const bool scaled = masked;  // exercise both with and without a GradScaler
+  std::vector<float> device_steps(sizes.size());
+
+  for (int step = 1; step <= 2; ++step) {
+    std::vector<cuda::StepTensor> tensors;
+    std::vector<cpu::StepTensor> cpu_tensors;
+    for (size_t t = 0; t < sizes.size(); ++t) {
+      const float k = static_cast<float>(step + t);
+      device_steps[t] = k;
+      // Even tensors read their step count from "device" memory, odd ones from the launch.
+      const bool with_mask = masked && t % 2 == 1;
+      StepCase& c = cases[t];
+      tensors.push_back({c.param.data(), c.grad.data(), c.exp_avg.data(), c.exp_avg_sq.data(),
+                         with_mask ? c.mask.data() : nullptr, t % 2 == 0 ? &device_steps[t] : nullptr,
+                         t % 2 == 0 ? -1.0f : k, static_cast<int64_t>(sizes[t])});
+      StepCase& e = expected[t];
+      const AdamWScalars adamw = adamw_scalars(scalars, k);
+      cpu_tensors.push_back({e.param.data(), e.grad.data(), e.exp_avg.data(), e.exp_avg_sq.data(),
+                             with_mask ? e.mask.data() : nullptr, static_cast<int64_t>(sizes[t]), adamw});
+    }
+    std::vector<int64_t> histogram(kHistHighBins, 0), cpu_histogram(kHistHighBins, 0);
+    const cuda::StepLaunch launch{param_dtype, state_dtype, scalars, scaled ? &grad_scale : nullptr,
+                                  grid.histogram_mode == cuda::kNoHistogram ? nullptr : histogram.data(),
+                                  nullptr};
+    const auto launches = cuda::plan_fused_step(tensors.data(), static_cast<int64_t>(tensors.size()),
+                                                launch, grid.histogram_mode, grid.chunk_size,
+                                                grid.max_tensors);
+    const size_t non_empty = sizes.size() - 1;
+    CHECK(launches.size() == (non_empty + grid.max_tensors - 1) / grid.max_tensors,
+          "%zu launches for %zu tensors at %d per launch", launches.size(), non_empty, grid.max_tensors);
+    AccessStats stats;
+    emulate_all<cuda::FusedStepKernel<P, S>>(launches, grid.threads,
+                                             counter_bytes(grid.histogram_mode, kHistHighBins), stats);
+
+    const cpu::StepOptions options{param_dtype, state_dtype, prior_on, prior_constants(scalars),
+                                   scaled ? 1.0f / grad_scale : 1.0f, kCpuThreads};
+    cpu::fused_step(cpu_tensors.data(), static_cast<int64_t>(cpu_tensors.size()), options,
+                    cpu_histogram.data());
+
+    std::vector<int64_t> direct(kHistHighBins, 0);
+    for (size_t t = 0; t < sizes.size(); ++t) {
+      const bool same = cases[t].param.content() == expected[t].param.content() &&
+                        cases[t].exp_avg.content() == expected[t].exp_avg.content() &&
+                        cases[t].exp_avg_sq.content() == expected[t].exp_avg_sq.content();
+      CHECK(same, "emulated fused step differs from cpu::fused_step: %s/%s chunk %lld threads %d "
+            "prior %d mask %d step %d size %zu", name(param_dtype), name(state_dtype),
+            static_cast<long long>(grid.chunk_size), grid.threads, prior_on, masked, step, sizes[t]);
+      for (size_t i = 0; i < sizes[t]; ++i) ++direct[key_high_bin(abs_key(cases[t].param.get(i)))];
+    }
+    if (grid.histogram_mode != cuda::kNoHistogram) {
+      CHECK(histogram == direct, "emulated update histogram differs from a direct count (%s/%s, "
+            "chunk %lld, mode %d)", name(param_dtype), name(state_dtype),
+            static_cast<long long>(grid.chunk_size), grid.histogram_mode);
+      CHECK(histogram == cpu_histogram, "emulated update histogram differs from the CPU kernel's");
+    }
+    CHECK(stats.vector_accesses > 0, "the vector path never ran (%s/%s)", name(param_dtype),
+          name(state_dtype));
+    CHECK(stats.misaligned_vector_accesses == 0, "%lld misaligned 128-bit accesses",
+          static_cast<long long>(stats.misaligned_vector_accesses));
+  }
+}
+
+template <class P, class S>
+void test_fused_step_all(DType param_dtype, DType state_dtype) {
+  for (const GridConfig& grid : kGridConfigs) {
+    for (bool prior_on : {false, true}) {
+      for (bool masked : {false, true}) test_fused_step<P, S>(param_dtype, state_dtype, grid, prior_on, masked);
+    }
+  }
+}
+
+// ---- histogram and threshold ----------------------------------------------------------------------
+
+std::vector<Buffer> value_buffers(DType dtype, std::mt19937& rng) {
+  const std::vector<size_t> sizes = {5, 0, 130, 1, 33, 4099};
+  std::vector<Buffer> buffers;
+  for (size_t t = 0; t < sizes.size(); ++t) {
+    buffers.emplace_back(dtype, test_values(sizes[t], 0.02f, rng, true), t % 2 == 0 ? 3 : 0);
+  }
+  return buffers;
+}
+
+std::vector<cpu::ValueTensor> views_of(std::vector<Buffer>& buffers) {
+  std::vector<cpu::ValueTensor> views;
+  for (auto& b : buffers) views.push_back({b.data(), static_cast<int64_t>(b.size())});
+  return views;
+}
+
+template <class P>
+void test_histogram(DType dtype, const GridConfig& grid) {
+  std::mt19937 rng(static_cast<unsigned>(grid.chunk_size + grid.threads));
+  std::vector<Buffer> buffers = value_buffers(dtype, rng);
+  const auto views = views_of(buffers);
+  const int64_t count = static_cast<int64_t>(views.size());
+  const uint32_t tie_key = abs_key(buffers[2].get(7));
+  const int64_t selection[3] = {1, static_cast<int64_t>(tie_key & ~(kHistLowBins - 1u)), 0};
+  for (int level : {0, 1}) {
+    const uint32_t bins = level == 0 ? kHistHighBins : kHistLowBins;
+    std::vector<int64_t> histogram(bins, 0), cpu_histogram(bins, 0), direct(bins, 0);
+    const int32_t mode = grid.histogram_mode == cuda::kNoHistogram ? cuda::kGlobalHistogram : grid.histogram_mode;
+    AccessStats stats;
+    emulate_all<cuda::HistogramKernel<P>>(
+        cuda::plan_histogram(views.data(), count, level, selection, histogram.data(), mode,
+                             grid.chunk_size, std::min(grid.max_tensors, cuda::HistogramArgs::kMaxTensors)),
+        grid.threads, counter_bytes(mode, bins), stats);
+    cpu::count_histogram(views.data(), count, dtype, level, key_high_bin(tie_key), cpu_histogram.data(), kCpuThreads);
+    for (auto& b : buffers) {
+      for (size_t i = 0; i < b.size(); ++i) {
+        const uint32_t key = abs_key(b.get(i));
+        if (level == 0) {
+          ++direct[key_high_bin(key)];
+        } else if (key_high_bin(key) == key_high_bin(tie_key)) {
+          ++direct[key_low_bin(key)];
+        }
+      }
+    }
+    CHECK(histogram == direct, "emulated level-%d histogram differs from a direct count (%s, chunk "
+          "%lld, mode %d)", level, name(dtype), static_cast<long long>(grid.chunk_size), mode);
+    CHECK(histogram == cpu_histogram, "emulated level-%d histogram differs from the CPU kernel's", level);
+    CHECK(stats.vector_accesses > 0 && stats.misaligned_vector_accesses == 0,
+          "vector accesses: %lld, misaligned %lld", static_cast<long long>(stats.vector_accesses),
+          static_cast<long long>(stats.misaligned_vector_accesses));
+  }
+}
+
+template <class P>
+void test_threshold(DType dtype, const GridConfig& grid) {
+  std::mt19937 rng(static_cast<unsigned>(grid.chunk_size * 3 + grid.threads));
+  const uint32_t nan_key = 0x7FC00000u;
+  for (bool with_masks : {true, false}) {
+    for (int which : {0, 1, 2}) {
+      std::vector<Buffer> buffers = value_buffers(dtype, rng);
+      std::vector<Buffer> expected = buffers;
+      // τ among ties, τ = 0 (nothing is below), τ = NaN (comparisons are false: nothing zeroed).
+      const uint32_t tau_key = which == 0 ? abs_key(buffers[2].get(7)) : which == 1 ? 0u : nan_key;
+      const int64_t selection[3] = {0, static_cast<int64_t>(tau_key), 0};
+      std::vector<std::vector<uint8_t>> masks, cpu_masks;
+      std::vector<uint8_t*> mask_ptrs, cpu_mask_ptrs;
+      for (auto& b : buffers) {
+        masks.emplace_back((b.size() + 7) / 8, 0xAB);
+        cpu_masks.emplace_back((b.size() + 7) / 8, 0xCD);
+      }
+      for (size_t t = 0; t < buffers.size(); ++t) {
+        mask_ptrs.push_back(masks[t].data());
+        cpu_mask_ptrs.push_back(cpu_masks[t].data());
+      }
+      const auto views = views_of(buffers);
+      const auto cpu_views = views_of(expected);
+      const int64_t count = static_cast<int64_t>(views.size());
+      AccessStats stats;
+      emulate_all<cuda::ThresholdKernel<P>>(
+          cuda::plan_threshold(views.data(), with_masks ? mask_ptrs.data() : nullptr, count, selection,
+                               grid.chunk_size, std::min(grid.max_tensors, cuda::ThresholdArgs::kMaxTensors)),
+          grid.threads, 0, stats);
+      cpu::apply_threshold(cpu_views.data(), cpu_mask_ptrs.data(), count, dtype, tau_key, kCpuThreads);
+      for (size_t t = 0; t < buffers.size(); ++t) {
+        CHECK(buffers[t].content() == expected[t].content(), "emulated threshold values differ (%s, "
+              "tensor %zu, tau case %d)", name(dtype), t, which);
+        if (with_masks) {
+          CHECK(masks[t] == cpu_masks[t], "emulated keep mask differs (%s, tensor %zu, tau case %d)",
+                name(dtype), t, which);
+        } else {
+          CHECK(std::all_of(masks[t].begin(), masks[t].end(), [](uint8_t b) { return b == 0xAB; }),
+                "a mask was written without masks requested");
+        }
+      }
+      CHECK(stats.misaligned_vector_accesses == 0, "misaligned 128-bit accesses in the threshold");
+    }
+  }
+}
+
+// ---- radix selection ----------------------------------------------------------------------------
+
+void emulate_select(const int64_t* histogram, int level, int64_t* selection, int threads) {
+  AccessStats stats;
+  emulate<cuda::SelectKernel>(cuda::SelectArgs{histogram, selection, level}, 1, threads, 0, stats);
+}
+
+void test_select(int threads) {
+  std::mt19937 rng(static_cast<unsigned>(threads));
+  for (int level : {0, 1}) {
+    const uint32_t bins = level == 0 ? kHistHighBins : kHistLowBins;
+    for (int shape = 0; shape < 4; ++shape) {
+      std::vector<int64_t> histogram(bins, 0);
+      if (shape == 0) {                   // sparse counts
+        for (int i = 0; i < 300; ++i) histogram[rng() % bins] += 1 + rng() % 5;
+      } else if (shape == 1) {            // one bin holds everything
+        histogram[bins / 3] = 1000;
+      } else if (shape == 2) {            // only the first and the last bin
+        histogram[0] = 5;
+        histogram[bins - 1] = 7;
+      } else {                            // dense
+        for (auto& h : histogram) h = rng() % 3;
+      }
+      int64_t total = 0;
+      for (int64_t h : histogram) total += h;
+      std::vector<int64_t> ranks = {1, total, total + 1, total > 1 ? total - 1 : 1, 0};
+      for (int i = 0; i < 5; ++i) ranks.push_back(1 + static_cast<int64_t>(rng() % static_cast<uint32_t>(total)));
+      for (int64_t rank : ranks) {
+        // Level 1 continues a level-0 selection: a key prefix and a count below are already set.
+        int64_t selection[3] = {rank, level == 0 ? 0 : int64_t{0x1234} << kHistLowBits, level == 0 ? 0 : 17};
+        int64_t expected[3] = {selection[0], selection[1], selection[2]};
+        emulate_select(histogram.data(), level, selection, threads);
+        select_bin(histogram.data(), level, expected);
+        CHECK(std::equal(selection, selection + 3, expected), "select on the grid (%d threads) differs "
+              "from select_bin: level %d shape %d rank %lld -> [%lld %lld %lld] vs [%lld %lld %lld]",
+              threads, level, shape, static_cast<long long>(rank), static_cast<long long>(selection[0]),
+              static_cast<long long>(selection[1]), static_cast<long long>(selection[2]),
+              static_cast<long long>(expected[0]), static_cast<long long>(expected[1]),
+              static_cast<long long>(expected[2]));
+      }
+    }
+  }
+}
+
+// τ over tensors of all three dtypes through the grid's histograms and selections equals the
+// k-th smallest key by sorting.
+void test_tau_end_to_end() {
+  std::mt19937 rng(5);
+  std::vector<Buffer> f32 = value_buffers(DType::Float32, rng);
+  std::vector<Buffer> bf16 = value_buffers(DType::BFloat16, rng);
+  std::vector<Buffer> f16 = value_buffers(DType::Float16, rng);
+  std::vector<uint32_t> keys;
+  for (auto* group : {&f32, &bf16, &f16}) {
+    for (auto& b : *group) {
+      for (size_t i = 0; i < b.size(); ++i) keys.push_back(abs_key(b.get(i)));
+    }
+  }
+  std::sort(keys.begin(), keys.end());
+  const int64_t n = static_cast<int64_t>(keys.size());
+  for (int64_t k : {int64_t{1}, int64_t{2}, n / 3, n / 2, n - 1, n}) {
+    int64_t selection[3] = {k, 0, 0};
+    for (int level : {0, 1}) {
+      std::vector<int64_t> histogram(level == 0 ? kHistHighBins : kHistLowBins, 0);
+      AccessStats stats;
+      const auto count_group = [&](auto format, std::vector<Buffer>& group) {
+        const auto views = views_of(group);
+        emulate_all<cuda::HistogramKernel<decltype(format)>>(
+            cuda::plan_histogram(views.data(), static_cast<int64_t>(views.size()), level, selection,
+                                 histogram.data(), cuda::kSharedHistogram, 64),
+            16, counter_bytes(cuda::kSharedHistogram, static_cast<uint32_t>(histogram.size())), stats);
+      };
+      count_group(cuda::F32{}, f32);
+      count_group(cuda::BF16{}, bf16);
+      count_group(cuda::F16{}, f16);
+      emulate_select(histogram.data(), level, selection, cuda::kSelectThreads);
+    }
+    const uint32_t expected = keys[static_cast<size_t>(k - 1)];
+    const int64_t below = std::lower_bound(keys.begin(), keys.end(), expected) - keys.begin();
+    CHECK(selection[1] == static_cast<int64_t>(expected) && selection[2] == below,
+          "tau for k = %lld: key %llx below %lld, expected %x below %lld", static_cast<long long>(k),
+          static_cast<long long>(selection[1]), static_cast<long long>(selection[2]), expected,
+          static_cast<long long>(below));
+  }
+}
+
+}  // namespace
+
+int main() {
+  test_fused_step_all<cuda::F32, cuda::F32>(DType::Float32, DType::Float32);
+  test_fused_step_all<cuda::BF16, cuda::F32>(DType::BFloat16, DType::Float32);
+  test_fused_step_all<cuda::BF16, cuda::BF16>(DType::BFloat16, DType::BFloat16);
+  test_fused_step_all<cuda::F16, cuda::F32>(DType::Float16, DType::Float32);
+  test_fused_step_all<cuda::F16, cuda::F16>(DType::Float16, DType::Float16);
+  for (const GridConfig& grid : kGridConfigs) {
+    test_histogram<cuda::F32>(DType::Float32, grid);
+    test_histogram<cuda::BF16>(DType::BFloat16, grid);
+    test_histogram<cuda::F16>(DType::Float16, grid);
+    test_threshold<cuda::F32>(DType::Float32, grid);
+    test_threshold<cuda::BF16>(DType::BFloat16, grid);
+    test_threshold<cuda::F16>(DType::Float16, grid);
+  }
+  for (int threads : {1, 64, cuda::kSelectThreads}) test_select(threads);
+  test_tau_end_to_end();
+  return TEST_MAIN_RESULT();
+}
