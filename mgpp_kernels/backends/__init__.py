@@ -13,9 +13,9 @@ from typing import Protocol
 
 import torch
 
-BACKENDS = ("reference", "cpu")
+BACKENDS = ("reference", "cpu", "triton")
 # Fastest first, per device type: what "auto" picks among the backends that are built.
-AUTO_ORDER = {"cpu": ("cpu", "reference")}
+AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -80,6 +80,9 @@ class Backend(Protocol):
 _BUILD_HINTS = {
     "cpu": "the cpu backend needs the compiled extension mgpp_kernels._C: run "
            "`pip install --no-build-isolation -e .` in the repository (or `make run`)",
+    "triton": "the triton backend needs the `triton` package (`pip install triton`); it runs on "
+              "CUDA tensors, or on CPU tensors through the interpreter when TRITON_INTERPRET=1 "
+              "is set before triton is imported",
 }
 
 
