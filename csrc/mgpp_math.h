@@ -54,7 +54,7 @@ MGPP_HD uint16_t float_to_bf16_bits(float x) {
   const uint32_t u = float_to_bits(x);
   const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
   const bool is_nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
-  return static_cast<uint16_t>(is_nan ? 0x7FC0u : rounded);  // canonical NaN, as torch
+  return static_cast<uint16_t>(is_nan ? 0x7FC0u : rounded);  // one canonical NaN
 }
 
 MGPP_HD float f16_bits_to_float(uint16_t h) {

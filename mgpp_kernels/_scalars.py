@@ -9,12 +9,15 @@ from .backends import UpdateGroup
 NUM_STEP_SCALARS = 11
 
 
-def step_scalars(group: UpdateGroup, device: torch.device) -> torch.Tensor:
+def step_scalar_values(group: UpdateGroup) -> list[float]:
     if group.prior is None:
         prior = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
     else:
         p = group.prior
         c1, c2 = reference.prior_constants(p.lambda_t, p.sigma0_sq, p.sigma1_sq)
         prior = [1.0, c1, c2, 1 / p.num_train_examples, 1 / p.sigma0_sq, 1 / p.sigma1_sq]
-    values = [group.lr, group.beta1, group.beta2, group.eps, group.weight_decay, *prior]
-    return torch.tensor(values, dtype=torch.float64, device=device)
+    return [group.lr, group.beta1, group.beta2, group.eps, group.weight_decay, *prior]
+
+
+def step_scalars(group: UpdateGroup, device: torch.device) -> torch.Tensor:
+    return torch.tensor(step_scalar_values(group), dtype=torch.float64, device=device)

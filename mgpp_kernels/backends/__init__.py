@@ -13,7 +13,7 @@ from typing import Protocol
 
 import torch
 
-BACKENDS = ("reference", "cpu", "cuda")
+BACKENDS = ("reference", "cpu", "triton", "cuda")
 # Fastest first, per device type: what "auto" picks among the backends that are built.
 AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
 
@@ -83,6 +83,9 @@ _BUILD_HINTS = {
     "cuda": "the cuda backend needs a CUDA device and mgpp_kernels._C built with its CUDA kernels: "
             "a CUDA build of torch and nvcc (set CUDA_HOME to the toolkit), then "
             "`pip install --no-build-isolation -e .` (the build prints why it skips CUDA)",
+    "triton": "the triton backend needs the `triton` package (`pip install triton`); it runs on "
+              "CUDA tensors, or on CPU tensors through the interpreter when TRITON_INTERPRET=1 "
+              "is set before triton is imported",
 }
 
 

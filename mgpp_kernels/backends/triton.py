@@ -1,0 +1,454 @@
+"""The triton backend: the MGPP step as Triton kernels (mgpp_kernels/triton_kernels.py).
+
+A step is a fixed, short sequence of launches whatever the number of tensors:
+
+1. ``prepare_kernel`` (1 launch): every tensor's step count k += 1, and its float32 AdamW scalars
+   (bias corrections in float64) and prior constants into a per-tensor row.
+2. ``update_kernel`` (1 launch per (parameter dtype, state dtype) pair): prior gradient + AdamW +
+   frozen mask for all tensors of the pair; on an event step it also counts the level-0
+   histogram of the candidates' |θ_new|.
+3. On an event: ``histogram_kernel`` level 0 for candidates without a gradient (1 per dtype, only
+   when there are any), ``select_kernel`` level 0, ``histogram_kernel`` level 1 (1 per dtype;
+   skipped when every candidate is bfloat16, whose keys have no low bits) and ``select_kernel``
+   level 1, then ``threshold_kernel`` (1 per dtype), which also writes the keep masks at the
+   freeze.
+
+The kernels find their tensors through device-side tables of addresses and sizes (one int64 row
+per tensor, one int32 row per block). A table is built on the host once and cached while the
+tensors' addresses, sizes and dtypes stay the same (the key is those values, so a cached table
+never points at memory that moved).
+
+Why ``step()`` is capturable in a CUDA graph: it never waits for the device, and nothing it
+launches depends on a value computed on the device.
+- No device value is read on the host: no ``.item()``, ``.cpu()``, ``.tolist()`` or Python branch
+  on a tensor's value. τ is chosen on the device by ``select_kernel`` and read from device memory
+  by ``threshold_kernel``; the pruned count stays a device tensor.
+- Every value that changes from step to step reaches the kernels through device memory, not as
+  a launch argument: lr, betas, eps, weight decay and λ_t's prior constants (the float64
+  step-scalars tensor, built from host values and copied asynchronously from pinned memory, a
+  stream-ordered copy that capture records), the step counts (incremented on the device, in the
+  optimizer's state tensors), the GradScaler's scale (its own tensor) and the rank k.
+- Launch arguments are addresses (cached tables, workspaces, the step's tensors) and sizes and
+  compile-time constants; which kernels are launched depends only on host-side facts (which
+  tensors have a gradient, whether schedule step t prunes), so a captured step replays the same
+  work on the same memory.
+Limits: capture needs the step counts on the device, as torch.optim.AdamW(capturable=True)
+does; the optimizer keeps them there for this backend (``steps_on_device``), and step counts
+loaded into CPU tensors are still taken, incremented on the host and staged with the step
+scalars, without a synchronisation. And a graph records
+the host-to-device copy of the step scalars from a pinned buffer that this backend allocates per
+step: replaying one graph for many schedule positions would need a persistent staging buffer
+refreshed before each replay, which this backend does not manage.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy
+import torch
+import triton
+from triton.runtime.interpreter import InterpretedFunction
+
+from .. import triton_kernels as kernels
+from .._scalars import step_scalar_values
+from . import PruneEvent, Threshold, UpdateGroup
+
+INTERPRETED = isinstance(kernels.update_kernel, InterpretedFunction)
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+# Elements (tensors for prepare, bins for select) per program. On a GPU: 16 elements per thread
+# of 4 warps in the update, 4 vector loads per operand. The interpreter pays per program instance
+# and per operation, not per element (an update program costs about 25 ms), so it gets larger
+# blocks (4096 still splits a 4097-element tensor into a full and a tail block).
+GPU_BLOCKS = {"update": 2048, "value": 4096, "prepare": 128, "select": 4096}
+INTERPRETER_BLOCKS = {"update": 4096, "value": 4096, "prepare": 1024, "select": 1 << 16}
+BLOCKS = INTERPRETER_BLOCKS if INTERPRETED else GPU_BLOCKS
+UPDATE_BLOCK, VALUE_BLOCK = BLOCKS["update"], BLOCKS["value"]
+PREPARE_BLOCK, SELECT_CHUNK = BLOCKS["prepare"], BLOCKS["select"]
+# No multiply-add contraction: the same roundings as csrc/mgpp_math.h built with -ffp-contract=off.
+LAUNCH_OPTIONS = dict(enable_fp_fusion=False)
+TABLE_CACHE_SIZE = 16
+
+
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copies a CPU tensor to `device` without blocking the host (pinned, stream-ordered)."""
+    if device.type == "cpu":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def _block_table(numels: list[int], block: int) -> tuple[torch.Tensor, int]:
+    """int32 rows (tensor index, block index within the tensor), one per program."""
+    counts = torch.tensor([(n + block - 1) // block for n in numels], dtype=torch.int64)
+    tensor_ids = torch.repeat_interleave(torch.arange(len(numels)), counts)
+    first_block = torch.cumsum(counts, 0) - counts
+    within = torch.arange(tensor_ids.numel()) - torch.repeat_interleave(first_block, counts)
+    return torch.stack([tensor_ids, within], dim=1).to(torch.int32), tensor_ids.numel()
+
+
+def _aligned(addresses) -> bool:
+    return all(address % 16 == 0 for address in addresses)
+
+
+@dataclass
+class _Launch:
+    """The tables of one launch over the tensors of one dtype (pair)."""
+    dtypes: tuple[int, ...]
+    table: torch.Tensor    # int64, one row per tensor
+    blocks: torch.Tensor   # int32 (tensor, block), one row per program
+    num_blocks: int
+    aligned: bool          # every address 16-byte aligned: 128-bit loads
+
+
+@dataclass
+class _StepPlan:
+    prepare_table: torch.Tensor  # int64 (step address, group), one row per tensor of the step
+    rows: torch.Tensor           # float32 per-tensor scalars written by prepare_kernel
+    num_tensors: int
+    launches: list[_Launch]
+
+
+@dataclass
+class _Workspace:
+    """Per device: the radix histograms, all zero between uses (select_kernel re-zeroes them)."""
+    high_histogram: torch.Tensor
+    low_histogram: torch.Tensor
+
+
+class _LruCache:
+    def __init__(self, size: int):
+        self.size = size
+        self.entries: OrderedDict = OrderedDict()
+        self.builds = 0
+
+    def get(self, key, build: Callable):
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            return self.entries[key]
+        value = build()
+        self.builds += 1
+        self.entries[key] = value
+        if len(self.entries) > self.size:
+            self.entries.popitem(last=False)
+        return value
+
+
+def _steps_on_device(steps: list[torch.Tensor], device: torch.device) -> bool:
+    """Whether the step counts live on the parameters' device (else all on the CPU)."""
+    if all(s.device == device for s in steps):
+        return True
+    if all(s.device.type == "cpu" for s in steps):
+        return False
+    raise ValueError("the triton backend needs every state step on the parameters' device or "
+                     "every one on the CPU")
+
+
+@dataclass
+class _Entry:
+    group: int
+    count: bool
+    param: torch.Tensor
+    grad: torch.Tensor
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    keep_mask: torch.Tensor | None
+    step: torch.Tensor
+
+
+class TritonBackend:
+    name = "triton"
+    # The optimizer keeps step counts on the parameters' device, so a GPU step is capturable.
+    steps_on_device = True
+
+    def __init__(self):
+        self._plans = _LruCache(TABLE_CACHE_SIZE)
+        self._value_tables = _LruCache(TABLE_CACHE_SIZE)
+        self._workspaces: dict[torch.device, _Workspace] = {}
+
+    # ---- checks ---------------------------------------------------------------------------------
+
+    def check_params(self, params: list[torch.Tensor]) -> None:
+        for p in params:
+            self._check_tensor(p, "parameter")
+
+    @staticmethod
+    def _check_tensor(t: torch.Tensor, what: str) -> None:
+        if INTERPRETED:
+            if t.device.type != "cpu":
+                raise ValueError(f"the triton backend runs through the Triton interpreter "
+                                 f"(TRITON_INTERPRET=1), which takes CPU tensors; got a {what} on "
+                                 f"{t.device}")
+        elif t.device.type != "cuda":
+            raise ValueError(f"the triton backend takes CUDA tensors, got a {what} on {t.device} "
+                             f"(set TRITON_INTERPRET=1 before importing triton to run it on CPU "
+                             f"tensors through the interpreter)")
+        if t.dtype not in DTYPE_CODES:
+            raise ValueError(f"the triton backend takes float32, bfloat16 and float16 {what}s, got "
+                             f"{t.dtype}")
+        if not t.is_contiguous():
+            raise ValueError(f"the triton backend takes contiguous tensors, got a {what} of shape "
+                             f"{tuple(t.shape)} with strides {t.stride()}")
+
+    def _entries(self, groups: list[UpdateGroup]) -> list[_Entry]:
+        entries = []
+        for g, group in enumerate(groups):
+            n = len(group.params)
+            if not (len(group.grads) == len(group.exp_avgs) == len(group.exp_avg_sqs)
+                    == len(group.state_steps) == n) or len(group.keep_masks) not in (0, n):
+                raise ValueError("an update group needs one grad, exp_avg, exp_avg_sq and state "
+                                 "step per parameter (and one keep mask each, or none)")
+            for i, p in enumerate(group.params):
+                entry = _Entry(g, group.count, p, group.grads[i], group.exp_avgs[i],
+                               group.exp_avg_sqs[i],
+                               group.keep_masks[i] if group.keep_masks else None,
+                               group.state_steps[i])
+                self._check_entry(entry)
+                entries.append(entry)
+        return entries
+
+    def _check_entry(self, e: _Entry) -> None:
+        self._check_tensor(e.param, "parameter")
+        for t, what in ((e.grad, "gradient"), (e.exp_avg, "exp_avg"), (e.exp_avg_sq, "exp_avg_sq")):
+            self._check_tensor(t, what)
+            if t.device != e.param.device or t.numel() != e.param.numel():
+                raise ValueError(f"a {what} of {t.numel()} elements on {t.device} does not match "
+                                 f"its parameter ({e.param.numel()} on {e.param.device})")
+        if e.grad.dtype != e.param.dtype:
+            raise ValueError(f"a gradient must have its parameter's dtype {e.param.dtype}, got "
+                             f"{e.grad.dtype}")
+        if e.exp_avg.dtype != e.exp_avg_sq.dtype or e.exp_avg.dtype not in (torch.float32,
+                                                                             e.param.dtype):
+            raise ValueError(f"exp_avg and exp_avg_sq must both be float32 or the parameter's "
+                             f"dtype {e.param.dtype}, got {e.exp_avg.dtype} and "
+                             f"{e.exp_avg_sq.dtype}")
+        if e.step.numel() != 1 or e.step.dtype != torch.float32:
+            raise ValueError(f"a state step must be a one-element float32 tensor, got "
+                             f"{e.step.dtype} of shape {tuple(e.step.shape)}")
+        if e.keep_mask is not None:
+            self._check_keep_mask(e.keep_mask, e.param)
+
+    @staticmethod
+    def _check_keep_mask(mask: torch.Tensor, param: torch.Tensor) -> None:
+        if (mask.dtype != torch.uint8 or mask.numel() != (param.numel() + 7) // 8
+                or mask.device != param.device or not mask.is_contiguous()):
+            raise ValueError(f"a keep mask must be a contiguous uint8 tensor of "
+                             f"{(param.numel() + 7) // 8} bytes on {param.device}, got "
+                             f"{mask.dtype} of {mask.numel()} elements on {mask.device}")
+
+    def _check_event(self, event: PruneEvent, device: torch.device | None) -> torch.device:
+        for p in event.params:
+            self._check_tensor(p, "candidate")
+        devices = {p.device for p in event.params}
+        if device is not None:
+            devices.add(device)
+        if len(devices) != 1:
+            raise ValueError(f"the triton backend takes tensors on one device, got "
+                             f"{sorted(str(d) for d in devices)}")
+        numel = sum(p.numel() for p in event.params)
+        if not 1 <= event.k <= numel:
+            raise ValueError(f"k must be in [1, {numel}] (the number of candidate elements), got "
+                             f"{event.k}")
+        if event.keep_masks:
+            if len(event.keep_masks) != len(event.params):
+                raise ValueError("an event needs one keep mask per candidate, or none")
+            for mask, p in zip(event.keep_masks, event.params):
+                self._check_keep_mask(mask, p)
+        return devices.pop()
+
+    # ---- the step -------------------------------------------------------------------------------
+
+    def step(self, groups: list[UpdateGroup], event: PruneEvent | None,
+             grad_scale: torch.Tensor | None) -> Threshold | None:
+        entries = self._entries(groups)
+        devices = {e.param.device for e in entries}
+        if len(devices) > 1:
+            raise ValueError(f"the triton backend takes tensors on one device, got "
+                             f"{sorted(str(d) for d in devices)}")
+        device = devices.pop() if devices else None
+        if event is not None:
+            device = self._check_event(event, device)
+        if device is None:
+            return None
+        if grad_scale is not None and (grad_scale.numel() != 1 or grad_scale.device != device
+                                       or not grad_scale.is_floating_point()):
+            raise ValueError(f"grad_scale must be a one-element floating tensor on {device}")
+        steps = [e.step for e in entries]
+        steps_on_device = _steps_on_device(steps, device)
+
+        # Host-known values of this step, staged to the device in one copy: every group's step
+        # scalars, then k, then (when the step counts live on the CPU) the incremented counts.
+        host_values = [v for group in groups for v in step_scalar_values(group)]
+        rank_index = len(host_values)
+        host_values.append(float(event.k) if event is not None else 0.0)
+        host_scalars = torch.tensor(host_values, dtype=torch.float64)
+        if entries and not steps_on_device:
+            torch._foreach_add_(steps, 1.0)
+            host_scalars = torch.cat([host_scalars, torch.stack(steps).reshape(-1).double()])
+
+        with self._on(device):
+            try:
+                scalars = _to_device(host_scalars, device)
+                workspace = self._workspace(device)
+                if entries:
+                    self._update(entries, steps_on_device, scalars, rank_index + 1, grad_scale,
+                                 workspace, count=event is not None)
+                if event is None:
+                    return None
+                counted = {id(e.param) for e in entries if e.count}
+                uncounted = [p for p in event.params if id(p) not in counted]
+                selection, tau = self._select(event.params, uncounted, event.keep_masks,
+                                              scalars[rank_index:], workspace)
+                for launch in self._value_launches(event.params, event.keep_masks):
+                    kernels.threshold_kernel[(launch.num_blocks,)](
+                        launch.table, launch.blocks, selection, DTYPE=launch.dtypes[0],
+                        WRITE_MASKS=bool(event.keep_masks), ALIGNED=launch.aligned,
+                        BLOCK=VALUE_BLOCK, **LAUNCH_OPTIONS)
+                return Threshold(tau=tau, below=selection[kernels.SEL_BELOW.value])
+            except BaseException:
+                # A failed launch may leave counts in the histograms: start clean next time.
+                self._workspaces.pop(device, None)
+                raise
+
+    def global_threshold(self, tensors: list[torch.Tensor], k: int) -> torch.Tensor:
+        event = PruneEvent(params=tensors, uncounted=tensors, k=k)
+        device = self._check_event(event, None)
+        with self._on(device):
+            try:
+                rank = _to_device(torch.tensor([float(k)], dtype=torch.float64), device)
+                _, tau = self._select(tensors, tensors, [], rank, self._workspace(device))
+            except BaseException:
+                self._workspaces.pop(device, None)
+                raise
+        return tau
+
+    # ---- pieces ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def _on(device: torch.device):
+        if device.type == "cuda":
+            return torch.cuda.device(device)
+        # The interpreter runs the kernels in numpy, which warns where the float math overflows
+        # on purpose (exp of the prior to +inf) as the kernels on a GPU do silently.
+        return numpy.errstate(over="ignore", invalid="ignore", divide="ignore")
+
+    def _workspace(self, device: torch.device) -> _Workspace:
+        if device not in self._workspaces:
+            high, low = (torch.zeros(bins.value, dtype=torch.int64, device=device)
+                         for bins in (kernels.HIGH_BINS, kernels.LOW_BINS))
+            self._workspaces[device] = _Workspace(high_histogram=high, low_histogram=low)
+        return self._workspaces[device]
+
+    def _update(self, entries: list[_Entry], steps_on_device: bool, scalars: torch.Tensor,
+                host_steps_offset: int, grad_scale: torch.Tensor | None, workspace: _Workspace,
+                count: bool) -> None:
+        device = entries[0].param.device
+        key = (device, steps_on_device, tuple(
+            (e.group, e.count, e.param.data_ptr(), e.grad.data_ptr(), e.exp_avg.data_ptr(),
+             e.exp_avg_sq.data_ptr(), 0 if e.keep_mask is None else e.keep_mask.data_ptr(),
+             e.step.data_ptr() if steps_on_device else 0, e.param.numel(), e.param.dtype,
+             e.exp_avg.dtype) for e in entries))
+        plan = self._plans.get(key, lambda: self._build_plan(entries, steps_on_device, device))
+        kernels.prepare_kernel[(triton.cdiv(plan.num_tensors, PREPARE_BLOCK),)](
+            plan.prepare_table, scalars, host_steps_offset,
+            grad_scale if grad_scale is not None else scalars, plan.rows, plan.num_tensors,
+            HAS_GRAD_SCALE=grad_scale is not None, STEPS_ON_DEVICE=steps_on_device,
+            BLOCK=PREPARE_BLOCK, **LAUNCH_OPTIONS)
+        for launch in plan.launches:
+            kernels.update_kernel[(launch.num_blocks,)](
+                launch.table, launch.blocks, plan.rows, workspace.high_histogram,
+                PARAM_DTYPE=launch.dtypes[0], STATE_DTYPE=launch.dtypes[1], COUNT=count,
+                ALIGNED=launch.aligned, BLOCK=UPDATE_BLOCK, **LAUNCH_OPTIONS)
+
+    @staticmethod
+    def _build_plan(entries: list[_Entry], steps_on_device: bool,
+                    device: torch.device) -> _StepPlan:
+        prepare = [[e.step.data_ptr() if steps_on_device else 0, e.group] for e in entries]
+        by_dtypes: dict[tuple[int, int], list[int]] = {}
+        for i, e in enumerate(entries):
+            pair = (DTYPE_CODES[e.param.dtype], DTYPE_CODES[e.exp_avg.dtype])
+            by_dtypes.setdefault(pair, []).append(i)
+        launches = []
+        for pair, indices in by_dtypes.items():
+            rows = []
+            for i in indices:
+                e = entries[i]
+                rows.append([e.param.data_ptr(), e.grad.data_ptr(), e.exp_avg.data_ptr(),
+                             e.exp_avg_sq.data_ptr(),
+                             0 if e.keep_mask is None else e.keep_mask.data_ptr(),
+                             e.param.numel(), i, int(e.count)])
+            blocks, num_blocks = _block_table([row[kernels.U_NUMEL.value] for row in rows],
+                                              UPDATE_BLOCK)
+            if num_blocks == 0:
+                continue  # only empty tensors: their step counts still advance in prepare_kernel
+            addresses = [address for row in rows for address in row[:kernels.U_KEEP_MASK.value]]
+            launches.append(_Launch(pair, _to_device(torch.tensor(rows, dtype=torch.int64), device),
+                                    _to_device(blocks, device), num_blocks, _aligned(addresses)))
+        return _StepPlan(
+            prepare_table=_to_device(torch.tensor(prepare, dtype=torch.int64), device),
+            rows=torch.empty((len(entries), kernels.ROW_WIDTH.value), dtype=torch.float32,
+                             device=device),
+            num_tensors=len(entries), launches=launches)
+
+    def _value_launches(self, tensors: list[torch.Tensor],
+                        keep_masks: list[torch.Tensor]) -> list[_Launch]:
+        """Launches of histogram_kernel / threshold_kernel over `tensors`, one per dtype."""
+        masks = [m.data_ptr() for m in keep_masks] if keep_masks else [0] * len(tensors)
+        key = tuple((t.device, t.data_ptr(), t.numel(), t.dtype, mask)
+                    for t, mask in zip(tensors, masks))
+
+        def build() -> list[_Launch]:
+            by_dtype: dict[int, list[list[int]]] = {}
+            for t, mask in zip(tensors, masks):
+                by_dtype.setdefault(DTYPE_CODES[t.dtype], []).append(
+                    [t.data_ptr(), t.numel(), mask])
+            launches = []
+            for code, rows in by_dtype.items():
+                blocks, num_blocks = _block_table([row[kernels.V_NUMEL.value] for row in rows],
+                                                  VALUE_BLOCK)
+                if num_blocks == 0:
+                    continue
+                device = tensors[0].device
+                launches.append(_Launch(
+                    (code,), _to_device(torch.tensor(rows, dtype=torch.int64), device),
+                    _to_device(blocks, device), num_blocks,
+                    _aligned(row[kernels.V_DATA.value] for row in rows)))
+            return launches
+
+        return self._value_tables.get(key, build)
+
+    def _select(self, tensors: list[torch.Tensor], uncounted: list[torch.Tensor],
+                keep_masks: list[torch.Tensor], rank: torch.Tensor,
+                workspace: _Workspace) -> tuple[torch.Tensor, torch.Tensor]:
+        """Radix selection of τ, the rank[0]-th smallest |x| over `tensors`, on the device.
+
+        The level-0 histogram already counts every tensor not in `uncounted` (the update pass
+        did). Returns the selection state [rank, key, below] and τ (0-dim float32).
+        """
+        device = tensors[0].device
+        selection = torch.empty(3, dtype=torch.int64, device=device)
+        tau = torch.empty((), dtype=torch.float32, device=device)
+        for launch in self._value_launches(uncounted, []):
+            kernels.histogram_kernel[(launch.num_blocks,)](
+                launch.table, launch.blocks, workspace.high_histogram, selection,
+                DTYPE=launch.dtypes[0], LEVEL=0, ALIGNED=launch.aligned, BLOCK=VALUE_BLOCK,
+                **LAUNCH_OPTIONS)
+        kernels.select_kernel[(1,)](workspace.high_histogram, selection, rank, tau, LEVEL=0,
+                                    BINS=kernels.HIGH_BINS.value, CHUNK=SELECT_CHUNK,
+                                    **LAUNCH_OPTIONS)
+        # bfloat16 keys have no bits below the first level: τ is already exact.
+        if any(t.dtype != torch.bfloat16 for t in tensors):
+            for launch in self._value_launches(tensors, keep_masks):
+                kernels.histogram_kernel[(launch.num_blocks,)](
+                    launch.table, launch.blocks, workspace.low_histogram, selection,
+                    DTYPE=launch.dtypes[0], LEVEL=1, ALIGNED=launch.aligned, BLOCK=VALUE_BLOCK,
+                    **LAUNCH_OPTIONS)
+            kernels.select_kernel[(1,)](workspace.low_histogram, selection, rank, tau, LEVEL=1,
+                                        BINS=kernels.LOW_BINS.value,
+                                        CHUNK=min(SELECT_CHUNK, kernels.LOW_BINS.value),
+                                        **LAUNCH_OPTIONS)
+        return selection, tau
+
+
+BACKEND = TritonBackend()

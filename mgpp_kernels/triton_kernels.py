@@ -1,0 +1,429 @@
+"""Triton kernels of one MGPP step (SPEC §2-3), the Triton twin of csrc/mgpp_math.h.
+
+Every kernel covers many tensors in one launch: it reads a device-side int64 table with one row
+per tensor (addresses, sizes, per-tensor flags) and an int32 block table that maps each program
+to (tensor row, block within the tensor). Per-step values (lr, betas, λ_t's constants, step
+counts, the GradScaler scale, the rank k and τ) are read from device memory, never passed as
+launch arguments, so a launch depends only on the cached tables and the dtypes.
+
+The per-element math follows csrc/mgpp_math.h operation by operation: the same exp polynomial,
+the lerp form of AdamW, IEEE division and square root (div_rn, sqrt_rn; Triton's `/` and
+tl.sqrt are approximate on NVIDIA GPUs), and 16-bit stores rounded to nearest even with integer
+operations (the interpreter's plain casts truncate). One difference: 1 − β1 and 1 − β2 are
+rounded from float64, as torch.optim.AdamW does (see prepare_kernel). Launch with
+enable_fp_fusion=False so that no multiply-add is contracted into an FMA, as the CPU build
+(-ffp-contract=off).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Helpers called from the kernels. Under the interpreter they run as plain Python inside the
+# kernel's interpretation: an interpreted @triton.jit call re-patches triton.language on every
+# call (about 2 ms each), which would make a program instance of the update kernel cost ~40 ms.
+device_function = (lambda fn: fn) if triton.knobs.runtime.interpret else triton.jit
+
+# Storage formats (constexpr codes).
+F32 = tl.constexpr(0)
+BF16 = tl.constexpr(1)
+F16 = tl.constexpr(2)
+
+# Radix histogram of |x| float32 key bits (csrc/mgpp_math.h): 16 high bits, then 15 low bits.
+LOW_BITS = tl.constexpr(15)
+HIGH_BINS = tl.constexpr(1 << 16)
+LOW_BINS = tl.constexpr(1 << 15)
+NAN_KEY_FLOOR = tl.constexpr(0x7F800001)
+
+# The float64 step scalars of one update group (mgpp_kernels/_scalars.py, StepScalar).
+NUM_STEP_SCALARS = tl.constexpr(11)
+(S_LR, S_BETA1, S_BETA2, S_EPS, S_WEIGHT_DECAY, S_PRIOR_ON, S_C1, S_C2, S_INV_N, S_INV_SIGMA0_SQ,
+ S_INV_SIGMA1_SQ) = map(tl.constexpr, range(11))
+
+# Columns of the update table (int64, one row per tensor).
+UPDATE_COLUMNS = tl.constexpr(8)
+(U_PARAM, U_GRAD, U_EXP_AVG, U_EXP_AVG_SQ, U_KEEP_MASK, U_NUMEL, U_ROW,
+ U_COUNT) = map(tl.constexpr, range(8))
+# Columns of the value table of the histogram and threshold kernels (int64, one row per tensor).
+VALUE_COLUMNS = tl.constexpr(3)
+V_DATA, V_NUMEL, V_KEEP_MASK = map(tl.constexpr, range(3))
+# Columns of the prepare table (int64, one row per tensor of the step).
+PREPARE_COLUMNS = tl.constexpr(2)
+P_STEP, P_GROUP = map(tl.constexpr, range(2))
+# The float32 row of per-tensor scalars that prepare_kernel writes for update_kernel.
+ROW_WIDTH = tl.constexpr(16)
+(R_DECAY, R_BETA2, R_ONE_MINUS_BETA1, R_ONE_MINUS_BETA2, R_STEP_SIZE, R_BC2_SQRT, R_EPS,
+ R_INV_GRAD_SCALE, R_PRIOR_ON, R_C1, R_C2, R_INV_N, R_INV_SIGMA0_SQ,
+ R_INV_SIGMA1_SQ) = map(tl.constexpr, range(14))
+# Selection state (int64[3]): rank of τ among the keys in play, τ's key bits, keys below τ.
+SEL_RANK, SEL_KEY, SEL_BELOW = map(tl.constexpr, range(3))
+
+
+# ---- storage formats ---------------------------------------------------------------------------
+
+@device_function
+def _typed_pointer(address, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """A pointer to float32 or to the uint16 bits of a 16-bit format, from an int64 address."""
+    if DTYPE == F32:
+        pointer = address.to(tl.pointer_type(tl.float32))
+    else:
+        pointer = address.to(tl.pointer_type(tl.uint16))
+    if ALIGNED:
+        # True for every tensor of the table (the host checks it): 128-bit loads.
+        pointer = tl.multiple_of(pointer, 16)
+    return pointer
+
+
+@device_function
+def _bits_to_f32(raw, DTYPE: tl.constexpr):
+    """Widens loaded storage to float32 (exact for every format)."""
+    if DTYPE == F32:
+        value = raw
+    elif DTYPE == BF16:
+        value = (raw.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        value = raw.to(tl.float16, bitcast=True).to(tl.float32)
+    return value
+
+
+@device_function
+def _load(pointers, in_bounds):
+    """Loads raw storage; in_bounds None: a full block, loaded without a mask."""
+    if in_bounds is None:
+        raw = tl.load(pointers)
+    else:
+        raw = tl.load(pointers, mask=in_bounds, other=0)
+    return raw
+
+
+@device_function
+def _f32_to_bf16_bits(x):
+    u = x.to(tl.uint32, bitcast=True)
+    rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    is_nan = (u & 0x7FFFFFFF) > 0x7F800000
+    return tl.where(is_nan, 0x7FC0, rounded).to(tl.uint16)  # canonical NaN, as torch
+
+
+@device_function
+def _f32_to_f16_bits(x):
+    # Scale up then down by powers of two so that float rounding does the round-to-nearest-even
+    # at float16's precision, including overflow to inf and gradual underflow.
+    scale_to_inf = tl.full(x.shape, 0x77800000, tl.uint32).to(tl.float32, bitcast=True)   # 2^112
+    scale_to_zero = tl.full(x.shape, 0x08800000, tl.uint32).to(tl.float32, bitcast=True)  # 2^-110
+    w = x.to(tl.uint32, bitcast=True)
+    magnitude = (w & 0x7FFFFFFF).to(tl.float32, bitcast=True)
+    base = (magnitude * scale_to_inf) * scale_to_zero
+    shl1_w = w + w
+    sign = w & 0x80000000
+    bias = shl1_w & 0xFF000000
+    bias = tl.where(bias < 0x71000000, 0x71000000, bias)
+    base = ((bias >> 1) + 0x07800000).to(tl.float32, bitcast=True) + base
+    bits = base.to(tl.uint32, bitcast=True)
+    nonsign = ((bits >> 13) & 0x00007C00) + (bits & 0x00000FFF)
+    return ((sign >> 16) | tl.where(shl1_w > 0xFF000000, 0x7E00, nonsign)).to(tl.uint16)
+
+
+@device_function
+def _f32_to_bits(x, DTYPE: tl.constexpr):
+    """Narrows float32 to the storage format, rounding to nearest even."""
+    if DTYPE == F32:
+        stored = x
+    elif DTYPE == BF16:
+        stored = _f32_to_bf16_bits(x)
+    else:
+        stored = _f32_to_f16_bits(x)
+    return stored
+
+
+@device_function
+def _abs_key(x):
+    """|x| as its float32 bits: orders like the value for non-negative floats (NaN above inf)."""
+    return (x.to(tl.uint32, bitcast=True) & 0x7FFFFFFF).to(tl.int64)
+
+
+# ---- spike-and-slab prior and AdamW ------------------------------------------------------------
+
+@device_function
+def _exp_for_logistic(x):
+    """exp(x) for 1 / (1 + exp(x)): mgpp_math.h's polynomial, overflow to +inf, NaN kept."""
+    max_finite = 88.72283935546875  # ln(FLT_MAX)
+    clamped = tl.where(x < -86.0, -86.0, tl.where(x > max_finite, max_finite, x))
+    # rintf: adding and subtracting 1.5·2^23 rounds to the nearest integer, ties to even
+    # (|clamped·log2 e| < 2^22).
+    n = (clamped * 1.44269504088896341 + 12582912.0) - 12582912.0
+    # r = x - n·ln2 with ln2 split in two (Cody-Waite) so r keeps full precision.
+    r = clamped - n * 0.693359375
+    r = r - n * -2.12194440e-4
+    p = tl.full(r.shape, 1.9875691500e-4, tl.float32)
+    p = p * r + 1.3981999507e-3
+    p = p * r + 8.3334519073e-3
+    p = p * r + 4.1665795894e-2
+    p = p * r + 1.6666665459e-1
+    p = p * r + 5.0000001201e-1
+    e_r = p * (r * r) + r + 1.0
+    # 2^n as two factors so that n = 128 does not overflow the exponent.
+    half_scale = ((n.to(tl.int32) + 126) << 23).to(tl.float32, bitcast=True)
+    result = (e_r * half_scale) * 2.0
+    result = tl.where(x > max_finite, float("inf"), result)
+    return tl.where(x != x, x, result)
+
+
+@device_function
+def _prior_gradient(theta, c1, c2, inv_n, inv_sigma0_sq, inv_sigma1_sq):
+    """(θ/n)·(ρ0/σ0² + (1 − ρ0)/σ1²), ρ0 = 1 / (1 + exp(c1 + c2·θ²))."""
+    one = tl.full(theta.shape, 1.0, tl.float32)
+    rho0 = tl.div_rn(one, 1.0 + _exp_for_logistic(c1 + c2 * (theta * theta)))
+    return (theta * inv_n) * (rho0 * inv_sigma0_sq + (1.0 - rho0) * inv_sigma1_sq)
+
+
+# ---- the fused step ----------------------------------------------------------------------------
+
+@triton.jit
+def prepare_kernel(prepare_table, scalars, host_steps_offset, grad_scale, rows, num_tensors,
+                   HAS_GRAD_SCALE: tl.constexpr, STEPS_ON_DEVICE: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    """Per tensor of the step: increments its step count k and writes the float32 scalars of its
+    AdamW update and its group's prior. As torch.optim.AdamW, every constant derived from the
+    hyperparameters (1 − lr·wd, 1 − β1, 1 − β2, lr / (1 − β1^k), √(1 − β2^k)) is computed in
+    float64 and rounded once to float32: 1 − β2 rounded from β2's float32 value would be off by
+    1.3e-5 relative for β2 = 0.999, beyond SPEC §4's bound on v when g² dominates it.
+
+    STEPS_ON_DEVICE: k lives in a float32 tensor addressed by the table and is incremented here;
+    otherwise the host incremented it and staged it at scalars[host_steps_offset + i].
+    """
+    index = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    valid = index < num_tensors
+    entry = prepare_table + index.to(tl.int64) * PREPARE_COLUMNS
+    group = tl.load(entry + P_GROUP, mask=valid, other=0)
+    if STEPS_ON_DEVICE:
+        step_address = tl.load(entry + P_STEP, mask=valid, other=0)
+        step_pointer = step_address.to(tl.pointer_type(tl.float32))
+        step = tl.load(step_pointer, mask=valid, other=0.0) + 1.0
+        tl.store(step_pointer, step, mask=valid)
+    else:
+        step = tl.load(scalars + host_steps_offset + index, mask=valid, other=1.0).to(tl.float32)
+    s = scalars + group * NUM_STEP_SCALARS
+    lr = tl.load(s + S_LR, mask=valid, other=0.0)
+    beta1 = tl.load(s + S_BETA1, mask=valid, other=0.5)
+    beta2 = tl.load(s + S_BETA2, mask=valid, other=0.5)
+    # β^k in float64 as exp2(k·log2 β): within a few float64 ulp of std::pow, far below the
+    # float32 rounding that follows (β = 0 gives log2 = -inf and β^k = 0).
+    k = step.to(tl.float64)
+    bias_correction1 = 1.0 - tl.exp2(k * tl.log2(beta1))
+    bias_correction2 = 1.0 - tl.exp2(k * tl.log2(beta2))
+    one = tl.full([BLOCK], 1.0, tl.float32)
+    if HAS_GRAD_SCALE:
+        # 1 / scale in float32, as the CPU op: the update multiplies the gradients by it.
+        inv_grad_scale = tl.div_rn(one, one * tl.load(grad_scale).to(tl.float32))
+    else:
+        inv_grad_scale = one
+    weight_decay = tl.load(s + S_WEIGHT_DECAY, mask=valid, other=0.0)
+    eps = tl.load(s + S_EPS, mask=valid, other=0.0)
+    row = rows + index.to(tl.int64) * ROW_WIDTH
+    tl.store(row + R_DECAY, (1.0 - lr * weight_decay).to(tl.float32), mask=valid)
+    tl.store(row + R_BETA2, beta2.to(tl.float32), mask=valid)
+    tl.store(row + R_ONE_MINUS_BETA1, (1.0 - beta1).to(tl.float32), mask=valid)
+    tl.store(row + R_ONE_MINUS_BETA2, (1.0 - beta2).to(tl.float32), mask=valid)
+    tl.store(row + R_STEP_SIZE, (lr / bias_correction1).to(tl.float32), mask=valid)
+    tl.store(row + R_BC2_SQRT, tl.sqrt(bias_correction2).to(tl.float32), mask=valid)
+    tl.store(row + R_EPS, eps.to(tl.float32), mask=valid)
+    tl.store(row + R_INV_GRAD_SCALE, inv_grad_scale, mask=valid)
+    # The prior's six scalars (on/off, c1, c2, 1/n, 1/σ0², 1/σ1²), in the same order in both.
+    for j in tl.static_range(6):
+        prior_scalar = tl.load(s + S_PRIOR_ON + j, mask=valid, other=0.0)
+        tl.store(row + R_PRIOR_ON + j, prior_scalar.to(tl.float32), mask=valid)
+
+
+@device_function
+def _update_block(param, grad, exp_avg, exp_avg_sq, keep_mask_address, offsets, in_bounds, row,
+                  histogram, count, PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
+                  COUNT: tl.constexpr):
+    """Prior gradient + AdamW + frozen mask on one block (pointers already at the block start);
+    on an event step, counts the level-0 histogram of |θ_new| as stored."""
+    theta = _bits_to_f32(_load(param + offsets, in_bounds), PARAM_DTYPE)
+    g = _bits_to_f32(_load(grad + offsets, in_bounds), PARAM_DTYPE)
+    m = _bits_to_f32(_load(exp_avg + offsets, in_bounds), STATE_DTYPE)
+    v = _bits_to_f32(_load(exp_avg_sq + offsets, in_bounds), STATE_DTYPE)
+    g = g * tl.load(row + R_INV_GRAD_SCALE)
+    if tl.load(row + R_PRIOR_ON) != 0.0:
+        g = g + _prior_gradient(theta, tl.load(row + R_C1), tl.load(row + R_C2),
+                                tl.load(row + R_INV_N), tl.load(row + R_INV_SIGMA0_SQ),
+                                tl.load(row + R_INV_SIGMA1_SQ))
+    # torch.optim.AdamW's order of operations (mgpp_math.h adamw_update).
+    theta = theta * tl.load(row + R_DECAY)
+    m = m + tl.load(row + R_ONE_MINUS_BETA1) * (g - m)  # lerp, as torch
+    v = v * tl.load(row + R_BETA2) + tl.load(row + R_ONE_MINUS_BETA2) * (g * g)
+    bc2_sqrt = tl.zeros_like(v) + tl.load(row + R_BC2_SQRT)
+    denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + tl.load(row + R_EPS)
+    theta = theta - tl.load(row + R_STEP_SIZE) * tl.div_rn(m, denom)
+    if keep_mask_address != 0:
+        keep_mask = keep_mask_address.to(tl.pointer_type(tl.uint8))
+        mask_bytes = _load(keep_mask + (offsets >> 3), in_bounds).to(tl.int32)
+        theta = tl.where(((mask_bytes >> (offsets & 7)) & 1) != 0, theta, 0.0)
+    stored = _f32_to_bits(theta, PARAM_DTYPE)
+    tl.store(param + offsets, stored, mask=in_bounds)
+    tl.store(exp_avg + offsets, _f32_to_bits(m, STATE_DTYPE), mask=in_bounds)
+    tl.store(exp_avg_sq + offsets, _f32_to_bits(v, STATE_DTYPE), mask=in_bounds)
+    if COUNT:
+        if count != 0:
+            key = _abs_key(_bits_to_f32(stored, PARAM_DTYPE))
+            tl.atomic_add(histogram + (key >> LOW_BITS), 1, mask=in_bounds, sem="relaxed")
+
+
+@triton.jit
+def update_kernel(update_table, block_table, rows, histogram, PARAM_DTYPE: tl.constexpr,
+                  STATE_DTYPE: tl.constexpr, COUNT: tl.constexpr, ALIGNED: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    """One BLOCK of one tensor per program: the fused MGPP update (SPEC §2) of the tensors of one
+    (parameter dtype, state dtype) pair. COUNT: this is an event step; tensors whose table row
+    has U_COUNT set add the level-0 histogram of their updated values."""
+    pid = tl.program_id(0)
+    tensor = tl.load(block_table + 2 * pid).to(tl.int64)
+    start = tl.load(block_table + 2 * pid + 1).to(tl.int64) * BLOCK
+    entry = update_table + tensor * UPDATE_COLUMNS
+    numel = tl.load(entry + U_NUMEL)
+    param = _typed_pointer(tl.load(entry + U_PARAM), PARAM_DTYPE, ALIGNED) + start
+    grad = _typed_pointer(tl.load(entry + U_GRAD), PARAM_DTYPE, ALIGNED) + start
+    exp_avg = _typed_pointer(tl.load(entry + U_EXP_AVG), STATE_DTYPE, ALIGNED) + start
+    exp_avg_sq = _typed_pointer(tl.load(entry + U_EXP_AVG_SQ), STATE_DTYPE, ALIGNED) + start
+    keep_mask_address = tl.load(entry + U_KEEP_MASK)
+    keep_mask_address = tl.where(keep_mask_address != 0, keep_mask_address + start // 8, 0)
+    row = rows + tl.load(entry + U_ROW) * ROW_WIDTH
+    count = tl.load(entry + U_COUNT)
+    offsets = tl.arange(0, BLOCK)
+    # Full blocks run without a bounds mask so that their loads vectorise; the tail block masks.
+    if start + BLOCK <= numel:
+        _update_block(param, grad, exp_avg, exp_avg_sq, keep_mask_address, offsets, None, row,
+                      histogram, count, PARAM_DTYPE, STATE_DTYPE, COUNT)
+    else:
+        _update_block(param, grad, exp_avg, exp_avg_sq, keep_mask_address, offsets,
+                      offsets < numel - start, row, histogram, count, PARAM_DTYPE, STATE_DTYPE,
+                      COUNT)
+
+
+# ---- exact global threshold --------------------------------------------------------------------
+
+@device_function
+def _histogram_block(data, offsets, in_bounds, histogram, high_bin, DTYPE: tl.constexpr,
+                     LEVEL: tl.constexpr):
+    key = _abs_key(_bits_to_f32(_load(data + offsets, in_bounds), DTYPE))
+    if LEVEL == 0:
+        tl.atomic_add(histogram + (key >> LOW_BITS), 1, mask=in_bounds, sem="relaxed")
+    else:
+        match = (key >> LOW_BITS) == high_bin
+        if in_bounds is not None:
+            match = match & in_bounds
+        tl.atomic_add(histogram + (key & (LOW_BINS - 1)), 1, mask=match, sem="relaxed")
+
+
+@triton.jit
+def histogram_kernel(value_table, block_table, histogram, selection, DTYPE: tl.constexpr,
+                     LEVEL: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """Adds the radix histogram of |x| over the table's tensors. LEVEL 0: HIGH_BINS counters of
+    the key's high bits over all elements; LEVEL 1: LOW_BINS counters of the low bits of the
+    elements whose high bits are the bin chosen at level 0 (selection[SEL_KEY])."""
+    pid = tl.program_id(0)
+    tensor = tl.load(block_table + 2 * pid).to(tl.int64)
+    start = tl.load(block_table + 2 * pid + 1).to(tl.int64) * BLOCK
+    entry = value_table + tensor * VALUE_COLUMNS
+    numel = tl.load(entry + V_NUMEL)
+    data = _typed_pointer(tl.load(entry + V_DATA), DTYPE, ALIGNED) + start
+    if LEVEL == 0:
+        high_bin = 0
+    else:
+        high_bin = tl.load(selection + SEL_KEY) >> LOW_BITS
+    offsets = tl.arange(0, BLOCK)
+    if start + BLOCK <= numel:
+        _histogram_block(data, offsets, None, histogram, high_bin, DTYPE, LEVEL)
+    else:
+        _histogram_block(data, offsets, offsets < numel - start, histogram, high_bin, DTYPE, LEVEL)
+
+
+@triton.jit
+def select_kernel(histogram, selection, rank_source, tau, LEVEL: tl.constexpr,
+                  BINS: tl.constexpr, CHUNK: tl.constexpr):
+    """Radix selection (mgpp_math.h select_bin), one program: finds the bin that holds the
+    rank-th smallest key, updates selection = [rank, key, below], writes τ = the key's float,
+    and zeroes the histogram for its next use. LEVEL 0 starts from rank = rank_source[0] (the
+    float64 k of the step scalars); LEVEL 1 continues from selection."""
+    if LEVEL == 0:
+        rank = tl.load(rank_source).to(tl.int64)
+    else:
+        rank = tl.load(selection + SEL_RANK)
+    before = rank * 0          # keys in the bins scanned so far
+    chosen = rank * 0 + (BINS - 1)
+    chosen_before = rank * 0   # keys below the chosen bin
+    found = rank * 0
+    last_count = rank * 0
+    for chunk in range(0, BINS, CHUNK):
+        bins = chunk + tl.arange(0, CHUNK)
+        counts = tl.load(histogram + bins)
+        tl.store(histogram + bins, tl.zeros_like(counts))
+        cumulative = before + tl.cumsum(counts, 0)
+        first = tl.min(tl.where(cumulative >= rank, bins, BINS), 0)
+        hit = (found == 0) & (first < BINS)
+        chosen = tl.where(hit, first, chosen)
+        chosen_before = tl.where(hit, before + tl.sum(tl.where(bins < first, counts, 0), 0),
+                                 chosen_before)
+        found = tl.where(hit, 1, found)
+        last_count = tl.sum(tl.where(bins == BINS - 1, counts, 0), 0) + last_count
+        before = before + tl.sum(counts, 0)
+    # No bin reaches the rank (k above the count): the last bin, as select_bin's loop ends.
+    chosen_before = tl.where(found != 0, chosen_before, before - last_count)
+    tl.store(selection + SEL_RANK, rank - chosen_before)
+    if LEVEL == 0:
+        key = chosen << LOW_BITS
+        below = chosen_before
+    else:
+        key = tl.load(selection + SEL_KEY) | chosen
+        below = tl.load(selection + SEL_BELOW) + chosen_before
+    tl.store(selection + SEL_KEY, key)
+    tl.store(selection + SEL_BELOW, below)
+    tl.store(tau, key.to(tl.int32).to(tl.float32, bitcast=True))
+
+
+@device_function
+def _threshold_block(data, keep_mask_address, offsets, in_bounds, tau_key, DTYPE: tl.constexpr,
+                     WRITE_MASKS: tl.constexpr, BLOCK: tl.constexpr):
+    key = _abs_key(_bits_to_f32(_load(data + offsets, in_bounds), DTYPE))
+    below = (key < tau_key) & (tau_key < NAN_KEY_FLOOR)  # comparisons with a NaN τ are false
+    zero = tl.zeros([BLOCK], tl.float32)
+    if in_bounds is None:
+        tl.store(data + offsets, _f32_to_bits(zero, DTYPE), mask=below)
+        keep = (~below).to(tl.int32)
+    else:
+        tl.store(data + offsets, _f32_to_bits(zero, DTYPE), mask=below & in_bounds)
+        keep = ((~below) & in_bounds).to(tl.int32)
+    if WRITE_MASKS:
+        # Element i is bit i % 8 of byte i // 8.
+        bits = tl.reshape(keep, (BLOCK // 8, 8)) << tl.arange(0, 8)[None, :]
+        packed = tl.sum(bits, axis=1).to(tl.uint8)
+        byte_offsets = tl.arange(0, BLOCK // 8)
+        keep_mask = keep_mask_address.to(tl.pointer_type(tl.uint8))
+        if in_bounds is None:
+            tl.store(keep_mask + byte_offsets, packed)
+        else:
+            valid_elements = tl.sum(in_bounds.to(tl.int32), 0)
+            tl.store(keep_mask + byte_offsets, packed, mask=byte_offsets * 8 < valid_elements)
+
+
+@triton.jit
+def threshold_kernel(value_table, block_table, selection, DTYPE: tl.constexpr,
+                     WRITE_MASKS: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """Zeroes every |x| < τ (τ's key at selection[SEL_KEY]); with WRITE_MASKS, also writes each
+    tensor's packed keep mask (the freeze)."""
+    pid = tl.program_id(0)
+    tensor = tl.load(block_table + 2 * pid).to(tl.int64)
+    start = tl.load(block_table + 2 * pid + 1).to(tl.int64) * BLOCK
+    entry = value_table + tensor * VALUE_COLUMNS
+    numel = tl.load(entry + V_NUMEL)
+    data = _typed_pointer(tl.load(entry + V_DATA), DTYPE, ALIGNED) + start
+    keep_mask_address = tl.load(entry + V_KEEP_MASK) + start // 8
+    tau_key = tl.load(selection + SEL_KEY)
+    offsets = tl.arange(0, BLOCK)
+    if start + BLOCK <= numel:
+        _threshold_block(data, keep_mask_address, offsets, None, tau_key, DTYPE, WRITE_MASKS,
+                         BLOCK)
+    else:
+        _threshold_block(data, keep_mask_address, offsets, offsets < numel - start, tau_key,
+                         DTYPE, WRITE_MASKS, BLOCK)

@@ -1,0 +1,88 @@
+"""Compiles every Triton kernel of mgpp_kernels, in every variant the triton backend launches,
+for NVIDIA GPU targets without a GPU, and prints a JSON summary of the PTX (tests/test_triton.py
+runs it). Usage: python tests/gpu_compile.py CAPABILITY... (e.g. 80 90)."""
+import json
+import re
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from mgpp_kernels import triton_kernels as kernels
+from mgpp_kernels.backends import triton as backend
+
+SIGNATURES = {
+    "prepare_kernel": {"prepare_table": "*i64", "scalars": "*fp64", "host_steps_offset": "i32",
+                       "grad_scale": "*fp32", "rows": "*fp32", "num_tensors": "i32"},
+    "update_kernel": {"update_table": "*i64", "block_table": "*i32", "rows": "*fp32",
+                      "histogram": "*i64"},
+    "histogram_kernel": {"value_table": "*i64", "block_table": "*i32", "histogram": "*i64",
+                         "selection": "*i64"},
+    "select_kernel": {"histogram": "*i64", "selection": "*i64", "rank_source": "*fp64",
+                      "tau": "*fp32"},
+    "threshold_kernel": {"value_table": "*i64", "block_table": "*i32", "selection": "*i64"},
+}
+DTYPE_PAIRS = [(0, 0), (1, 0), (1, 1), (2, 0), (2, 2)]  # (parameter, state): fp32 0, bf16 1, fp16 2
+# Approximate float32 division and square root (Triton's `/` and tl.sqrt), flushing of denormals
+# to zero, and FMA contraction: none may appear in the per-element math. (prepare_kernel's
+# float64 exp2/log2 come from libdevice, which uses such instructions inside exact algorithms.)
+APPROXIMATE = re.compile(r"\b(?:div\.full|div\.approx|sqrt\.approx|rcp\.approx|ex2\.approx)"
+                         r"[\w.]*|\b\w+\.ftz\.[\w.]+|\bfma\.rn[\w.]*")
+APPROXIMATE_F32_DIVISION = re.compile(r"\b(?:div\.full|div\.approx|sqrt\.approx)\.[\w.]*f32")
+
+
+def variants():
+    """Every kernel with every dtype (pair) and flag the backend launches it with."""
+    blocks = backend.GPU_BLOCKS
+    for has_grad_scale, steps_on_device in ((True, True), (False, False)):
+        yield "prepare_kernel", dict(HAS_GRAD_SCALE=has_grad_scale,
+                                     STEPS_ON_DEVICE=steps_on_device, BLOCK=blocks["prepare"])
+    # Every dtype (pair) with every flag on; the flags off once (they only drop code).
+    for param, state in DTYPE_PAIRS:
+        yield "update_kernel", dict(PARAM_DTYPE=param, STATE_DTYPE=state, COUNT=True,
+                                    ALIGNED=True, BLOCK=blocks["update"])
+    yield "update_kernel", dict(PARAM_DTYPE=0, STATE_DTYPE=0, COUNT=False, ALIGNED=False,
+                                BLOCK=blocks["update"])
+    for dtype in (0, 1, 2):
+        for level in (0, 1):
+            yield "histogram_kernel", dict(DTYPE=dtype, LEVEL=level, ALIGNED=True,
+                                           BLOCK=blocks["value"])
+        yield "threshold_kernel", dict(DTYPE=dtype, WRITE_MASKS=True, ALIGNED=True,
+                                       BLOCK=blocks["value"])
+    yield "threshold_kernel", dict(DTYPE=0, WRITE_MASKS=False, ALIGNED=False,
+                                   BLOCK=blocks["value"])
+    for level, bins in ((0, kernels.HIGH_BINS.value), (1, kernels.LOW_BINS.value)):
+        yield "select_kernel", dict(LEVEL=level, BINS=bins, CHUNK=min(blocks["select"], bins))
+
+
+def compile_ptx(name, constexprs, capability):
+    signature = dict(SIGNATURES[name], **{key: "constexpr" for key in constexprs})
+    # Pointer arguments 16-byte aligned, as the JIT specialises torch's allocations.
+    attrs = {(i,): [["tt.divisibility", 16]]
+             for i, kind in enumerate(signature.values()) if kind.startswith("*")}
+    source = ASTSource(getattr(kernels, name), signature, constexprs, attrs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32),
+                              options=dict(backend.LAUNCH_OPTIONS))
+    return compiled.asm["ptx"]
+
+
+def main(capabilities):
+    if backend.INTERPRETED:
+        sys.exit("run without TRITON_INTERPRET=1: the interpreter's kernels do not compile")
+    builds = []
+    for capability in capabilities:
+        for name, constexprs in variants():
+            ptx = compile_ptx(name, constexprs, capability)
+            builds.append(dict(
+                name=name, constexprs=constexprs, capability=capability,
+                target=re.search(r"\.target\s+(\w+)", ptx).group(1),
+                approximate=sorted(set(APPROXIMATE.findall(ptx))),
+                approximate_f32_division=sorted(set(APPROXIMATE_F32_DIVISION.findall(ptx))),
+                v4_loads=len(re.findall(r"ld\.global(?:\.\w+)*\.v4\.b32", ptx)),
+                v4_stores=len(re.findall(r"st\.global(?:\.\w+)*\.v4\.b32", ptx))))
+    json.dump(builds, sys.stdout)
+
+
+if __name__ == "__main__":
+    main([int(c) for c in sys.argv[1:]])
