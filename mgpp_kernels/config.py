@@ -47,11 +47,11 @@ class MGPPConfig:
             raise ValueError(f"lambda_mix must be in (0, 1), got {self.lambda_mix}")
         if not 0 < self.lambda_final_factor <= 1:
             raise ValueError(f"lambda_final_factor must be in (0, 1], got {self.lambda_final_factor}")
+        if not 0 <= self.final_sparsity < 1:
+            raise ValueError(f"final_sparsity must be in [0, 1), got {self.final_sparsity}")
         if not 0 <= self.initial_sparsity <= self.final_sparsity:
             raise ValueError(f"initial_sparsity must be in [0, final_sparsity = {self.final_sparsity}], "
                              f"got {self.initial_sparsity}")
-        if not 0 <= self.final_sparsity < 1:
-            raise ValueError(f"final_sparsity must be in [0, 1), got {self.final_sparsity}")
         _require_int("num_train_examples", self.num_train_examples, 1)
         _require_int("initial_warmup_steps", self.initial_warmup_steps, 0)
         _require_int("final_warmup_steps", self.final_warmup_steps, 0)

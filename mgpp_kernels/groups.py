@@ -31,17 +31,15 @@ def candidate_names(model: torch.nn.Module, patterns: Iterable[str] | None = Non
 
 
 def param_groups(model: torch.nn.Module, patterns: Iterable[str] | None = None,
-                 weight_decay: float | None = None,
-                 no_decay: Iterable[str] = ("bias", "LayerNorm.weight", "layer_norm.weight",
-                                            "norm.weight")) -> list[dict[str, Any]]:
+                 weight_decay: float | None = None) -> list[dict[str, Any]]:
     """Param groups for :class:`mgpp_kernels.MGPP`: the candidates with ``prune=True``, the rest
     with ``prune=False``.
 
     ``patterns`` are regular expressions matched against ``model.named_parameters()`` names;
     the default covers BERT, RoBERTa, DeBERTa(-v3), MiniLM, GPT-2 and LLaMA-style models. When
-    ``weight_decay`` is given, candidates and other weights get it and parameters whose name ends
-    with one of ``no_decay`` get 0, as the transformers Trainer does; otherwise every group uses
-    the optimizer's weight_decay.
+    ``weight_decay`` is given, candidates and other matrices get it and vectors (biases and
+    normalisation weights) get 0, as the transformers Trainer does; otherwise every group uses the
+    optimizer's weight_decay.
     """
     candidates = set(candidate_names(model, patterns))
     if not candidates:
@@ -53,7 +51,7 @@ def param_groups(model: torch.nn.Module, patterns: Iterable[str] | None = None,
             continue
         if name in candidates:
             pruned.append(p)
-        elif weight_decay is not None and name.endswith(tuple(no_decay)):
+        elif weight_decay is not None and p.dim() < 2:
             undecayed.append(p)
         else:
             decayed.append(p)

@@ -101,6 +101,8 @@ class MGPP(Optimizer):
                                      param_group.get("betas", self.defaults["betas"]),
                                      param_group.get("eps", self.defaults["eps"]),
                                      param_group.get("weight_decay", self.defaults["weight_decay"]))
+        if len({id(p) for p in params}) != len(params):
+            raise ValueError("a param group lists the same parameter more than once")
         existing = [p for group in self.param_groups for p in group["params"]]
         self._check_params(existing + params)
         super().add_param_group(param_group)
@@ -309,6 +311,24 @@ class MGPP(Optimizer):
                                          f"{tuple(value.shape)} in the state_dict, {expected} "
                                          f"expected for a parameter of shape {tuple(p.shape)}")
         return param_of
+
+    # ---- copying and pickling ------------------------------------------------------------------
+
+    _PICKLED = ("config", "_state_dtype", "_backend_name", "_schedule_step", "_last_target",
+                "_last_threshold", "_lambda_t")
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch's Optimizer keeps only defaults, state and param_groups; the schedule position and
+        # settings must survive copy.deepcopy and torch.save of the optimizer object too.
+        state = super().__getstate__()
+        state.update({key: self.__dict__[key] for key in self._PICKLED})
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        params = [p for group in self.param_groups for p in group["params"]]
+        self._backend = (auto_backend(params[0].device) if self._backend_name == "auto"
+                         else load_backend(self._backend_name))
 
     # ---- logging -------------------------------------------------------------------------------
 

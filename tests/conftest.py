@@ -18,8 +18,8 @@ from mgpp_kernels import MGPP, reference  # noqa: E402
 KERNEL_BACKENDS = ["cpu"]
 ALL_BACKENDS = ["reference", *KERNEL_BACKENDS]
 
-# A small schedule with every stage: dense for t < 4, events at t = 4, 7, 14 (multiples of 7)
-# and t_end = 30 - 5 - 1 = 24 (the freeze), frozen mask from t = 25 on.
+# A small schedule with every stage: dense for t < 4, events at t = 4 (s_i), 7, 14, 21 (multiples
+# of 7) and t_end = 30 - 5 - 1 = 24 (s_f and the freeze), the frozen mask from t = 25 on.
 SCHEDULE = dict(num_train_examples=1000, initial_warmup_steps=4, total_steps=30,
                 final_warmup_steps=5, pruning_interval=7, initial_sparsity=0.3,
                 final_sparsity=0.9)
