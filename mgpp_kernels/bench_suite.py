@@ -455,7 +455,8 @@ def selection_function(method: str, radix_backend: str, tensors, k: int) -> Call
 
 # ---- the run -------------------------------------------------------------------------------------
 
-COLUMNS = ("machine", "device", "torch", "triton", "mgpp_kernels", "python", "started", "load_1min",
+COLUMNS = ("machine", "device", "torch", "triton", "mgpp_kernels", "python", "command", "started",
+           "load_1min",
            "section", "model", "elements", "implementation", "precision", "event", "threads",
            "repeats", "seconds", "best_seconds", "ns_per_element", "bytes_per_element", "gbps",
            "fraction_of_bandwidth", "vs_fused_adamw", "peak_extra_mib", "tau", "note")
@@ -469,12 +470,14 @@ class Suite:
     budget: float
     max_repeats: int
     compile_reference: bool
+    command: str
     rows: list[dict] = dataclasses.field(default_factory=list)
 
     def __post_init__(self):
         self.context = dict(machine=self.platform.machine, device=self.platform.kind,
                             torch=torch.__version__, triton=_triton_version(),
                             mgpp_kernels=__version__, python=python_version(),
+                            command=self.command,
                             started=datetime.datetime.now().isoformat(timespec="seconds"))
 
     def record(self, progress, **values) -> dict:
@@ -748,6 +751,10 @@ def markdown_tables(rows: list[dict], peers_model: str) -> dict[str, str]:
             else:
                 cells.append(f"{r['seconds'] * 1e3:.1f} ({r['seconds'] / radix['seconds']:.0f}x)")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    skipped = dict.fromkeys(f"{r['implementation']} {r['note']}" for r in selection
+                            if r["seconds"] == "")
+    if skipped:
+        lines += ["", "Skipped: " + "; ".join(skipped) + "."]
     tables["selection"] = "\n".join(lines)
     return tables
 
@@ -788,8 +795,8 @@ def write_plots(rows: list[dict], peers_model: str, output_dir: str, slug: str) 
     for label, rs in scaled.items():
         steps_axes.plot([r["elements"] for r in rs], [r["ns_per_element"] for r in rs], "o-",
                         label=label)
-    steps_axes.set(xscale="log", xlabel="candidate elements", ylabel="ns per element",
-                   title="optimizer step, time per element", ylim=(0, None))
+    steps_axes.set(xscale="log", yscale="log", xlabel="candidate elements", ylabel="ns per element",
+                   title="optimizer step, time per element")
     steps_axes.legend(fontsize=7)
     for method, rs in selection.items():
         selection_axes.plot([r["elements"] for r in rs], [r["ns_per_element"] for r in rs], "o-",
@@ -834,8 +841,10 @@ def write_plots(rows: list[dict], peers_model: str, output_dir: str, slug: str) 
 
 
 def write_markdown(path: str, rows: list[dict], peers_model: str, bars: list[Bar],
-                   files: list[str], command: str, quick: bool) -> None:
+                   files: list[str]) -> None:
     context = rows[0]
+    command = context["command"]
+    quick = "--quick" in command.split()
     bandwidth = [r for r in rows if r["section"] == "bandwidth"]
     loads = [r["load_1min"] for r in rows]
     cpus = os.cpu_count() or 1
@@ -864,9 +873,12 @@ def write_markdown(path: str, rows: list[dict], peers_model: str, bars: list[Bar
     if context["device"] == "cpu":
         high = max(loads) > cpus
         lines += [f"Load average (1 min) during the run: {min(loads):.1f} to {max(loads):.1f} on "
-                  f"{cpus} CPUs" + (": the machine was shared with other jobs, so timings are "
-                                    "noisy; read ratios within one run, not absolute times." if high
-                                    else "."), ""]
+                  f"{cpus} CPUs" + (
+                      ": the machine was shared with other jobs, so timings are noisy. Each "
+                      "parallel region waits until every thread has a core again, so rows with "
+                      "all threads suffer most, and most for peers that open many regions per "
+                      "step (torch's per-tensor kernels); the 1-thread rows are the steadier "
+                      "ones." if high else "."), ""]
     lines += [
         f"## Every peer on {peers_model} ({next(r['elements'] for r in rows if r['model'] == peers_model) / 1e6:.1f}M "
         "candidate elements), all threads",
@@ -912,16 +924,53 @@ def write_markdown(path: str, rows: list[dict], peers_model: str, bars: list[Bar
         f.write("\n".join(lines))
 
 
+def read_csv(path: str) -> list[dict]:
+    """Rows as write_csv wrote them, with numbers and flags typed again."""
+    integers = ("elements", "threads", "repeats", "bytes_per_element")
+    floats = ("load_1min", "seconds", "best_seconds", "ns_per_element", "gbps",
+              "fraction_of_bandwidth", "vs_fused_adamw", "peak_extra_mib")
+    rows = []
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            for key in integers + floats:
+                if row[key] != "":
+                    row[key] = int(row[key]) if key in integers else float(row[key])
+            if row["event"] != "":
+                row["event"] = row["event"] == "True"
+            rows.append(row)
+    return rows
+
+
 def write_csv(path: str, rows: list[dict]) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+            writer.writerow(row)  # floats in full: read_csv gets the very same numbers back
 
 
 def machine_slug(machine: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", machine.lower()).strip("-")
+
+
+def report(rows: list[dict], peers_model: str, output_dir: str) -> None:
+    """The CSV, the plots and README.md in output_dir, and the tables and bars on the terminal."""
+    os.makedirs(output_dir, exist_ok=True)
+    slug = machine_slug(rows[0]["machine"])
+    csv_path = os.path.join(output_dir, f"bench_suite_{slug}.csv")
+    write_csv(csv_path, rows)
+    files = [csv_path] + write_plots(rows, peers_model, output_dir, slug)
+    bars = evaluate_bars(rows, peers_model)
+    markdown_path = os.path.join(output_dir, "README.md")
+    write_markdown(markdown_path, rows, peers_model, bars, files)
+
+    tables = markdown_tables(rows, peers_model)
+    print(f"\n{rows[0]['machine']}: every peer on {peers_model}\n")
+    print(tables["peers"])
+    print(f"\nScaling\n\n{tables['scaling']}\n\nτ selection\n\n{tables['selection']}\n")
+    for bar in bars:
+        print(f"[{'met' if bar.met else 'NOT MET'}] {bar.text}: {bar.value}")
+    print("\nwrote " + ", ".join(files + [markdown_path]))
 
 
 def main(argv=None) -> int:
@@ -944,9 +993,19 @@ def main(argv=None) -> int:
     parser.add_argument("--max-elements", type=float, default=None,
                         help="leave out ladder models with more candidate elements (e.g. 1e8 on a "
                              "machine with less than 16 GiB)")
+    parser.add_argument("--from-csv", metavar="CSV",
+                        help="no measurements: render the plots and README.md again from a CSV "
+                             "this suite wrote")
     parser.add_argument("--output-dir", default=os.path.join("benchmarks", "results"),
                         help="where the CSV, plots and README.md go (default benchmarks/results)")
-    args = parser.parse_args(argv)
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(arguments)
+    if args.from_csv:
+        rows = read_csv(args.from_csv)
+        recipe_models = [r["model"] for r in rows if r["implementation"] == RECIPE]
+        report(rows, recipe_models[0] if recipe_models else next(
+            r["model"] for r in rows if r["section"] == "step"), args.output_dir)
+        return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench-suite --device cuda: no CUDA device here (torch.cuda.is_available() is False); "
               "run it on a machine with a GPU", file=sys.stderr)
@@ -963,32 +1022,16 @@ def main(argv=None) -> int:
                   budget=args.budget if args.budget is not None else (
                       0.02 if args.quick else 1.0 if args.device == "cuda" else 3.0),
                   max_repeats=args.max_repeats or (2 if args.quick else 5),
-                  compile_reference=not args.no_compile)
+                  compile_reference=not args.no_compile,
+                  command=" ".join(["python -m mgpp_kernels bench-suite", *arguments]))
     if args.quick:
         suite.platform.bandwidth_elements = 2**20
     started = time.perf_counter()
     rows = suite.run()
     elapsed = time.perf_counter() - started
 
-    os.makedirs(args.output_dir, exist_ok=True)
-    slug = machine_slug(suite_platform.machine)
-    csv_path = os.path.join(args.output_dir, f"bench_suite_{slug}.csv")
-    write_csv(csv_path, rows)
-    files = [csv_path] + write_plots(rows, suite.peers_model.name, args.output_dir, slug)
-    bars = evaluate_bars(rows, suite.peers_model.name)
-    command = "python -m mgpp_kernels bench-suite" + (
-        " " + " ".join(argv if argv is not None else sys.argv[1:]) if (argv or sys.argv[1:]) else "")
-    markdown_path = os.path.join(args.output_dir, "README.md")
-    write_markdown(markdown_path, rows, suite.peers_model.name, bars, files, command, args.quick)
-
-    tables = markdown_tables(rows, suite.peers_model.name)
-    print(f"\n{suite_platform.machine}: every peer on {suite.peers_model.name}\n")
-    print(tables["peers"])
-    print(f"\nScaling\n\n{tables['scaling']}\n\nτ selection\n\n{tables['selection']}\n")
-    for bar in bars:
-        print(f"[{'met' if bar.met else 'NOT MET'}] {bar.text}: {bar.value}")
-    print(f"\n{len(rows)} measurements in {elapsed:.0f} s; wrote "
-          + ", ".join(files + [markdown_path]))
+    report(rows, suite.peers_model.name, args.output_dir)
+    print(f"{len(rows)} measurements in {elapsed:.0f} s")
     return 0
 
 

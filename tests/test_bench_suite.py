@@ -46,6 +46,11 @@ def test_quick_suite_writes_consistent_results(tmp_path):
     summary = (tmp_path / "README.md").read_text()
     assert "| MGPP cpu | fp32 | no |" in summary and "## Bars" in summary
 
+    rendered_again = tmp_path / "again"
+    assert bench_suite.main(["--from-csv", str(csv_path), "--output-dir", str(rendered_again)]) == 0
+    assert (rendered_again / "README.md").read_text() == summary
+    assert (rendered_again / csv_path.name).read_text() == csv_path.read_text()
+
 
 def test_step_bytes_follow_spec():
     assert bench_suite.step_bytes("fp32", False) == 28
