@@ -751,7 +751,7 @@ def markdown_tables(rows: list[dict], peers_model: str) -> dict[str, str]:
             else:
                 cells.append(f"{r['seconds'] * 1e3:.1f} ({r['seconds'] / radix['seconds']:.0f}x)")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    skipped = dict.fromkeys(f"{r['implementation']} {r['note']}" for r in selection
+    skipped = dict.fromkeys(f"{r['implementation']}: {r['note']}" for r in selection
                             if r["seconds"] == "")
     if skipped:
         lines += ["", "Skipped: " + "; ".join(skipped) + "."]
@@ -797,13 +797,15 @@ def write_plots(rows: list[dict], peers_model: str, output_dir: str, slug: str) 
                         label=label)
     steps_axes.set(xscale="log", yscale="log", xlabel="candidate elements", ylabel="ns per element",
                    title="optimizer step, time per element")
-    steps_axes.legend(fontsize=7)
+    if scaled:
+        steps_axes.legend(fontsize=7)
     for method, rs in selection.items():
         selection_axes.plot([r["elements"] for r in rs], [r["ns_per_element"] for r in rs], "o-",
                             label=method)
     selection_axes.set(xscale="log", yscale="log", xlabel="candidate elements",
                        ylabel="ns per element", title="τ selection (k = 0.9 N), time per element")
-    selection_axes.legend(fontsize=7)
+    if selection:
+        selection_axes.legend(fontsize=7)
     for axes in (steps_axes, selection_axes):
         axes.xaxis.set_minor_formatter(NullFormatter())
     figure.suptitle(rows[0]["machine"], fontsize=9)
@@ -819,7 +821,8 @@ def write_plots(rows: list[dict], peers_model: str, output_dir: str, slug: str) 
     scaling_axes.axhline(0.8, color="grey", linestyle="--", linewidth=0.8)
     scaling_axes.set(xscale="log", xlabel="candidate elements", ylabel="fraction of measured bandwidth",
                      title="achieved / measured bandwidth (SPEC §3 bytes)", ylim=(0, None))
-    scaling_axes.legend(fontsize=7)
+    if scaled:
+        scaling_axes.legend(fontsize=7)
     scaling_axes.xaxis.set_minor_formatter(NullFormatter())
     all_threads = max((r["threads"] for r in steps if r["threads"] != ""), default="")
     peers = [r for r in steps if r["model"] == peers_model and r["threads"] == all_threads]

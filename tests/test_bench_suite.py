@@ -65,3 +65,19 @@ def test_cuda_mode_without_a_device_says_so_in_one_line(capsys):
     captured = capsys.readouterr()
     assert captured.out == ""
     assert len(captured.err.strip().splitlines()) == 1 and "no CUDA device" in captured.err
+
+
+def test_suite_without_thread_counts_as_on_a_gpu(tmp_path):
+    """GPU mode's bookkeeping (no thread counts) on the CPU: tables, bars and plots still come out."""
+    platform = bench_suite.CpuPlatform()
+    platform.thread_counts = [None]
+    platform.bandwidth_elements = 2**16
+    suite = bench_suite.Suite(platform=platform, ladder=bench_suite.QUICK_LADDER[:1],
+                              peers_model=bench_suite.QUICK_LADDER[0], budget=0.005, max_repeats=1,
+                              compile_reference=False, command="test")
+    with bench_suite.num_threads(1):  # two threads on a busy 2-CPU machine wait for cores
+        rows = suite.run()
+    assert {r["threads"] for r in rows} == {""}
+    bench_suite.report(rows, bench_suite.QUICK_LADDER[0].name, str(tmp_path))
+    summary = (tmp_path / "README.md").read_text()
+    assert "| MGPP cpu | fp32 | no |" in summary and "thread" not in summary.split("## Scaling")[1]
