@@ -1,4 +1,4 @@
-"""python -m mgpp_kernels {info, verify, bench}."""
+"""python -m mgpp_kernels {info, verify, bench, bench-suite}."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from . import __version__, bench, verify
+from . import __version__, bench, bench_suite, verify
 from .backends import BACKENDS, BackendUnavailableError, load_backend
 
 
@@ -53,6 +53,8 @@ def main(argv=None) -> int:
     verify_parser.add_argument("--layers", type=int, default=2,
                                help="BERT-base encoder layers (default 2; 12 for the whole model)")
     commands.add_parser("bench", help="step time against torch.optim.AdamW", add_help=False)
+    commands.add_parser("bench-suite", help="microbenchmarks against every peer, with plots",
+                        add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "info":
         return info()
@@ -60,6 +62,8 @@ def main(argv=None) -> int:
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         return verify.run(args.backend, args.layers)
+    if args.command == "bench-suite":
+        return bench_suite.main(rest)
     return bench.main(rest)
 
 

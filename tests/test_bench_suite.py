@@ -1,0 +1,83 @@
+"""The benchmark suite end to end on tiny models: every section runs, the CSV has its columns and a
+row per measurement, every τ selection method agrees, and the plots and summary are written."""
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+from mgpp_kernels import bench_suite
+
+
+def test_quick_suite_writes_consistent_results(tmp_path):
+    status = bench_suite.main(["--quick", "--no-compile", "--threads", "1",
+                               "--output-dir", str(tmp_path)])
+    assert status == 0
+    [csv_path] = tmp_path.glob("bench_suite_*.csv")
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == bench_suite.COLUMNS
+        rows = list(reader)
+    assert {r["section"] for r in rows} == {"bandwidth", "step", "selection"}
+    assert all(float(r["seconds"]) > 0 for r in rows if r["note"] == "" or "backend" in r["note"])
+
+    steps = [r for r in rows if r["section"] == "step"]
+    implementations = {r["implementation"] for r in steps}
+    assert {"MGPP cpu", "MGPP reference", bench_suite.FUSED_ADAMW, "torch AdamW default",
+            "torch AdamW foreach", bench_suite.RECIPE} <= implementations
+    assert {(r["precision"], r["event"]) for r in steps if r["implementation"] == "MGPP cpu"} == {
+        ("fp32", "False"), ("fp32", "True"), ("bf16", "False"), ("bf16", "True"),
+        ("bf16, fp32 state", "False")}
+    for r in steps:
+        expected = bench_suite.step_bytes(r["precision"], r["event"] == "True")
+        assert int(r["bytes_per_element"]) == expected
+        assert float(r["gbps"]) == pytest.approx(
+            expected * int(r["elements"]) / float(r["seconds"]) / 1e9, rel=1e-4)
+
+    selection = [r for r in rows if r["section"] == "selection"]
+    for model in {r["model"] for r in selection}:
+        taus = {r["implementation"]: r["tau"] for r in selection if r["model"] == model}
+        assert set(taus) == set(bench_suite.SELECTION_METHODS)
+        assert len(set(taus.values())) == 1, taus
+        assert 0 < float(taus["radix histograms"]) < 1
+
+    assert len(list(tmp_path.glob("*.png"))) == 2
+    summary = (tmp_path / "README.md").read_text()
+    assert "| MGPP cpu | fp32 | no |" in summary and "## Bars" in summary
+
+    rendered_again = tmp_path / "again"
+    assert bench_suite.main(["--from-csv", str(csv_path), "--output-dir", str(rendered_again)]) == 0
+    assert (rendered_again / "README.md").read_text() == summary
+    assert (rendered_again / csv_path.name).read_text() == csv_path.read_text()
+
+
+def test_step_bytes_follow_spec():
+    assert bench_suite.step_bytes("fp32", False) == 28
+    assert bench_suite.step_bytes("bf16", False) == 14
+    assert bench_suite.step_bytes("bf16, fp32 state", False) == 22
+    assert bench_suite.step_bytes("fp32", True) == 36
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_cuda_mode_without_a_device_says_so_in_one_line(capsys):
+    assert bench_suite.main(["--device", "cuda"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert len(captured.err.strip().splitlines()) == 1 and "no CUDA device" in captured.err
+
+
+def test_suite_without_thread_counts_as_on_a_gpu(tmp_path):
+    """GPU mode's bookkeeping (no thread counts) on the CPU: tables, bars and plots still come out."""
+    platform = bench_suite.CpuPlatform()
+    platform.thread_counts = [None]
+    platform.bandwidth_elements = 2**16
+    suite = bench_suite.Suite(platform=platform, ladder=bench_suite.QUICK_LADDER[:1],
+                              peers_model=bench_suite.QUICK_LADDER[0], budget=0.005, max_repeats=1,
+                              compile_reference=False, command="test")
+    with bench_suite.num_threads(1):  # two threads on a busy 2-CPU machine wait for cores
+        rows = suite.run()
+    assert {r["threads"] for r in rows} == {""}
+    bench_suite.report(rows, bench_suite.QUICK_LADDER[0].name, str(tmp_path))
+    summary = (tmp_path / "README.md").read_text()
+    assert "| MGPP cpu | fp32 | no |" in summary and "thread" not in summary.split("## Scaling")[1]
