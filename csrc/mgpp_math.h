@@ -230,7 +230,10 @@ struct AdamWScalars {
 MGPP_HD void adamw_update(float& theta, float& exp_avg, float& exp_avg_sq, float grad,
                           const AdamWScalars& s) {
   theta = theta * s.decay;
-  exp_avg = exp_avg + s.one_minus_beta1 * (grad - exp_avg);  // lerp, as torch
+  // torch's lerp: from the nearer end, so that β1 = 0 (weight 1) gives m = g exactly.
+  const float weight = s.one_minus_beta1;
+  exp_avg = weight < 0.5f ? exp_avg + weight * (grad - exp_avg)
+                          : grad - (grad - exp_avg) * (1.0f - weight);
   exp_avg_sq = exp_avg_sq * s.beta2 + s.one_minus_beta2 * (grad * grad);
   const float denom = sqrtf(exp_avg_sq) * s.inv_bc2_sqrt + s.eps;
   theta = theta - s.step_size * (exp_avg / denom);

@@ -251,7 +251,9 @@ def _update_block(param, grad, exp_avg, exp_avg_sq, keep_mask_address, offsets, 
                                 tl.load(row + R_INV_SIGMA1_SQ))
     # torch.optim.AdamW's order of operations (mgpp_math.h adamw_update).
     theta = theta * tl.load(row + R_DECAY)
-    m = m + tl.load(row + R_ONE_MINUS_BETA1) * (g - m)  # lerp, as torch
+    # torch's lerp: from the nearer end, so that β1 = 0 (weight 1) gives m = g exactly.
+    weight = tl.load(row + R_ONE_MINUS_BETA1)
+    m = tl.where(weight < 0.5, m + weight * (g - m), g - (g - m) * (1.0 - weight))
     v = v * tl.load(row + R_BETA2) + tl.load(row + R_ONE_MINUS_BETA2) * (g * g)
     bc2_sqrt = tl.zeros_like(v) + tl.load(row + R_BC2_SQRT)
     denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + tl.load(row + R_EPS)
