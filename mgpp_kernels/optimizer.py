@@ -19,6 +19,20 @@ _CONFIG_KEYS = ("num_train_examples", "initial_warmup_steps", "total_steps", "fi
 _FP32_NAMES = (torch.float32, "fp32", "float32")
 
 
+def _is_dtensor(t: torch.Tensor) -> bool:
+    # FSDP2 (fully_shard) parameters are DTensors. torch.distributed.tensor is imported only when
+    # a tensor subclass shows up, which keeps `import mgpp_kernels` light.
+    if type(t) in (torch.Tensor, torch.nn.Parameter) or not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+    return isinstance(t, DTensor)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a view the kernels update in place); other tensors as is."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
 def _check_adamw_hyperparameters(lr, betas, eps, weight_decay) -> None:
     lr_value = float(lr) if isinstance(lr, torch.Tensor) and lr.numel() == 1 else lr
     for name, value in (("lr", lr_value), ("eps", eps), ("weight_decay", weight_decay)):
@@ -55,7 +69,7 @@ class MGPP(Optimizer):
                  initial_sparsity: float = 0.3, final_sparsity: float = 0.9,
                  sigma0_sq: float = 1e-10, sigma1_sq: float = 0.05, lambda_mix: float = 0.1,
                  lambda_final_factor: float = 1e-3, state_dtype: Any = torch.float32,
-                 backend: str = "auto"):
+                 backend: str = "auto", process_group: Any = None):
         if amsgrad:
             raise ValueError("amsgrad=True is not supported by MGPP (SPEC §2 is AdamW with "
                              "amsgrad=False)")
@@ -79,6 +93,11 @@ class MGPP(Optimizer):
             raise ValueError(f"backend must be a string, got {backend!r}")
         self._backend_name = backend
         self._backend = None
+        # The group over which τ is ranked: None for one process; set by process_group=, or by the
+        # device mesh of DTensor candidates (FSDP2), whose shards then rank as one model.
+        self._process_group = process_group
+        self._sharded_by_mesh = False
+        self._dtensor_candidates: bool | None = None
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, prune=False)
         super().__init__(params, defaults)
         self._schedule_step = 0
@@ -94,7 +113,12 @@ class MGPP(Optimizer):
                 raise ValueError(f"{key} is optimizer-wide: pass it to MGPP(...), not in a param "
                                  f"group")
         params = param_group["params"]
+        if isinstance(params, set):
+            raise TypeError("a param group's params must be an ordered collection (a set's order "
+                            "changes between runs, which breaks state_dict); use a list")
+        # A generator (model.parameters()) can be read only once: keep the list for torch.
         params = [params] if isinstance(params, torch.Tensor) else list(params)
+        param_group["params"] = params
         if "prune" in param_group and not isinstance(param_group["prune"], bool):
             raise ValueError(f"a param group's prune must be a bool, got {param_group['prune']!r}")
         _check_adamw_hyperparameters(param_group.get("lr", self.defaults["lr"]),
@@ -105,7 +129,40 @@ class MGPP(Optimizer):
             raise ValueError("a param group lists the same parameter more than once")
         existing = [p for group in self.param_groups for p in group["params"]]
         self._check_params(existing + params)
+        sharding = (self._sharding_with(params) if param_group.get("prune", self.defaults["prune"])
+                    else (self._dtensor_candidates, self._process_group, self._sharded_by_mesh))
+        if sharding[1] is not None and self._backend is not None and not getattr(
+                self._backend, "ranks_across_processes", False):
+            raise ValueError(f"the {self._backend.name} backend cannot rank candidates across "
+                             f"processes (process_group=); use 'cpu' or 'reference'")
         super().add_param_group(param_group)
+        self._dtensor_candidates, self._process_group, self._sharded_by_mesh = sharding
+
+    def _sharding_with(self, candidates: list[torch.Tensor]) -> tuple[bool | None, Any, bool]:
+        """(candidates are DTensors, the ranking group, whether it is their mesh's) once these
+        candidates join. Candidates are all DTensors (FSDP2) or none; without process_group=,
+        DTensor candidates must be shards on one 1-D device mesh, whose group then ranks them."""
+        dtensors, group, by_mesh = (self._dtensor_candidates, self._process_group,
+                                    self._sharded_by_mesh)
+        kinds = {_is_dtensor(p) for p in candidates}
+        if len(kinds) > 1 or (kinds and dtensors not in (None, *kinds)):
+            raise ValueError("MGPP's candidates must be all DTensors (FSDP2) or none")
+        if kinds:
+            dtensors = kinds.pop()
+        if not dtensors or (group is not None and not by_mesh):
+            return dtensors, group, by_mesh
+        from torch.distributed.tensor import Shard
+        for p in candidates:
+            if p.device_mesh.ndim != 1 or not isinstance(p.placements[0], Shard):
+                raise ValueError(f"MGPP ranks DTensor candidates sharded on a 1-D device mesh "
+                                 f"(fully_shard); got placements {p.placements} on a "
+                                 f"{p.device_mesh.ndim}-D mesh: pass process_group= with the "
+                                 f"group whose ranks hold disjoint shards")
+            mesh_group = p.device_mesh.get_group()
+            if group not in (None, mesh_group):
+                raise ValueError("MGPP's DTensor candidates must share one device mesh")
+            group, by_mesh = mesh_group, True
+        return dtensors, group, by_mesh
 
     def _check_params(self, params: list[torch.Tensor]) -> None:
         for p in params:
@@ -129,7 +186,7 @@ class MGPP(Optimizer):
             if self._backend is None:
                 self._backend = (auto_backend(device) if self._backend_name == "auto"
                                  else load_backend(self._backend_name))
-            self._backend.check_params(params)
+            self._backend.check_params([_local(p) for p in params])
 
     @property
     def backend(self) -> str:
@@ -155,6 +212,9 @@ class MGPP(Optimizer):
 
     # ---- the step ------------------------------------------------------------------------------
 
+    # Under torch.compile the step runs eagerly: Dynamo does not carry the schedule position (a
+    # Python attribute) out of a compiled optimizer step, and the fused kernels gain nothing.
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -163,23 +223,31 @@ class MGPP(Optimizer):
                 loss = closure()
         point = reference.schedule_at(self.config, self._schedule_step)
         self._check_grads()
+        for group in self.param_groups:  # LR schedulers and users change these between steps
+            _check_adamw_hyperparameters(group["lr"], group["betas"], group["eps"],
+                                         group["weight_decay"])
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         if found_inf is not None and bool(found_inf.any()):
             return loss  # a skipped step: nothing moves, the schedule does not advance
-        groups = self._update_groups(point)
+        # Each parameter's local tensor, made once: a backend tells the candidates it updated
+        # from the others by identity (DTensor.to_local() returns a new object on every call).
+        local_of = {id(p): _local(p) for group in self.param_groups for p in group["params"]}
+        groups = self._update_groups(point, local_of)
         candidates = self._candidates()
+        local_candidates = [local_of[id(p)] for p in candidates]
         event = None
         if point.prune_to is not None:
-            k = reference.prune_count(sum(p.numel() for p in candidates), point.prune_to)
+            k = reference.prune_count(self._global_numel(local_candidates), point.prune_to)
             if k > 0:
                 in_groups = {id(p) for g in groups if g.count for p in g.params}
-                event = PruneEvent(params=candidates,
-                                   uncounted=[p for p in candidates if id(p) not in in_groups], k=k)
+                uncounted = [p for p in local_candidates if id(p) not in in_groups]
+                event = PruneEvent(params=local_candidates, uncounted=uncounted, k=k,
+                                   process_group=self._process_group)
                 if point.freeze:
                     event.keep_masks = [torch.empty(_packed_mask_bytes(p.numel()),
                                                     dtype=torch.uint8, device=p.device)
-                                        for p in candidates]
+                                        for p in local_candidates]
         threshold = self._backend.step(groups, event, grad_scale)
         if event is not None:
             self._last_target = point.prune_to
@@ -189,6 +257,15 @@ class MGPP(Optimizer):
         self._lambda_t = point.lambda_t
         self._schedule_step += 1
         return loss
+
+    def _global_numel(self, local_candidates: list[torch.Tensor]) -> int:
+        """N: the candidates' element count, summed over the process group's shards."""
+        numel = sum(p.numel() for p in local_candidates)
+        if self._process_group is None:
+            return numel
+        total = torch.tensor([numel], dtype=torch.int64)
+        torch.distributed.all_reduce(total, group=self._process_group)
+        return int(total)
 
     def _check_grads(self) -> None:
         for group in self.param_groups:
@@ -203,7 +280,8 @@ class MGPP(Optimizer):
                                        f"{tuple(grad.shape)} on {grad.device} does not match its "
                                        f"parameter ({p.dtype}, {tuple(p.shape)}, {p.device})")
 
-    def _update_groups(self, point: reference.SchedulePoint) -> list[UpdateGroup]:
+    def _update_groups(self, point: reference.SchedulePoint,
+                       local_of: dict[int, torch.Tensor]) -> list[UpdateGroup]:
         config = self.config
         prior = Prior(point.lambda_t, config.sigma0_sq, config.sigma1_sq,
                       config.num_train_examples)
@@ -218,12 +296,13 @@ class MGPP(Optimizer):
                 if not params:
                     continue
                 states = [self._init_state(p) for p in params]
+                grads = [_local(p.grad) for p in params]
                 lr = group["lr"]
                 groups.append(UpdateGroup(
-                    params=params,
-                    grads=[p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in params],
-                    exp_avgs=[s["exp_avg"] for s in states],
-                    exp_avg_sqs=[s["exp_avg_sq"] for s in states],
+                    params=[local_of[id(p)] for p in params],
+                    grads=[g if g.is_contiguous() else g.contiguous() for g in grads],
+                    exp_avgs=[_local(s["exp_avg"]) for s in states],
+                    exp_avg_sqs=[_local(s["exp_avg_sq"]) for s in states],
                     state_steps=[s["step"] for s in states],
                     keep_masks=[s["keep_mask"] for s in states] if masked else [],
                     lr=float(lr), beta1=group["betas"][0], beta2=group["betas"][1],
@@ -304,8 +383,8 @@ class MGPP(Optimizer):
             for j, (index, p) in enumerate(zip(saved["params"], group["params"])):
                 param_of[index] = p
                 for key, value in saved_state.get(index, {}).items():
-                    expected = (_packed_mask_bytes(p.numel()),) if key == "keep_mask" else (
-                        () if key == "step" else tuple(p.shape))
+                    expected = ((_packed_mask_bytes(_local(p).numel()),) if key == "keep_mask"
+                                else () if key == "step" else tuple(p.shape))
                     if tuple(value.shape) != expected:
                         raise ValueError(f"param group {g} parameter {j}: state '{key}' has shape "
                                          f"{tuple(value.shape)} in the state_dict, {expected} "
@@ -315,11 +394,15 @@ class MGPP(Optimizer):
     # ---- copying and pickling ------------------------------------------------------------------
 
     _PICKLED = ("config", "_state_dtype", "_backend_name", "_schedule_step", "_last_target",
-                "_last_threshold", "_lambda_t")
+                "_last_threshold", "_lambda_t", "_process_group", "_sharded_by_mesh",
+                "_dtensor_candidates")
 
     def __getstate__(self) -> dict[str, Any]:
         # torch's Optimizer keeps only defaults, state and param_groups; the schedule position and
         # settings must survive copy.deepcopy and torch.save of the optimizer object too.
+        if self._process_group is not None:
+            raise TypeError("an MGPP optimizer with a process group cannot be copied or pickled "
+                            "(a process group cannot): save and load its state_dict() instead")
         state = super().__getstate__()
         state.update({key: self.__dict__[key] for key in self._PICKLED})
         return state
@@ -336,9 +419,9 @@ class MGPP(Optimizer):
         """Pruning progress for logs: stage, target and achieved sparsity, τ and λ_t.
 
         ``sparsity`` counts the exact zeros among the candidates now (one pass over them), so call
-        this when logging, not every step.
+        this when logging, not every step; with a process group, among this rank's shards.
         """
-        candidates = self._candidates()
+        candidates = [_local(p) for p in self._candidates()]
         numel = sum(p.numel() for p in candidates)
         zeros = sum(int((p == 0).sum()) for p in candidates)
         last = max(self._schedule_step - 1, 0)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import warnings
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -55,6 +55,10 @@ class PruneEvent:
     uncounted: list[torch.Tensor]    # candidates in no UpdateGroup (no gradient this step)
     k: int                           # τ is the k-th smallest |θ|, 1 <= k <= N
     keep_masks: list[torch.Tensor] = field(default_factory=list)  # filled at the freeze
+    # With a torch.distributed process group, `params` are this rank's shards and τ ranks the
+    # shards of every rank (N and k are already global); backends that support this say so with
+    # `ranks_across_processes = True`.
+    process_group: Any = None
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 import mgpp_kernels._C  # noqa: F401  (registers torch.ops.mgpp)
+import mgpp_kernels._fake  # noqa: F401  (their fake implementations, for torch.compile)
 
 from .._scalars import step_scalars
 from . import PruneEvent, Threshold, UpdateGroup

@@ -7,8 +7,24 @@ from .. import reference
 from . import PruneEvent, Threshold, UpdateGroup
 
 
+def gather_magnitudes(params: list[torch.Tensor], process_group) -> torch.Tensor:
+    """|θ| of every rank's shards, in rank order: the oracle's way across processes (it sends
+    the weights; the kernels send histograms). all_gather takes equal sizes: pad, then trim."""
+    local = torch.cat([p.detach().abs().flatten().float() for p in params] or [torch.zeros(0)])
+    world = torch.distributed.get_world_size(process_group)
+    sizes = [local.new_zeros(1, dtype=torch.int64) for _ in range(world)]
+    torch.distributed.all_gather(sizes, local.new_full((1,), local.numel(), dtype=torch.int64),
+                                 group=process_group)
+    longest = max(int(size) for size in sizes)
+    padded = [local.new_zeros(longest) for _ in range(world)]
+    mine = torch.cat([local, local.new_zeros(longest - local.numel())])
+    torch.distributed.all_gather(padded, mine, group=process_group)
+    return torch.cat([chunk[:int(size)] for chunk, size in zip(padded, sizes)])
+
+
 class ReferenceBackend:
     name = "reference"
+    ranks_across_processes = True
 
     def check_params(self, params: list[torch.Tensor]) -> None:
         for p in params:
@@ -23,7 +39,11 @@ class ReferenceBackend:
                 self._update(group, i, param, grad_scale)
         if event is None:
             return None
-        tau = reference.global_threshold(event.params, event.k)
+        if event.process_group is None:
+            tau = reference.global_threshold(event.params, event.k)
+        else:
+            tau = torch.kthvalue(gather_magnitudes(event.params, event.process_group),
+                                 event.k).values
         below = torch.zeros((), dtype=torch.int64, device=tau.device)
         for i, param in enumerate(event.params):
             keep = reference.keep_mask(param, tau)
@@ -31,6 +51,8 @@ class ReferenceBackend:
             param.masked_fill_(~keep, 0)
             if event.keep_masks:
                 event.keep_masks[i].copy_(reference.pack_mask(keep))
+        if event.process_group is not None:
+            torch.distributed.all_reduce(below, group=event.process_group)
         return Threshold(tau=tau, below=below)
 
     def global_threshold(self, tensors: list[torch.Tensor], k: int) -> torch.Tensor:
