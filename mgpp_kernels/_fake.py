@@ -11,10 +11,8 @@ import torch
 
 import mgpp_kernels._C  # noqa: F401  (defines the ops this module adds fake implementations to)
 
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-HIGH_BINS = 1 << 16   # csrc/mgpp_math.h: kHistHighBins
-LOW_BINS = 1 << 15    # kHistLowBins
-NUM_STEP_SCALARS = 11  # csrc/mgpp_math.h: kNumStepScalars
+from ._scalars import NUM_STEP_SCALARS
+from .backends._ops import HIGH_BINS, KERNEL_DTYPES, LOW_BINS
 
 
 def _check_histogram(histogram: torch.Tensor, bins: int) -> None:
@@ -42,7 +40,7 @@ def _fused_step_fake(params, grads, exp_avgs, exp_avg_sqs, state_steps, keep_mas
     torch._check(scalars.dtype == torch.float64 and scalars.numel() == NUM_STEP_SCALARS,
                  lambda: f"mgpp: scalars must be a float64 tensor of {NUM_STEP_SCALARS} elements")
     for i, p in enumerate(params):
-        torch._check(p.dtype in _KERNEL_DTYPES and grads[i].dtype == p.dtype,
+        torch._check(p.dtype in KERNEL_DTYPES and grads[i].dtype == p.dtype,
                      lambda: f"mgpp: params[{i}] and grads[{i}] must share a float32, bfloat16 "
                              f"or float16 dtype")
         torch._check(grads[i].numel() == p.numel() and exp_avgs[i].numel() == p.numel()
