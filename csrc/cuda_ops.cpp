@@ -14,36 +14,15 @@
 #include <torch/library.h>
 
 #include "cuda/mgpp_cuda.h"
+#include "op_checks.h"
 
 namespace mgpp {
 namespace {
 
 using at::Tensor;
 using cuda::DType;
-
-DType to_kernel_dtype(at::ScalarType type, const char* what) {
-  switch (type) {
-    case at::kFloat: return DType::Float32;
-    case at::kBFloat16: return DType::BFloat16;
-    case at::kHalf: return DType::Float16;
-    default:
-      TORCH_CHECK(false, "mgpp: ", what, " must be float32, bfloat16 or float16, got ", type);
-  }
-}
-
-void check_on_device(const Tensor& t, const at::Device& device, const char* what, size_t index) {
-  TORCH_CHECK(t.device() == device, "mgpp: ", what, "[", index, "] is on ", t.device(),
-              "; this call's CUDA kernels run on ", device);
-  TORCH_CHECK(t.is_contiguous(), "mgpp: ", what, "[", index, "] must be contiguous");
-}
-
-void check_mask(const Tensor& mask, const Tensor& values, const at::Device& device, size_t index) {
-  check_on_device(mask, device, "keep_masks", index);
-  const int64_t bytes = (values.numel() + 7) / 8;
-  TORCH_CHECK(mask.scalar_type() == at::kByte && mask.numel() == bytes, "mgpp: keep_masks[", index,
-              "] must be uint8 with ceil(numel/8) = ", bytes, " elements, got ", mask.scalar_type(),
-              " with ", mask.numel());
-}
+using op_checks::check_tensor;
+using op_checks::to_kernel_dtype;
 
 // A device-resident int64 buffer of `numel` elements (histogram or selection state).
 void check_counters(const Tensor& t, int64_t numel, const char* what) {
@@ -67,9 +46,6 @@ void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                      const std::optional<Tensor>& grad_scale,
                      const std::optional<Tensor>& histogram) {
   const size_t n = params.size();
-  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n &&
-                  state_steps.size() == n && (keep_masks.empty() || keep_masks.size() == n),
-              "mgpp: fused_step_ takes lists of equal length (keep_masks may be empty)");
   TORCH_CHECK(scalars.is_cuda() && scalars.scalar_type() == at::kDouble && scalars.is_contiguous() &&
                   scalars.numel() == kNumStepScalars,
               "mgpp: scalars must be a contiguous CUDA float64 tensor of ", kNumStepScalars,
@@ -86,31 +62,15 @@ void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
     check_counters(*histogram, kHistHighBins, "histogram");
     TORCH_CHECK(histogram->device() == device, "mgpp: histogram must be on ", device);
   }
+  op_checks::check_step_lists(params, grads, exp_avgs, exp_avg_sqs, state_steps, keep_masks,
+                              device);
   for (size_t i = 0; i < n; ++i) {
-    const Tensor& p = params[i];
-    check_on_device(p, device, "params", i);
-    to_kernel_dtype(p.scalar_type(), "params");
-    check_on_device(grads[i], device, "grads", i);
-    check_on_device(exp_avgs[i], device, "exp_avgs", i);
-    check_on_device(exp_avg_sqs[i], device, "exp_avg_sqs", i);
-    TORCH_CHECK(grads[i].scalar_type() == p.scalar_type(),
-                "mgpp: grads[", i, "] must have its parameter's dtype ", p.scalar_type());
-    TORCH_CHECK(exp_avg_sqs[i].scalar_type() == exp_avgs[i].scalar_type(),
-                "mgpp: exp_avg_sqs[", i, "] must have the dtype of exp_avgs[", i, "]");
-    TORCH_CHECK(to_kernel_dtype(exp_avgs[i].scalar_type(), "exp_avgs") == DType::Float32 ||
-                    exp_avgs[i].scalar_type() == p.scalar_type(),
-                "mgpp: state of params[", i, "] must be float32 or the parameter's dtype");
-    TORCH_CHECK(grads[i].numel() == p.numel() && exp_avgs[i].numel() == p.numel() &&
-                    exp_avg_sqs[i].numel() == p.numel(),
-                "mgpp: grads, exp_avgs and exp_avg_sqs [", i, "] must match params[", i,
-                "] in size");
     const Tensor& step = state_steps[i];
     // A step count on the device is read by the kernels; one in host memory is read here.
-    TORCH_CHECK(step.numel() == 1 && (step.device() == device ? step.scalar_type() == at::kFloat
-                                                               : step.is_cpu() && step.is_floating_point()),
-                "mgpp: state_steps[", i, "] must be a one-element float32 tensor on ", device,
-                " or a one-element floating CPU tensor, got ", step.scalar_type(), " on ", step.device());
-    if (!keep_masks.empty()) check_mask(keep_masks[i], p, device, i);
+    TORCH_CHECK(step.device() == device ? step.scalar_type() == at::kFloat
+                                        : step.is_cpu() && step.is_floating_point(),
+                "mgpp: state_steps[", i, "] must be a float32 tensor on ", device,
+                " or a floating CPU tensor, got ", step.scalar_type(), " on ", step.device());
   }
 
   const c10::cuda::CUDAGuard guard(device);
@@ -157,7 +117,7 @@ void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
 std::map<DType, std::vector<size_t>> indices_by_dtype(at::TensorList tensors, const at::Device& device) {
   std::map<DType, std::vector<size_t>> groups;
   for (size_t i = 0; i < tensors.size(); ++i) {
-    check_on_device(tensors[i], device, "tensors", i);
+    check_tensor(tensors[i], device, "tensors", i);
     groups[to_kernel_dtype(tensors[i].scalar_type(), "tensors")].push_back(i);
   }
   return groups;
@@ -196,7 +156,7 @@ void apply_threshold_cuda(at::TensorList tensors, at::TensorList keep_masks,
               "mgpp: keep_masks must be empty or one per tensor");
   check_counters(selection, 3, "selection");
   const at::Device device = selection.device();
-  for (size_t i = 0; i < keep_masks.size(); ++i) check_mask(keep_masks[i], tensors[i], device, i);
+  for (size_t i = 0; i < keep_masks.size(); ++i) op_checks::check_mask(keep_masks[i], tensors[i], device, i);
   const auto groups = indices_by_dtype(tensors, device);
   const c10::cuda::CUDAGuard guard(device);
   for (const auto& [dtype, indices] : groups) {

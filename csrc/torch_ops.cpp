@@ -13,38 +13,17 @@
 #include <torch/library.h>
 
 #include "cpu/mgpp_cpu.h"
+#include "op_checks.h"
 
 namespace mgpp {
 namespace {
 
 using at::Tensor;
 using cpu::DType;
+using op_checks::check_tensor;
+using op_checks::to_kernel_dtype;
 
-DType to_kernel_dtype(at::ScalarType type, const char* what) {
-  switch (type) {
-    case at::kFloat: return DType::Float32;
-    case at::kBFloat16: return DType::BFloat16;
-    case at::kHalf: return DType::Float16;
-    default:
-      TORCH_CHECK(false, "mgpp: ", what, " must be float32, bfloat16 or float16, got ", type);
-  }
-}
-
-void check_cpu_contiguous(const Tensor& t, const char* what, size_t index) {
-  TORCH_CHECK(t.device().is_cpu(), "mgpp: ", what, "[", index, "] is on ", t.device(),
-              "; the CPU kernels take CPU tensors");
-  TORCH_CHECK(t.is_contiguous(), "mgpp: ", what, "[", index, "] must be contiguous");
-}
-
-int64_t packed_mask_bytes(int64_t numel) { return (numel + 7) / 8; }
-
-void check_mask(const Tensor& mask, const Tensor& values, size_t index) {
-  check_cpu_contiguous(mask, "keep_masks", index);
-  TORCH_CHECK(mask.scalar_type() == at::kByte && mask.numel() == packed_mask_bytes(values.numel()),
-              "mgpp: keep_masks[", index, "] must be uint8 with ceil(numel/8) = ",
-              packed_mask_bytes(values.numel()), " elements, got ", mask.scalar_type(), " with ",
-              mask.numel());
-}
+const at::Device kCpu(at::kCPU);
 
 Tensor checked_histogram(const Tensor& histogram, uint32_t bins) {
   TORCH_CHECK(histogram.device().is_cpu() && histogram.scalar_type() == at::kLong &&
@@ -66,9 +45,11 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                     const std::optional<Tensor>& grad_scale,
                     const std::optional<Tensor>& histogram) {
   const size_t n = params.size();
-  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n &&
-                  state_steps.size() == n && (keep_masks.empty() || keep_masks.size() == n),
-              "mgpp: fused_step_ takes lists of equal length (keep_masks may be empty)");
+  op_checks::check_step_lists(params, grads, exp_avgs, exp_avg_sqs, state_steps, keep_masks, kCpu);
+  for (size_t i = 0; i < n; ++i) {
+    TORCH_CHECK(state_steps[i].device().is_cpu() && state_steps[i].is_floating_point(),
+                "mgpp: state_steps[", i, "] must be a floating CPU tensor");
+  }
   TORCH_CHECK(scalars.device().is_cpu() && scalars.scalar_type() == at::kDouble &&
                   scalars.is_contiguous() && scalars.numel() == kNumStepScalars,
               "mgpp: scalars must be a contiguous CPU float64 tensor of ", kNumStepScalars,
@@ -91,29 +72,6 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
 
   // The kernels take one (parameter dtype, state dtype) pair per call.
   std::map<std::pair<DType, DType>, std::vector<cpu::StepTensor>> by_dtype;
-  for (size_t i = 0; i < n; ++i) {
-    const Tensor& p = params[i];
-    check_cpu_contiguous(p, "params", i);
-    to_kernel_dtype(p.scalar_type(), "params");
-    check_cpu_contiguous(grads[i], "grads", i);
-    check_cpu_contiguous(exp_avgs[i], "exp_avgs", i);
-    check_cpu_contiguous(exp_avg_sqs[i], "exp_avg_sqs", i);
-    TORCH_CHECK(grads[i].scalar_type() == p.scalar_type(),
-                "mgpp: grads[", i, "] must have its parameter's dtype ", p.scalar_type());
-    TORCH_CHECK(exp_avg_sqs[i].scalar_type() == exp_avgs[i].scalar_type(),
-                "mgpp: exp_avg_sqs[", i, "] must have the dtype of exp_avgs[", i, "]");
-    TORCH_CHECK(to_kernel_dtype(exp_avgs[i].scalar_type(), "exp_avgs") == DType::Float32 ||
-                    exp_avgs[i].scalar_type() == p.scalar_type(),
-                "mgpp: state of params[", i, "] must be float32 or the parameter's dtype");
-    TORCH_CHECK(grads[i].numel() == p.numel() && exp_avgs[i].numel() == p.numel() &&
-                    exp_avg_sqs[i].numel() == p.numel(),
-                "mgpp: grads, exp_avgs and exp_avg_sqs [", i, "] must match params[", i,
-                "] in size");
-    TORCH_CHECK(state_steps[i].numel() == 1 && state_steps[i].device().is_cpu() &&
-                    state_steps[i].is_floating_point(),
-                "mgpp: state_steps[", i, "] must be a one-element floating CPU tensor");
-    if (!keep_masks.empty()) check_mask(keep_masks[i], p, i);
-  }
   for (size_t i = 0; i < n; ++i) {
     const Tensor& p = params[i];
     Tensor step = state_steps[i];
@@ -140,7 +98,7 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
 std::map<DType, std::vector<size_t>> indices_by_dtype(at::TensorList tensors, const char* what) {
   std::map<DType, std::vector<size_t>> groups;
   for (size_t i = 0; i < tensors.size(); ++i) {
-    check_cpu_contiguous(tensors[i], what, i);
+    check_tensor(tensors[i], kCpu, what, i);
     groups[to_kernel_dtype(tensors[i].scalar_type(), what)].push_back(i);
   }
   return groups;
@@ -171,7 +129,7 @@ void apply_threshold_cpu(at::TensorList tensors, at::TensorList keep_masks,
   TORCH_CHECK(keep_masks.empty() || keep_masks.size() == tensors.size(),
               "mgpp: keep_masks must be empty or one per tensor");
   const uint32_t tau_key = static_cast<uint32_t>(selection_data(selection)[kSelKey]);
-  for (size_t i = 0; i < keep_masks.size(); ++i) check_mask(keep_masks[i], tensors[i], i);
+  for (size_t i = 0; i < keep_masks.size(); ++i) op_checks::check_mask(keep_masks[i], tensors[i], kCpu, i);
   for (const auto& [dtype, indices] : indices_by_dtype(tensors, "tensors")) {
     std::vector<cpu::ValueTensor> views;
     std::vector<uint8_t*> masks;
