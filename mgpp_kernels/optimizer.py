@@ -15,7 +15,7 @@ from .config import MGPPConfig
 
 _CONFIG_KEYS = ("num_train_examples", "initial_warmup_steps", "total_steps", "final_warmup_steps",
                 "pruning_interval", "initial_sparsity", "final_sparsity", "sigma0_sq", "sigma1_sq",
-                "lambda_mix", "lambda_final_factor", "state_dtype", "backend")
+                "lambda_mix", "lambda_final_factor", "state_dtype", "backend", "use_prior")
 _FP32_NAMES = (torch.float32, "fp32", "float32")
 
 
@@ -56,7 +56,8 @@ class MGPP(Optimizer):
 
     Takes torch.optim.AdamW's arguments plus the keywords of SPEC §1. Param groups with
     ``prune=True`` hold the pruning candidates (see :func:`mgpp_kernels.param_groups`); every
-    other parameter gets plain AdamW with its group's hyperparameters.
+    other parameter gets plain AdamW with its group's hyperparameters. ``use_prior=False`` keeps
+    the schedule and the pruning but drops the prior: gradual magnitude pruning (GMP).
     """
 
     _step_supports_amp_scaling = True
@@ -69,7 +70,7 @@ class MGPP(Optimizer):
                  initial_sparsity: float = 0.3, final_sparsity: float = 0.9,
                  sigma0_sq: float = 1e-10, sigma1_sq: float = 0.05, lambda_mix: float = 0.1,
                  lambda_final_factor: float = 1e-3, state_dtype: Any = torch.float32,
-                 backend: str = "auto", process_group: Any = None):
+                 backend: str = "auto", process_group: Any = None, use_prior: bool = True):
         if amsgrad:
             raise ValueError("amsgrad=True is not supported by MGPP (SPEC §2 is AdamW with "
                              "amsgrad=False)")
@@ -91,6 +92,11 @@ class MGPP(Optimizer):
                              f"dtype), got {state_dtype!r}")
         if not isinstance(backend, str):
             raise ValueError(f"backend must be a string, got {backend!r}")
+        if not isinstance(use_prior, bool):
+            raise ValueError(f"use_prior must be a bool, got {use_prior!r}")
+        # use_prior=False: the same schedule and pruning without the prior, i.e. gradual
+        # magnitude pruning (GMP), the baseline MGPP is compared with.
+        self.use_prior = use_prior
         self._backend_name = backend
         self._backend = None
         # The group over which τ is ranked: None for one process; set by process_group=, or by the
@@ -307,7 +313,7 @@ class MGPP(Optimizer):
                     keep_masks=[s["keep_mask"] for s in states] if masked else [],
                     lr=float(lr), beta1=group["betas"][0], beta2=group["betas"][1],
                     eps=group["eps"], weight_decay=group["weight_decay"],
-                    prior=prior if group["prune"] and point.prior_on else None,
+                    prior=prior if group["prune"] and point.prior_on and self.use_prior else None,
                     count=group["prune"]))
         return groups
 
@@ -395,7 +401,7 @@ class MGPP(Optimizer):
 
     _PICKLED = ("config", "_state_dtype", "_backend_name", "_schedule_step", "_last_target",
                 "_last_threshold", "_lambda_t", "_process_group", "_sharded_by_mesh",
-                "_dtensor_candidates")
+                "_dtensor_candidates", "use_prior")
 
     def __getstate__(self) -> dict[str, Any]:
         # torch's Optimizer keeps only defaults, state and param_groups; the schedule position and
