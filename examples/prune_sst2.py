@@ -48,7 +48,7 @@ class Settings:
     """One run's hyperparameters. FULL is the authors' SST-2 setting (6 epochs of batch 32 at
     lr 5e-5 decaying linearly to 1% of it, pruning from step 1000 every 10 steps from 30% to the
     final sparsity, no fixed-mask steps at the end, σ0² = 1e-9, σ1² = 0.1, λ = 0.1 falling to
-    1e-3·λ); QUICK scales the step counts to a 150-step run."""
+    1e-3·λ); QUICK scales the step counts to a 120-step run."""
 
     steps: int | None          # None: epochs × batches per epoch
     epochs: int
@@ -75,16 +75,16 @@ FULL = Settings(steps=None, epochs=6, batch_size=32, train_examples=None, max_le
                 initial_warmup_fraction=1000 / 12630, final_warmup_fraction=0.0,
                 pruning_interval=10, initial_sparsity=0.3, sigma0_sq=1e-9, sigma1_sq=0.1,
                 lambda_mix=0.1, lambda_final_factor=1e-3, timing_rounds=5, timing_steps=20)
-# The quick run samples its 150 batches from the whole training set, so that n, and with it the
+# The quick run samples its 120 batches from the whole training set, so that n, and with it the
 # prior's weight against the data (1/n), is the paper's; a 4,800-example subset (n = 4,800)
 # made the prior 14 times stronger and stalled training at 80% sparsity.
-QUICK = replace(FULL, steps=150, max_length=64, timing_rounds=5, timing_steps=10)
+QUICK = replace(FULL, steps=120, max_length=64, timing_rounds=5, timing_steps=10)
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a short run (about 15 minutes on "
-                        "2 CPU cores): 150 steps, sequences cut at 64 tokens")
+                        "2 CPU cores): 120 steps, sequences cut at 64 tokens")
     parser.add_argument("--data-dir", help="a folder with SST-2's train.tsv and dev.tsv "
                         "(default: $MGPP_SST2_DIR, else the hub's glue/sst2)")
     parser.add_argument("--model", help="a model folder or id (default: MiniLM-L6 from the "
