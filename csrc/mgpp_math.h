@@ -149,13 +149,14 @@ MGPP_HD float multiply_add(float a, float b, float c) {
 #endif
 }
 
+constexpr float kExpMaxFinite = 88.72283935546875f;  // ln(FLT_MAX): exp overflows above it
+
 // exp(x), within 2 ulp, for the one use below: 1 / (1 + exp(x)). Overflow gives +inf (so the
 // spike weight becomes exactly 0) and NaN stays NaN. Inputs below -86 return exp(-86) ≈ 4e-38,
 // which leaves 1 + exp(x) == 1 exactly, as the true value does.
 MGPP_HD float exp_for_logistic(float x) {
-  const float max_finite = 88.72283935546875f;  // ln(FLT_MAX)
   // NaN fails both comparisons and flows through unchanged.
-  const float clamped = x < -86.0f ? -86.0f : (x > max_finite ? max_finite : x);
+  const float clamped = x < -86.0f ? -86.0f : (x > kExpMaxFinite ? kExpMaxFinite : x);
   const float n = rintf(clamped * 1.44269504088896341f);
   // r = x - n·ln2 with ln2 split in two (Cody-Waite) so r keeps full precision.
   float r = multiply_add(n, -0.693359375f, clamped);
@@ -171,7 +172,7 @@ MGPP_HD float exp_for_logistic(float x) {
   const int32_t ni = static_cast<int32_t>(n);
   const float half_scale = bits_to_float(static_cast<uint32_t>(ni + 126) << 23);
   const float result = (e_r * half_scale) * 2.0f;
-  return x > max_finite ? bits_to_float(0x7F800000u) : result;
+  return x > kExpMaxFinite ? bits_to_float(0x7F800000u) : result;
 }
 
 // Host-computed constants of the prior gradient at one schedule position (SPEC §2): c1 and c2 in
@@ -191,6 +192,19 @@ MGPP_HD float prior_gradient(float theta, const PriorConstants& prior) {
   // ρ0/σ0² + (1 − ρ0)/σ1², rearranged to one multiply-add.
   const float weight = prior.inv_sigma1_sq + rho0 * (prior.inv_sigma0_sq - prior.inv_sigma1_sq);
   return (theta * prior.inv_n) * weight;
+}
+
+// The slab's term alone, (θ/n)/σ1²: what prior_gradient returns, bit for bit, wherever
+// prior_uses_spike is false (given a finite 1/σ0² − 1/σ1²).
+MGPP_HD float slab_prior_gradient(float theta, const PriorConstants& prior) {
+  return (theta * prior.inv_n) * prior.inv_sigma1_sq;
+}
+
+// False where the spike cannot change prior_gradient: θ = ±0 (the gradient is ±0 whatever ρ0 is),
+// or exp overflows to +inf so that ρ0 is exactly 0. NaN counts as using the spike. The CPU kernel
+// skips the exponential and a division for runs of such weights, usually most of a model.
+MGPP_HD bool prior_uses_spike(float theta, const PriorConstants& prior) {
+  return !(theta == 0.0f || prior.c1 + (prior.c2 * theta) * theta > kExpMaxFinite);
 }
 
 // Layout of the float64 scalars tensor of one fused step. It lives on the parameters' device so

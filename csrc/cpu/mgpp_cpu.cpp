@@ -5,7 +5,9 @@
 #include "mgpp_cpu.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include <omp.h>
@@ -17,6 +19,9 @@ namespace {
 // Chunks are multiples of 8 elements so that one byte of a packed mask belongs to one chunk.
 constexpr int64_t kChunk = 1 << 15;
 constexpr int64_t kBlock = 1024;
+// Weights checked together for the spike: long enough for a few vectors, short enough that a
+// span of a dense model usually has no weight near zero.
+constexpr int64_t kSpikeSpan = 32;
 // Thread-local counters are uint32; they are flushed to the shared int64 histogram well before
 // they could overflow.
 constexpr int64_t kFlushEvery = int64_t{1} << 31;
@@ -108,20 +113,20 @@ void update_chunk(const StepTensor& t, const Chunk& chunk, const StepOptions& op
   const AdamWScalars adamw = t.adamw;
   const PriorConstants prior = options.prior;
   const float inv_grad_scale = options.inv_grad_scale;
+  // The slab-only path is exact only where 0·(1/σ0² − 1/σ1²) is 0 (see slab_prior_gradient).
+  const bool slab_path_exact = std::isfinite(prior.inv_sigma0_sq - prior.inv_sigma1_sq);
   uint32_t bins[kBlock];
   uint8_t keep[kBlock];
-  for (int64_t block = chunk.begin; block < chunk.end; block += kBlock) {
-    const int64_t end = std::min(block + kBlock, chunk.end);
-    if (kMask) {
-      for (int64_t byte = 0; byte * 8 < end - block; ++byte) {
-        memcpy(&keep[8 * byte], &kMaskByteExpansion.bytes[keep_mask[block / 8 + byte]], 8);
-      }
-    }
+  // Updates [begin, end) of the current block; a true slab_only skips the spike's exponential.
+  auto update = [&](int64_t block, int64_t begin, int64_t end, auto slab_only) {
+    constexpr bool kSlabOnly = decltype(slab_only)::value;
 #pragma omp simd
-    for (int64_t i = block; i < end; ++i) {
+    for (int64_t i = begin; i < end; ++i) {
       float theta = P::load(param[i]);
       float g = P::load(grad[i]) * inv_grad_scale;
-      if (kPrior) g = g + prior_gradient(theta, prior);
+      if (kPrior) {
+        g = g + (kSlabOnly ? slab_prior_gradient(theta, prior) : prior_gradient(theta, prior));
+      }
       float m = S::load(exp_avg[i]);
       float v = S::load(exp_avg_sq[i]);
       adamw_update(theta, m, v, g, adamw);
@@ -131,6 +136,30 @@ void update_chunk(const StepTensor& t, const Chunk& chunk, const StepOptions& op
       exp_avg[i] = S::store(m);
       exp_avg_sq[i] = S::store(v);
       if (kHist) bins[i - block] = key_high_bin(abs_key(P::load(stored)));
+    }
+  };
+  for (int64_t block = chunk.begin; block < chunk.end; block += kBlock) {
+    const int64_t end = std::min(block + kBlock, chunk.end);
+    if (kMask) {
+      for (int64_t byte = 0; byte * 8 < end - block; ++byte) {
+        memcpy(&keep[8 * byte], &kMaskByteExpansion.bytes[keep_mask[block / 8 + byte]], 8);
+      }
+    }
+    if (kPrior && slab_path_exact) {
+      int64_t span = block;
+      // Whole spans: a constant trip count, so each check and update is a few full vectors.
+      for (; span + kSpikeSpan <= end; span += kSpikeSpan) {
+        int spike_lanes = 0;
+#pragma omp simd reduction(+ : spike_lanes)
+        for (int64_t j = 0; j < kSpikeSpan; ++j) {
+          spike_lanes += prior_uses_spike(P::load(param[span + j]), prior) ? 1 : 0;
+        }
+        spike_lanes ? update(block, span, span + kSpikeSpan, std::false_type{})
+                    : update(block, span, span + kSpikeSpan, std::true_type{});
+      }
+      update(block, span, end, std::false_type{});
+    } else {
+      update(block, block, end, std::false_type{});
     }
     if (kHist) {
       for (int64_t i = 0; i < end - block; ++i) ++histogram[bins[i]];

@@ -76,6 +76,12 @@ void test_fused_step(DType param_dtype, DType state_dtype, bool prior_on, bool w
            Buffer(state_dtype, random_values(n, 0.001f, rng)),
            Buffer(state_dtype, std::vector<float>(n, 1e-6f)), {}};
     for (size_t i = 0; i < n; ++i) c.exp_avg_sq.set(i, std::fabs(c.exp_avg_sq.get(i) + 1e-6f * (i % 5)));
+    // Zeros of both signs, and weights near zero (where the spike matters) in every fifth run of
+    // 64, so that the kernel's spans take both the full and the slab-only prior.
+    for (size_t i = 0; i < n; ++i) {
+      if (i % 11 == 0) c.param.set(i, i % 22 == 0 ? 0.0f : -0.0f);
+      if ((i / 64) % 5 == 0 && i % 7 == 0) c.param.set(i, c.param.get(i) * 1e-3f);
+    }
     c.mask.resize((n + 7) / 8);
     for (auto& b : c.mask) b = static_cast<uint8_t>(rng());
     cases.push_back(std::move(c));

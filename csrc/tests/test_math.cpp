@@ -59,6 +59,23 @@ void test_prior_gradient() {
   // c2·θ² ≈ 20 amplifies that to a few 1e-6 in ρ0.
   CHECK(worst < 2e-5, "prior_gradient worst relative error %.3g", worst);
   CHECK(prior_gradient(0.0f, prior) == 0.0f, "prior_gradient(0) must be 0");
+  // Where the spike cannot matter, the CPU kernel's slab-only path is the same to the bit.
+  int slab_only = 0;
+  for (int e = -600; e <= 600; ++e) {
+    for (float sign : {-1.0f, 1.0f}) {
+      const float theta = sign * static_cast<float>(std::pow(10.0, e / 100.0));
+      for (float t : {theta, std::nextafter(theta, 0.0f), sign * 0.0f}) {
+        if (prior_uses_spike(t, prior)) continue;
+        ++slab_only;
+        const float full = prior_gradient(t, prior), slab = slab_prior_gradient(t, prior);
+        CHECK(std::memcmp(&full, &slab, sizeof(float)) == 0,
+              "slab_prior_gradient(%g) = %g, prior_gradient = %g", t, slab, full);
+      }
+    }
+  }
+  CHECK(slab_only > 2000, "only %d values took the slab-only path", slab_only);
+  CHECK(prior_uses_spike(1e-6f, prior) && prior_uses_spike(std::nanf(""), prior) &&
+        !prior_uses_spike(1e-2f, prior), "prior_uses_spike misjudges the spike's range");
   CHECK(prior_gradient(3e38f, prior) > 0, "prior_gradient at huge theta must stay finite-positive");
 }
 
