@@ -24,14 +24,6 @@ SCHEDULE = dict(num_train_examples=200, initial_warmup_steps=3, total_steps=16,
 SKIP_AT = {"dense": 1, "first_event": 3, "cubic_event": 8, "freeze": 12, "frozen": 14}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def build(backend: str, dtype: torch.dtype = torch.float32):
     generator = torch.Generator().manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))

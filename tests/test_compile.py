@@ -21,14 +21,6 @@ HIGH_BINS = 1 << 16
 SCALARS = [1e-2, 0.9, 0.999, 1e-8, 0.01, 1.0, -5.0, 1e3, 1e-2, 1e4, 20.0]   # StepScalar order
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def step_inputs(seed: int = 0):
     """fused_step_'s arguments over a float32 and a bfloat16 tensor, with a histogram."""
     generator = torch.Generator().manual_seed(seed)

@@ -73,14 +73,6 @@ def ranks(tmp_path_factory):
     return load
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def single_process_model_run(backend: str):
     """The whole model in one process on the same global batches: each step's gradient is the
     mean of the two half-batch gradients, summed in rank order, as the data-parallel ranks get."""
