@@ -9,8 +9,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from mgpp_kernels import triton_kernels as kernels
-from mgpp_kernels.backends import triton as backend
+from mgpp_kernels.backends.triton import kernels
+from mgpp_kernels.backends.triton import backend
 
 SIGNATURES = {
     "prepare_kernel": {"prepare_table": "*i64", "scalars": "*fp64", "host_steps_offset": "i32",

@@ -16,9 +16,9 @@ triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 
 from mgpp_kernels import MGPP, reference  # noqa: E402
-from mgpp_kernels import triton_kernels as kernels  # noqa: E402
+from mgpp_kernels.backends.triton import kernels  # noqa: E402
 from mgpp_kernels.backends import Prior, PruneEvent, UpdateGroup, load_backend  # noqa: E402
-from mgpp_kernels.backends import triton as triton_backend  # noqa: E402
+from mgpp_kernels.backends.triton import backend as triton_backend  # noqa: E402
 
 TRITON = load_backend("triton")
 REFERENCE = load_backend("reference")

@@ -1,4 +1,4 @@
-"""The triton backend: the MGPP step as Triton kernels (mgpp_kernels/triton_kernels.py).
+"""The triton backend: the MGPP step as Triton kernels (mgpp_kernels/backends/triton/kernels.py).
 
 A step is a fixed, short sequence of launches whatever the number of tensors:
 
@@ -51,9 +51,9 @@ import torch
 import triton
 from triton.runtime.interpreter import InterpretedFunction
 
-from .. import triton_kernels as kernels
-from .._scalars import step_scalar_values
-from . import PruneEvent, Threshold, UpdateGroup
+from . import kernels
+from ..._scalars import step_scalar_values
+from .. import PruneEvent, Threshold, UpdateGroup
 
 INTERPRETED = isinstance(kernels.update_kernel, InterpretedFunction)
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
