@@ -16,6 +16,7 @@ import torch
 from . import reference
 from .backends import available_backends, load_backend
 from .optimizer import MGPP
+from . import schedule
 
 BERT_BASE_LAYER = [(768, 768)] * 4 + [(3072, 768), (768, 3072)]
 # Small enough for the Triton interpreter, which runs every program instance in Python.
@@ -103,9 +104,9 @@ def verify_backend(name: str, device: torch.device, layer, layers: int) -> Resul
         with torch.no_grad():
             for p, q in zip(sync_params, ref_params):
                 p.copy_(q)
-        point = reference.schedule_at(config, t)
+        point = schedule.schedule_at(config, t)
         if point.prune_to is not None:
-            k = reference.prune_count(numel, point.prune_to)
+            k = schedule.prune_count(numel, point.prune_to)
             same = backend.global_threshold(ref_cand, k)
             tau_exact &= bool(torch.equal(same, reference.global_threshold(ref_cand, k)))
         old_m = [ref_opt.state[p]["exp_avg"].clone() if p in ref_opt.state else torch.zeros_like(p)

@@ -13,6 +13,7 @@ import torch  # noqa: E402
 
 import mgpp_kernels  # noqa: E402
 from mgpp_kernels import MGPP, reference  # noqa: E402
+from mgpp_kernels.masks import unpack_mask  # noqa: E402
 
 # Backends checked against the reference on CPU tensors.
 KERNEL_BACKENDS = ["cpu"]
@@ -198,4 +199,4 @@ def with_prior(theta, grad, optimizer, lambda_t):
 
 
 def unpacked_keep_masks(optimizer, params):
-    return [reference.unpack_mask(optimizer.state[p]["keep_mask"], p) for p in params]
+    return [unpack_mask(optimizer.state[p]["keep_mask"], p) for p in params]

@@ -10,8 +10,7 @@ import pytest
 import torch
 
 import mgpp_kernels
-from mgpp_kernels import MGPP, BackendUnavailableError
-from mgpp_kernels import backends as backends_module
+from mgpp_kernels import BackendUnavailableError, MGPP, backends as backends_module
 
 from conftest import SCHEDULE, assert_runs_identical, build_optimizer, clone_params, make_params
 

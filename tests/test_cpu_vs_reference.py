@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from mgpp_kernels import MGPP, reference
+from mgpp_kernels import MGPP, schedule
 
 from conftest import (MACHINE_THREADS, assert_bitwise_equal, assert_fp32_bound,
                       assert_mixed_precision_bound, assert_runs_identical, build_optimizer,
@@ -47,7 +47,7 @@ def _one_step(shapes, prune, backend, t, dtypes=torch.float32, kernel_threads=1,
 def _assert_one_step_bounds(before, runs, backend, prune, t):
     ref_params, ref_opt = runs["reference"]
     params, optimizer = runs[backend]
-    point = reference.schedule_at(ref_opt.config, t)
+    point = schedule.schedule_at(ref_opt.config, t)
     beta1, beta2 = 0.9, 0.999
     for i, ((theta_old, state_old), p, r) in enumerate(zip(before, params, ref_params)):
         grad = gradient(t, i, p).float()

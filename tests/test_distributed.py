@@ -22,7 +22,8 @@ import pytest
 import torch
 
 import mgpp_kernels
-from mgpp_kernels import reference
+from mgpp_kernels import schedule
+from mgpp_kernels.masks import unpack_mask
 
 import distributed_worker as worker
 from reliability_helpers import REPO_ROOT, TESTS_DIR, assert_bitwise_equal
@@ -92,7 +93,7 @@ def single_process_model_run(backend: str):
 
 
 def unpacked_masks(optimizer):
-    return [reference.unpack_mask(optimizer.state[p]["keep_mask"], p)
+    return [unpack_mask(optimizer.state[p]["keep_mask"], p)
             for p in optimizer.param_groups[0]["params"]]
 
 
@@ -122,7 +123,7 @@ def test_fsdp2_shards_equal_single_process(ranks, backend):
         assert_bitwise_equal(whole, p.detach(), f"param {i}: FSDP2 vs one process")
     for i, (p, mask) in enumerate(zip(optimizer.param_groups[0]["params"],
                                       unpacked_masks(optimizer))):
-        shards = [reference.unpack_mask(r["masks"][i], r["params"][2 * i]) for r in results]
+        shards = [unpack_mask(r["masks"][i], r["params"][2 * i]) for r in results]
         assert torch.equal(torch.cat(shards), mask), f"keep mask {i}: FSDP2 vs one process"
     stats = optimizer.stats()
     for rank, result in enumerate(results):
@@ -138,7 +139,7 @@ def test_sharded_candidates_with_process_group_equal_single_process(ranks, backe
     for i, p in held.items():
         pieces = [r["held"][i] for r in results if i in r["held"]]
         assert_bitwise_equal(torch.cat(pieces), p.detach(), f"candidate {i}")
-        mask_pieces = [reference.unpack_mask(r["masks"][i], r["held"][i])
+        mask_pieces = [unpack_mask(r["masks"][i], r["held"][i])
                        for r in results if i in r["held"]]
         assert torch.equal(torch.cat(mask_pieces), masks[i]), f"keep mask {i}"
     stats = optimizer.stats()
@@ -154,7 +155,7 @@ def test_cpu_backend_sends_histograms_never_weights(ranks):
     """Per event: N (1 count), the level-0 histogram (65536 counters), whether any rank needs
     the second level (1), the level-1 histogram (32768 counters). No all_gather."""
     events = sum(1 for t in range(worker.SCHEDULE["total_steps"])
-                 if reference.target_sparsity(mgpp_kernels.MGPPConfig(
+                 if schedule.target_sparsity(mgpp_kernels.MGPPConfig(
                      **{k: v for k, v in worker.SCHEDULE.items()}), t) is not None)
     for rank, result in enumerate(ranks("shards_cpu")):
         collectives = result["collectives"]

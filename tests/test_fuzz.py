@@ -23,7 +23,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mgpp_kernels
-from mgpp_kernels import MGPP, reference
+from mgpp_kernels import MGPP, reference, schedule
+from mgpp_kernels.masks import pack_mask
 
 from reliability_helpers import (assert_bitwise_equal, assert_fp32_bound,
                                  assert_mixed_precision_bound, fp32_bound, ulp)
@@ -183,7 +184,7 @@ def check_pruning(params, optimizer: MGPP, prune, k: int, what: str) -> float:
             f"{what}: candidate {i} keeps a value below τ"
         if "keep_mask" in optimizer.state[p]:
             assert_bitwise_equal(optimizer.state[p]["keep_mask"],
-                                 reference.pack_mask(reference.keep_mask(p, tau)),
+                                 pack_mask(reference.keep_mask(p, tau)),
                                  f"{what}: keep mask of candidate {i}")
     return float(tau)
 
@@ -213,13 +214,13 @@ def check_step(case, t, before, runs, grads):
     """The kernel's step t against the reference's (and the float64 oracle's) from one state."""
     (params, kernel), (ref_params, ref), oracle_run = runs
     config = ref.config
-    point = reference.schedule_at(config, t)
+    point = schedule.schedule_at(config, t)
     beta1, beta2 = case.kwargs["betas"]
     assert kernel.stats()["step"] == ref.stats()["step"] == t + 1
     candidates = [p for p, c in zip(ref_params, case.prune) if c]
     k = 0
     if point.prune_to is not None:
-        k = reference.prune_count(sum(p.numel() for p in candidates), point.prune_to)
+        k = schedule.prune_count(sum(p.numel() for p in candidates), point.prune_to)
     tau_kernel = tau_ref = None
     if k > 0:
         tau_kernel = check_pruning(params, kernel, case.prune, k, f"step {t} kernel")
@@ -322,7 +323,7 @@ def test_cases_cross_every_schedule_boundary():
                                             if k not in ("lr", "betas", "eps", "weight_decay",
                                                          "state_dtype")})
         for t in range(case.steps):
-            point = reference.schedule_at(config, t)
+            point = schedule.schedule_at(config, t)
             if t == config.initial_warmup_steps:
                 stages.add("t_i")
             elif point.prune_to is not None and not point.freeze:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import mgpp_kernels
-from mgpp_kernels import reference
+from mgpp_kernels.masks import unpack_mask
 
 from reliability_helpers import assert_bitwise_equal, run_script
 from resume_worker import STOPS
@@ -67,7 +67,7 @@ def keep_masks(checkpoint: dict) -> list[torch.Tensor]:
     """The frozen masks of the candidates (the first param group), unpacked."""
     state = checkpoint["optimizer"]["state"]
     indices = checkpoint["optimizer"]["param_groups"][0]["params"]
-    return [reference.unpack_mask(state[i]["keep_mask"], checkpoint["model"][name])
+    return [unpack_mask(state[i]["keep_mask"], checkpoint["model"][name])
             for i, name in zip(indices, CANDIDATES)]
 
 

@@ -26,7 +26,7 @@ from mgpp_kernels.integrations.glue import SST2_DIR_ENV, load_sst2, read_glue_ts
 from mgpp_kernels.integrations.transformers import (MGPPCallback,  # noqa: E402
                                                     add_mgpp_callback, create_mgpp,
                                                     mgpp_optimizer_cls_and_kwargs, unwrap_mgpp)
-from mgpp_kernels.reference import unpack_mask  # noqa: E402
+from mgpp_kernels.masks import unpack_mask  # noqa: E402
 
 NUM_EXAMPLES = 32
 BATCH = 8
