@@ -1,21 +1,22 @@
-// Input checks shared by the CPU (csrc/torch_ops.cpp) and CUDA (csrc/cuda_ops.cpp)
+// Input checks shared by the CPU (csrc/ops/cpu.cpp) and CUDA (csrc/ops/cuda.cpp)
 // implementations of the torch.ops.mgpp ops: every op checks all of its inputs before it changes
-// anything.
+// anything. mgpp_kernels/ops/checks.py is their Python spelling, for the fakes and the triton
+// backend.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
-#include "cpu/mgpp_cpu.h"
+#include "../core/formats.h"
 
 namespace mgpp {
 namespace op_checks {
 
-inline cpu::DType to_kernel_dtype(at::ScalarType type, const char* what) {
+inline DType to_kernel_dtype(at::ScalarType type, const char* what) {
   switch (type) {
-    case at::kFloat: return cpu::DType::Float32;
-    case at::kBFloat16: return cpu::DType::BFloat16;
-    case at::kHalf: return cpu::DType::Float16;
+    case at::kFloat: return DType::Float32;
+    case at::kBFloat16: return DType::BFloat16;
+    case at::kHalf: return DType::Float16;
     default:
       TORCH_CHECK(false, "mgpp: ", what, " must be float32, bfloat16 or float16, got ", type);
   }
@@ -57,7 +58,7 @@ inline void check_step_lists(at::TensorList params, at::TensorList grads, at::Te
                 "mgpp: grads[", i, "] must have its parameter's dtype ", p.scalar_type());
     TORCH_CHECK(exp_avg_sqs[i].scalar_type() == exp_avgs[i].scalar_type(),
                 "mgpp: exp_avg_sqs[", i, "] must have the dtype of exp_avgs[", i, "]");
-    TORCH_CHECK(to_kernel_dtype(exp_avgs[i].scalar_type(), "exp_avgs") == cpu::DType::Float32 ||
+    TORCH_CHECK(to_kernel_dtype(exp_avgs[i].scalar_type(), "exp_avgs") == DType::Float32 ||
                     exp_avgs[i].scalar_type() == p.scalar_type(),
                 "mgpp: state of params[", i, "] must be float32 or the parameter's dtype");
     TORCH_CHECK(grads[i].numel() == p.numel() && exp_avgs[i].numel() == p.numel() &&

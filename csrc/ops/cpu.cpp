@@ -1,25 +1,19 @@
-// torch.ops.mgpp: the op schemas and their CPU implementations, a thin adapter from tensors to
-// the torch-free kernels of csrc/cpu. This is the only C++ file of the CPU build that includes
-// torch headers.
-#include <Python.h>
-
-#include <cmath>
+// The CPU implementations of the torch.ops.mgpp ops (schemas in csrc/ops/schema.cpp): a thin
+// adapter from tensors to the torch-free kernels of csrc/cpu.
 #include <map>
-#include <string>
-#include <tuple>
+#include <utility>
 #include <vector>
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "cpu/mgpp_cpu.h"
-#include "op_checks.h"
+#include "../cpu/kernels.h"
+#include "checks.h"
 
 namespace mgpp {
 namespace {
 
 using at::Tensor;
-using cpu::DType;
 using op_checks::check_tensor;
 using op_checks::to_kernel_dtype;
 
@@ -34,8 +28,9 @@ Tensor checked_histogram(const Tensor& histogram, uint32_t bins) {
 
 int64_t* selection_data(const Tensor& selection) {
   TORCH_CHECK(selection.device().is_cpu() && selection.scalar_type() == at::kLong &&
-                  selection.is_contiguous() && selection.numel() == 3,
-              "mgpp: selection must be a contiguous CPU int64 tensor of 3 elements");
+                  selection.is_contiguous() && selection.numel() == kNumSelectionSlots,
+              "mgpp: selection must be a contiguous CPU int64 tensor of ", kNumSelectionSlots,
+              " elements");
   return selection.data_ptr<int64_t>();
 }
 
@@ -111,7 +106,7 @@ void abs_histogram_cpu(at::TensorList tensors, const Tensor& histogram, const Te
       checked_histogram(histogram, level == 0 ? kHistHighBins : kHistLowBins).data_ptr<int64_t>();
   const uint32_t high_bin = key_high_bin(static_cast<uint32_t>(selection_data(selection)[kSelKey]));
   for (const auto& [dtype, indices] : indices_by_dtype(tensors, "tensors")) {
-    std::vector<cpu::ValueTensor> views;
+    std::vector<ValueTensor> views;
     for (size_t i : indices) views.push_back({tensors[i].data_ptr(), tensors[i].numel()});
     cpu::count_histogram(views.data(), static_cast<int64_t>(views.size()), dtype,
                          static_cast<int>(level), high_bin, hist, at::get_num_threads());
@@ -131,7 +126,7 @@ void apply_threshold_cpu(at::TensorList tensors, at::TensorList keep_masks,
   const uint32_t tau_key = static_cast<uint32_t>(selection_data(selection)[kSelKey]);
   for (size_t i = 0; i < keep_masks.size(); ++i) op_checks::check_mask(keep_masks[i], tensors[i], kCpu, i);
   for (const auto& [dtype, indices] : indices_by_dtype(tensors, "tensors")) {
-    std::vector<cpu::ValueTensor> views;
+    std::vector<ValueTensor> views;
     std::vector<uint8_t*> masks;
     for (size_t i : indices) {
       views.push_back({tensors[i].data_ptr(), tensors[i].numel()});
@@ -143,33 +138,7 @@ void apply_threshold_cpu(at::TensorList tensors, at::TensorList keep_masks,
   }
 }
 
-std::string build_info() {
-  std::string isa = "x86-64";
-#if defined(__AVX512F__)
-  isa = "AVX-512";
-#elif defined(__AVX2__)
-  isa = "AVX2";
-#elif defined(__aarch64__)
-  isa = "aarch64";
-#endif
-#if defined(__F16C__)
-  isa += " F16C";
-#endif
-  return "cpu kernels: " + isa + ", OpenMP " + std::to_string(_OPENMP) + ", compiler " + __VERSION__;
-}
-
 }  // namespace
-
-TORCH_LIBRARY(mgpp, m) {
-  m.def("build_info() -> str", &build_info);
-  m.def(
-      "fused_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] state_steps, Tensor[] keep_masks, Tensor scalars, "
-      "Tensor? grad_scale, Tensor(e!)? histogram) -> ()");
-  m.def("abs_histogram_(Tensor[] tensors, Tensor(a!) histogram, Tensor selection, int level) -> ()");
-  m.def("radix_select_(Tensor histogram, Tensor(a!) selection, int level) -> ()");
-  m.def("apply_threshold_(Tensor(a!)[] tensors, Tensor(b!)[] keep_masks, Tensor selection) -> ()");
-}
 
 TORCH_LIBRARY_IMPL(mgpp, CPU, m) {
   m.impl("fused_step_", &fused_step_cpu);
@@ -179,9 +148,3 @@ TORCH_LIBRARY_IMPL(mgpp, CPU, m) {
 }
 
 }  // namespace mgpp
-
-// Importing mgpp_kernels._C runs the registrations above; the module itself is empty.
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}

@@ -1,8 +1,7 @@
-// The CUDA implementations of the torch.ops.mgpp ops (schemas in csrc/torch_ops.cpp): a thin
-// adapter from tensors to the launchers of csrc/cuda/mgpp_cuda.h, which hold no torch code. This
-// is the only file of the CUDA build that includes torch headers. Every op checks all of its
-// inputs before it changes anything, queues kernels on the current stream and returns: nothing
-// here reads device memory back to the host.
+// The CUDA implementations of the torch.ops.mgpp ops (schemas in csrc/ops/schema.cpp): a thin
+// adapter from tensors to the launchers of csrc/cuda/launch.h, which hold no torch code. Every op
+// checks all of its inputs before it changes anything, queues kernels on the current stream and
+// returns: nothing here reads device memory back to the host.
 #include <map>
 #include <utility>
 #include <vector>
@@ -13,14 +12,14 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "cuda/mgpp_cuda.h"
-#include "op_checks.h"
+#include "../core/layout.h"
+#include "../cuda/launch.h"
+#include "checks.h"
 
 namespace mgpp {
 namespace {
 
 using at::Tensor;
-using cuda::DType;
 using op_checks::check_tensor;
 using op_checks::to_kernel_dtype;
 
@@ -126,13 +125,13 @@ std::map<DType, std::vector<size_t>> indices_by_dtype(at::TensorList tensors, co
 void abs_histogram_cuda(at::TensorList tensors, const Tensor& histogram, const Tensor& selection,
                         int64_t level) {
   check_counters(histogram, histogram_bins(level), "histogram");
-  check_counters(selection, 3, "selection");
+  check_counters(selection, kNumSelectionSlots, "selection");
   const at::Device device = histogram.device();
   TORCH_CHECK(selection.device() == device, "mgpp: selection must be on ", device);
   const auto groups = indices_by_dtype(tensors, device);
   const c10::cuda::CUDAGuard guard(device);
   for (const auto& [dtype, indices] : groups) {
-    std::vector<cuda::ValueTensor> views;
+    std::vector<ValueTensor> views;
     for (size_t i : indices) views.push_back({tensors[i].data_ptr(), tensors[i].numel()});
     cuda::abs_histogram(views.data(), static_cast<int64_t>(views.size()), dtype,
                         static_cast<int>(level), selection.data_ptr<int64_t>(),
@@ -142,7 +141,7 @@ void abs_histogram_cuda(at::TensorList tensors, const Tensor& histogram, const T
 
 void radix_select_cuda(const Tensor& histogram, const Tensor& selection, int64_t level) {
   check_counters(histogram, histogram_bins(level), "histogram");
-  check_counters(selection, 3, "selection");
+  check_counters(selection, kNumSelectionSlots, "selection");
   const at::Device device = histogram.device();
   TORCH_CHECK(selection.device() == device, "mgpp: selection must be on ", device);
   const c10::cuda::CUDAGuard guard(device);
@@ -154,13 +153,13 @@ void apply_threshold_cuda(at::TensorList tensors, at::TensorList keep_masks,
                           const Tensor& selection) {
   TORCH_CHECK(keep_masks.empty() || keep_masks.size() == tensors.size(),
               "mgpp: keep_masks must be empty or one per tensor");
-  check_counters(selection, 3, "selection");
+  check_counters(selection, kNumSelectionSlots, "selection");
   const at::Device device = selection.device();
   for (size_t i = 0; i < keep_masks.size(); ++i) op_checks::check_mask(keep_masks[i], tensors[i], device, i);
   const auto groups = indices_by_dtype(tensors, device);
   const c10::cuda::CUDAGuard guard(device);
   for (const auto& [dtype, indices] : groups) {
-    std::vector<cuda::ValueTensor> views;
+    std::vector<ValueTensor> views;
     std::vector<uint8_t*> masks;
     for (size_t i : indices) {
       views.push_back({tensors[i].data_ptr(), tensors[i].numel()});
