@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 # there, setup.py and CMake skip the CUDA kernels and say so.
 export CUDA_HOME ?= /usr/local/cuda
 
-SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') \
+SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' -o -name '*.txt' -o -name '*.cmake') \
            setup.py pyproject.toml
 
 .PHONY: setup run test verify bench ctest clean

@@ -4,6 +4,7 @@ reference within SPEC §4, and step() never waits for the GPU."""
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -48,6 +49,30 @@ def test_every_op_keeps_its_cpu_kernel():
     missing = [op for op in tensor_ops()
                if not torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU")]
     assert not missing
+
+
+def test_layout_exports_the_header_constants():
+    """csrc/core/layout.h as mgpp_kernels/ops/layout.py checks it at import."""
+    assert torch.ops.mgpp.layout() == (
+        "step_scalars=lr,beta1,beta2,eps,weight_decay,prior_on,c1,c2,inv_n,inv_sigma0_sq,"
+        "inv_sigma1_sq;high_bins=65536;low_bins=32768;selection=rank,key,below")
+
+
+def test_build_info_names_the_cpu_target():
+    info = torch.ops.mgpp.build_info()
+    assert re.match(r"cpu kernels: -march=\S+ \([\w -]+\), OpenMP \d+, compiler ", info), info
+
+
+@pytest.mark.skipif(not CUDA_EXPECTED, reason="torch without CUDA, or MGPP_SKIP_CUDA=1")
+def test_build_info_reports_the_cuda_build():
+    info = torch.ops.mgpp.build_info()
+    match = re.search(r"; cuda kernels: CUDA \d+\.\d+, nvcc (\d+)\.(\d+)\.\d+((?:, sm_\d+)+)$",
+                      info)
+    assert match, info
+    # The 32 KB kernel argument tables need nvcc 12.1 and sm_70 or newer.
+    assert (int(match.group(1)), int(match.group(2))) >= (12, 1)
+    archs = [int(a) for a in re.findall(r"sm_(\d+)", match.group(3))]
+    assert archs and min(archs) >= 70, info
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is available")
@@ -284,7 +309,7 @@ def test_ops_reject_tensors_on_another_device():
     tensors = step_case(torch.float32, torch.float32, "cuda")
     group = update_group(tensors, [torch.tensor(0.0, device="cuda") for _ in tensors], False, False)
     before = tensors[0][0].clone()
-    with pytest.raises(RuntimeError, match="is on cpu"):
+    with pytest.raises(ValueError, match="is on cpu"):
         torch.ops.mgpp.fused_step_(group.params, [g.cpu() for g in group.grads], group.exp_avgs,
                                    group.exp_avg_sqs, group.state_steps, [],
                                    step_scalars(group, torch.device("cuda")), None, None)

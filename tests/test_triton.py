@@ -265,7 +265,7 @@ def test_16bit_rounding_and_exp_match_torch_and_float64():
                        ("float16", f16_bits.view(torch.float16))):
         assert_bitwise_equal(ours[~nan], x[~nan].to(ours.dtype), name)
         assert ours[nan].isnan().all(), name
-    assert (bf16_bits[nan] == 0x7FC0).all()  # mgpp_math.h's canonical NaN
+    assert (bf16_bits[nan] == 0x7FC0).all()  # csrc/core/formats.h's canonical NaN
     # exp_for_logistic: within 2 ulp of exp for inputs in [-86, ln(FLT_MAX)], +inf above, NaN kept,
     # exp(-86) below.
     finite = x.isfinite()

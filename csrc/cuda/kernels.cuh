@@ -28,8 +28,11 @@
 #include <stdexcept>
 #include <vector>
 
-#include "../mgpp_math.h"
-#include "mgpp_cuda.h"
+#include "../core/formats.h"
+#include "../core/layout.h"
+#include "../core/selection.h"
+#include "../core/step.h"
+#include "launch.h"
 
 // Unrolled loops keep the lanes of a Vector in registers (nvcc otherwise may put them on the stack).
 // Only in the device pass: the host compiler of nvcc's host pass does not know the pragma.
@@ -39,7 +42,7 @@
 #define MGPP_UNROLL
 #endif
 
-namespace mgpp {
+namespace MGPP_NAMESPACE {
 namespace cuda {
 
 // Elements per block. Below 2^16 so that a block's uint16 shared counters cannot overflow, and a
@@ -61,23 +64,7 @@ struct alignas(16) Bytes16 {
   uint32_t word[4];
 };
 
-// ---- storage formats ---------------------------------------------------------------------------
-
-struct F32 {
-  using T = float;
-  static MGPP_HD float load(T x) { return x; }
-  static MGPP_HD T store(float x) { return x; }
-};
-struct BF16 {
-  using T = uint16_t;
-  static MGPP_HD float load(T x) { return bf16_bits_to_float(x); }
-  static MGPP_HD T store(float x) { return float_to_bf16_bits(x); }
-};
-struct F16 {
-  using T = uint16_t;
-  static MGPP_HD float load(T x) { return f16_bits_to_float(x); }
-  static MGPP_HD T store(float x) { return float_to_f16_bits(x); }
-};
+// ---- 128-bit vectors ------------------------------------------------------------------------------
 
 // N elements of a 4- or 2-byte storage type, moved with 128-bit loads and stores.
 template <typename T, int N>
@@ -243,16 +230,19 @@ struct FusedStepKernel {
     st.inv_grad_scale = a.grad_scale != nullptr ? 1.0f / *a.grad_scale : 1.0f;
   }
 
-  // The per-element step of the CPU kernel (csrc/cpu/mgpp_cpu.cpp, update_chunk), in its order.
-  static MGPP_HD void update_element(PT& param, PT grad, ST& exp_avg, ST& exp_avg_sq, bool masked,
-                                     bool keep, const BlockState& st) {
+  // The per-element step of the CPU kernel (csrc/core/step.h), on this block's constants.
+  static MGPP_HD void update_element(PT& param, PT grad, ST& exp_avg, ST& exp_avg_sq, bool keep,
+                                     const BlockState& st) {
     float theta = P::load(param);
-    float g = P::load(grad) * st.inv_grad_scale;
-    if (st.prior_on) g = g + prior_gradient(theta, st.prior);
     float m = S::load(exp_avg);
     float v = S::load(exp_avg_sq);
-    adamw_update(theta, m, v, g, st.adamw);
-    if (masked) theta = keep ? theta : 0.0f;
+    if (st.prior_on) {
+      step_element<PriorTerm::kSpikeAndSlab>(theta, m, v, P::load(grad), keep, st.inv_grad_scale,
+                                             st.prior, st.adamw);
+    } else {
+      step_element<PriorTerm::kNone>(theta, m, v, P::load(grad), keep, st.inv_grad_scale, st.prior,
+                                     st.adamw);
+    }
     param = P::store(theta);
     exp_avg = S::store(m);
     exp_avg_sq = S::store(v);
@@ -272,7 +262,6 @@ struct FusedStepKernel {
     ST* exp_avg = static_cast<ST*>(a.exp_avg[slot]);
     ST* exp_avg_sq = static_cast<ST*>(a.exp_avg_sq[slot]);
     const uint8_t* mask = a.keep_mask[slot];
-    const bool masked = mask != nullptr;
     const bool count = a.histogram_mode != kNoHistogram;
     // 128-bit accesses when all four arrays are 16-byte aligned at the chunk's start (chunk sizes
     // are multiples of 16 bytes, so then every vector is aligned); a scalar loop does the rest.
@@ -291,7 +280,7 @@ struct FusedStepKernel {
         PT pj = p.get(j);
         ST mj = m.get(j);
         ST vj = v.get(j);
-        update_element(pj, g.get(j), mj, vj, masked, keep_bit(mask, i + j), st);
+        update_element(pj, g.get(j), mj, vj, keep_bit(mask, i + j), st);
         p.set(j, pj);
         m.set(j, mj);
         v.set(j, vj);
@@ -305,7 +294,7 @@ struct FusedStepKernel {
       PT p = param[i];
       ST m = exp_avg[i];
       ST v = exp_avg_sq[i];
-      update_element(p, grad[i], m, v, masked, keep_bit(mask, i), st);
+      update_element(p, grad[i], m, v, keep_bit(mask, i), st);
       param[i] = p;
       exp_avg[i] = m;
       exp_avg_sq[i] = v;
@@ -474,7 +463,7 @@ struct SelectBlock {
   int64_t segment_sum[kSelectThreads];
 };
 
-// select_bin (csrc/mgpp_math.h) with one block: each thread sums a segment of bins, then thread
+// select_bin (csrc/core/selection.h) with one block: each thread sums a segment of bins, then thread
 // 0 walks the segment sums and scans only the segment that holds the rank. The result is
 // select_bin's, bin for bin (csrc/tests/test_cuda_emulated.cpp checks it); one thread walking
 // all 65536 bins of global memory would take milliseconds.
@@ -511,14 +500,7 @@ struct SelectKernel {
       if (before + a.histogram[bin] >= rank) break;
       before += a.histogram[bin];
     }
-    selection[kSelRank] = rank - before;
-    if (a.level == 0) {
-      selection[kSelKey] = static_cast<int64_t>(bin) << kHistLowBits;
-      selection[kSelBelow] = before;
-    } else {
-      selection[kSelKey] |= bin;
-      selection[kSelBelow] += before;
-    }
+    record_bin(a.level, bin, before, selection);
   }
 };
 
@@ -626,4 +608,4 @@ inline std::vector<ThresholdArgs> plan_threshold(const ValueTensor* tensors, uin
 }
 
 }  // namespace cuda
-}  // namespace mgpp
+}  // namespace MGPP_NAMESPACE

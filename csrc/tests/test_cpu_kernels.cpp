@@ -1,17 +1,19 @@
 // Tests of the CPU kernels (csrc/cpu) against a plain scalar loop over the shared math, and of
 // their histograms and thresholds against direct counts, for every storage layout, odd sizes,
 // several tensors per call and 1-3 threads.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <random>
+#include <stdexcept>
+#include <utility>
 #include <vector>
 
 #include "check.h"
-#include "cpu/mgpp_cpu.h"
+#include "cpu/kernels.h"
 
 using namespace mgpp;
-using cpu::DType;
 
 namespace {
 
@@ -137,7 +139,7 @@ void test_histogram_and_threshold(DType dtype, int threads) {
     for (size_t i = 3; i < n; i += 13) values[i] = -0.0125f;    // ties
     buffers.emplace_back(dtype, values);
   }
-  std::vector<cpu::ValueTensor> views;
+  std::vector<ValueTensor> views;
   for (size_t t = 0; t < sizes.size(); ++t) views.push_back({buffers[t].data(), static_cast<int64_t>(sizes[t])});
 
   std::vector<int64_t> high(kHistHighBins, 0), expected_high(kHistHighBins, 0);
@@ -176,9 +178,55 @@ void test_histogram_and_threshold(DType dtype, int threads) {
   }
 }
 
+// An unknown dtype code or a state dtype the kernels do not take is an error before any element
+// changes, never a silent no-op.
+template <typename Call>
+bool throws_invalid_argument(Call call) {
+  try {
+    call();
+  } catch (const std::invalid_argument&) {
+    return true;
+  }
+  return false;
+}
+
+void test_unknown_dtypes_are_errors() {
+  std::vector<float> values = {0.5f, -0.25f, 1e-6f, 0.0f, 3.0f, -2.0f, 0.125f, 7.0f};
+  std::vector<float> grads(values.size(), 0.01f), m(values.size(), 0.0f), v(values.size(), 0.0f);
+  const std::vector<float> before = values;
+  const DType unknown = static_cast<DType>(3);
+  const AdamWScalars adamw{1.0f, 0.1f, 0.999f, 0.001f, 1e-3f, 1.0f, 1e-8f};
+  cpu::StepTensor t{values.data(), grads.data(), m.data(), v.data(), nullptr,
+                    static_cast<int64_t>(values.size()), adamw};
+  const PriorConstants prior{-3.0f, 5e9f, 1e-4f, 1e10f, 20.0f};
+  for (const auto& [param, state] :
+       {std::pair{unknown, DType::Float32}, std::pair{unknown, unknown},
+        std::pair{DType::BFloat16, DType::Float16}, std::pair{DType::Float32, DType::BFloat16}}) {
+    const cpu::StepOptions options{param, state, true, prior, 1.0f, 1};
+    CHECK(throws_invalid_argument([&] { cpu::fused_step(&t, 1, options, nullptr); }),
+          "fused_step with dtypes %d/%d must throw", static_cast<int>(param),
+          static_cast<int>(state));
+  }
+  const ValueTensor view{values.data(), static_cast<int64_t>(values.size())};
+  std::vector<int64_t> histogram(kHistHighBins, 0);
+  CHECK(throws_invalid_argument([&] {
+          cpu::count_histogram(&view, 1, unknown, 0, 0, histogram.data(), 1);
+        }), "count_histogram with an unknown dtype must throw");
+  uint8_t mask = 0xAB;
+  uint8_t* masks[] = {&mask};
+  CHECK(throws_invalid_argument([&] {
+          cpu::apply_threshold(&view, masks, 1, unknown, 0x3F000000u, 1);
+        }), "apply_threshold with an unknown dtype must throw");
+  CHECK(values == before && mask == 0xAB && m == std::vector<float>(values.size(), 0.0f),
+        "a rejected call changed its tensors");
+  CHECK(std::all_of(histogram.begin(), histogram.end(), [](int64_t c) { return c == 0; }),
+        "a rejected call counted");
+}
+
 }  // namespace
 
 int main() {
+  test_unknown_dtypes_are_errors();
   const DType dtypes[] = {DType::Float32, DType::BFloat16, DType::Float16};
   for (int threads : {1, 2, 3}) {
     for (DType p : dtypes) {

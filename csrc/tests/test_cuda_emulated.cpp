@@ -12,11 +12,10 @@
 #include <vector>
 
 #include "check.h"
-#include "cpu/mgpp_cpu.h"
+#include "cpu/kernels.h"
 #include "cuda/kernels.cuh"
 
 using namespace mgpp;
-using cpu::DType;
 
 namespace {
 
@@ -301,8 +300,8 @@ std::vector<Buffer> value_buffers(DType dtype, std::mt19937& rng) {
   return buffers;
 }
 
-std::vector<cpu::ValueTensor> views_of(std::vector<Buffer>& buffers) {
-  std::vector<cpu::ValueTensor> views;
+std::vector<ValueTensor> views_of(std::vector<Buffer>& buffers) {
+  std::vector<ValueTensor> views;
   for (auto& b : buffers) views.push_back({b.data(), static_cast<int64_t>(b.size())});
   return views;
 }
@@ -461,9 +460,9 @@ void test_tau_end_to_end() {
                                  histogram.data(), cuda::kSharedHistogram, 64),
             16, counter_bytes(cuda::kSharedHistogram, static_cast<uint32_t>(histogram.size())), stats);
       };
-      count_group(cuda::F32{}, f32);
-      count_group(cuda::BF16{}, bf16);
-      count_group(cuda::F16{}, f16);
+      count_group(F32{}, f32);
+      count_group(BF16{}, bf16);
+      count_group(F16{}, f16);
       emulate_select(histogram.data(), level, selection, cuda::kSelectThreads);
     }
     const uint32_t expected = keys[static_cast<size_t>(k - 1)];
@@ -478,18 +477,18 @@ void test_tau_end_to_end() {
 }  // namespace
 
 int main() {
-  test_fused_step_all<cuda::F32, cuda::F32>(DType::Float32, DType::Float32);
-  test_fused_step_all<cuda::BF16, cuda::F32>(DType::BFloat16, DType::Float32);
-  test_fused_step_all<cuda::BF16, cuda::BF16>(DType::BFloat16, DType::BFloat16);
-  test_fused_step_all<cuda::F16, cuda::F32>(DType::Float16, DType::Float32);
-  test_fused_step_all<cuda::F16, cuda::F16>(DType::Float16, DType::Float16);
+  test_fused_step_all<F32, F32>(DType::Float32, DType::Float32);
+  test_fused_step_all<BF16, F32>(DType::BFloat16, DType::Float32);
+  test_fused_step_all<BF16, BF16>(DType::BFloat16, DType::BFloat16);
+  test_fused_step_all<F16, F32>(DType::Float16, DType::Float32);
+  test_fused_step_all<F16, F16>(DType::Float16, DType::Float16);
   for (const GridConfig& grid : kGridConfigs) {
-    test_histogram<cuda::F32>(DType::Float32, grid);
-    test_histogram<cuda::BF16>(DType::BFloat16, grid);
-    test_histogram<cuda::F16>(DType::Float16, grid);
-    test_threshold<cuda::F32>(DType::Float32, grid);
-    test_threshold<cuda::BF16>(DType::BFloat16, grid);
-    test_threshold<cuda::F16>(DType::Float16, grid);
+    test_histogram<F32>(DType::Float32, grid);
+    test_histogram<BF16>(DType::BFloat16, grid);
+    test_histogram<F16>(DType::Float16, grid);
+    test_threshold<F32>(DType::Float32, grid);
+    test_threshold<BF16>(DType::BFloat16, grid);
+    test_threshold<F16>(DType::Float16, grid);
   }
   for (int threads : {1, 64, cuda::kSelectThreads}) test_select(threads);
   test_tau_end_to_end();

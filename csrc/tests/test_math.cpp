@@ -1,4 +1,4 @@
-// Tests of the shared per-element math (csrc/mgpp_math.h) against values computed in double and
+// Tests of the shared per-element math (csrc/core) against values computed in double and
 // against exhaustive enumerations of the 16-bit formats.
 #include <algorithm>
 #include <cmath>
@@ -9,7 +9,9 @@
 #include <vector>
 
 #include "check.h"
-#include "mgpp_math.h"
+#include "core/formats.h"
+#include "core/selection.h"
+#include "core/step.h"
 
 using namespace mgpp;
 
@@ -26,7 +28,7 @@ void test_exp_for_logistic() {
     const float x = -86.0f + (88.72f + 86.0f) * static_cast<float>(i) / 2000000.0f;
     worst_ulp = std::max(worst_ulp, ulp_distance(exp_for_logistic(x), std::exp(static_cast<double>(x))));
   }
-  CHECK(worst_ulp <= 2.0, "exp_for_logistic worst error %.3f ulp over [-86, 88.72]", worst_ulp);
+  CHECK(worst_ulp <= 1.0, "exp_for_logistic worst error %.3f ulp over [-86, 88.72]", worst_ulp);
   const float inf = std::numeric_limits<float>::infinity();
   CHECK(exp_for_logistic(88.75f) == inf, "exp(88.75) must overflow to inf");
   CHECK(exp_for_logistic(1e30f) == inf, "exp(1e30) must be inf");
@@ -35,6 +37,21 @@ void test_exp_for_logistic() {
   CHECK(1.0f + exp_for_logistic(-1e30f) == 1.0f, "1 + exp(-1e30) must be 1");
   CHECK(1.0f + exp_for_logistic(-inf) == 1.0f, "1 + exp(-inf) must be 1");
   CHECK(std::isnan(exp_for_logistic(std::nanf(""))), "exp(NaN) must be NaN");
+  CHECK(std::isnan(exp_for_logistic(-std::nanf(""))), "exp(-NaN) must be NaN");
+
+  // Adding and subtracting 1.5·2^23 rounds to an integer exactly as rintf does (ties to even)
+  // over the range exp_for_logistic uses it in, |x·log2 e| <= 128, and far beyond.
+  int rint_differences = 0;
+  for (float v : {0.5f, 1.5f, 2.5f, -0.5f, -2.5f, 127.5f, -124.5f, 4194303.5f, -4194303.5f}) {
+    rint_differences += (v + kRoundToInteger) - kRoundToInteger != rintf(v);
+  }
+  std::mt19937 rng(5);
+  std::uniform_real_distribution<float> uniform(-4194304.0f, 4194304.0f);
+  for (int i = 0; i < 1000000; ++i) {
+    const float v = i % 2 ? uniform(rng) : uniform(rng) * 3.1e-5f;
+    rint_differences += (v + kRoundToInteger) - kRoundToInteger != rintf(v);
+  }
+  CHECK(rint_differences == 0, "%d values round differently from rintf", rint_differences);
 }
 
 void test_prior_gradient() {
@@ -77,6 +94,10 @@ void test_prior_gradient() {
   CHECK(prior_uses_spike(1e-6f, prior) && prior_uses_spike(std::nanf(""), prior) &&
         !prior_uses_spike(1e-2f, prior), "prior_uses_spike misjudges the spike's range");
   CHECK(prior_gradient(3e38f, prior) > 0, "prior_gradient at huge theta must stay finite-positive");
+  CHECK(std::isnan(prior_gradient(std::nanf(""), prior)), "prior_gradient(NaN) must be NaN");
+  const float inf = std::numeric_limits<float>::infinity();
+  CHECK(prior_gradient(inf, prior) == inf && prior_gradient(-inf, prior) == -inf,
+        "prior_gradient(±inf) must be ±inf (the slab's term)");
 }
 
 void test_adamw_update() {
@@ -104,6 +125,44 @@ void test_adamw_update() {
     }
   }
   CHECK(worst <= 1.0, "adamw_update worst error %.3g of the SPEC §4 bound", worst);
+}
+
+// step_element is the prior term, AdamW and the mask in that order; the slab's term where the
+// spike cannot matter; a cleared keep bit gives +0 with the moments still updated.
+void test_step_element() {
+  const PriorConstants prior{-3.0f, 5e9f, 1.0f / 67349.0f, 1e10f, 20.0f};
+  const AdamWScalars adamw{0.99999f, 0.1f, 0.999f, 0.001f, 2e-3f, 1.5f, 1e-8f};
+  const float inv_grad_scale = 0.25f;
+  int slab_cases = 0;
+  for (float theta0 : {0.0f, -0.0f, 1e-6f, -3e-5f, 2e-4f, 1e-3f, -0.02f, 0.5f}) {
+    for (float grad : {0.0f, 4e-3f, -1e-2f}) {
+      const float m0 = 1e-4f, v0 = 2e-7f;
+      float theta = theta0, m = m0, v = v0;
+      step_element<PriorTerm::kSpikeAndSlab>(theta, m, v, grad, true, inv_grad_scale, prior, adamw);
+      float et = theta0, em = m0, ev = v0;
+      adamw_update(et, em, ev, grad * inv_grad_scale + prior_gradient(theta0, prior), adamw);
+      CHECK(float_to_bits(theta) == float_to_bits(et) && float_to_bits(m) == float_to_bits(em) &&
+                float_to_bits(v) == float_to_bits(ev),
+            "step_element(%g, %g) differs from the prior gradient and adamw_update", theta0, grad);
+      if (!prior_uses_spike(theta0, prior)) {
+        ++slab_cases;
+        float st = theta0, sm = m0, sv = v0;
+        step_element<PriorTerm::kSlab>(st, sm, sv, grad, true, inv_grad_scale, prior, adamw);
+        CHECK(float_to_bits(st) == float_to_bits(theta), "the slab term differs at %g", theta0);
+      }
+      float nt = theta0, nm = m0, nv = v0;
+      step_element<PriorTerm::kNone>(nt, nm, nv, grad, true, inv_grad_scale, prior, adamw);
+      float pt = theta0, pm = m0, pv = v0;
+      adamw_update(pt, pm, pv, grad * inv_grad_scale, adamw);
+      CHECK(float_to_bits(nt) == float_to_bits(pt), "step_element without the prior is not AdamW");
+      float mt = theta0, mm = m0, mv = v0;
+      step_element<PriorTerm::kSpikeAndSlab>(mt, mm, mv, grad, false, inv_grad_scale, prior, adamw);
+      CHECK(float_to_bits(mt) == 0u && float_to_bits(mm) == float_to_bits(em) &&
+                float_to_bits(mv) == float_to_bits(ev),
+            "a masked element must become +0 with its moments updated (theta %g)", theta0);
+    }
+  }
+  CHECK(slab_cases == 18, "%d cases took the slab term, expected 18", slab_cases);
 }
 
 uint16_t nearest_even(float x, double (*to_double)(uint16_t), uint16_t below) {
@@ -211,6 +270,7 @@ int main() {
   test_exp_for_logistic();
   test_prior_gradient();
   test_adamw_update();
+  test_step_element();
   test_bfloat16();
   test_float16();
   test_keys_and_selection();

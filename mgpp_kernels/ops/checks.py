@@ -1,4 +1,4 @@
-"""The checks of a step's tensor lists: the Python spelling of csrc/op_checks.h, used by the fake
+"""The checks of a step's tensor lists: the Python spelling of csrc/ops/checks.h, used by the fake
 implementations of the ops and by the triton backend, so that every backend refuses the same
 inputs with the same words before it changes anything."""
 from __future__ import annotations

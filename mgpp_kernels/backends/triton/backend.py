@@ -68,7 +68,7 @@ INTERPRETER_BLOCKS = {"update": 4096, "value": 4096, "prepare": 1024, "select": 
 BLOCKS = INTERPRETER_BLOCKS if INTERPRETED else GPU_BLOCKS
 UPDATE_BLOCK, VALUE_BLOCK = BLOCKS["update"], BLOCKS["value"]
 PREPARE_BLOCK, SELECT_CHUNK = BLOCKS["prepare"], BLOCKS["select"]
-# No multiply-add contraction: the same roundings as csrc/mgpp_math.h built with -ffp-contract=off.
+# No multiply-add contraction: the same roundings as csrc/core/step.h (no FMA on any target).
 LAUNCH_OPTIONS = dict(enable_fp_fusion=False)
 TABLE_CACHE_SIZE = 16
 

@@ -1,4 +1,5 @@
-"""Triton kernels of one MGPP step (SPEC §2-3), the Triton twin of csrc/mgpp_math.h.
+"""Triton kernels of one MGPP step (SPEC §2-3), the Triton twin of csrc/core (step.h, formats.h,
+selection.h, layout.h).
 
 Every kernel covers many tensors in one launch: it reads a device-side int64 table with one row
 per tensor (addresses, sizes, per-tensor flags) and an int32 block table that maps each program
@@ -6,13 +7,24 @@ to (tensor row, block within the tensor). Per-step values (lr, betas, λ_t's con
 counts, the GradScaler scale, the rank k and τ) are read from device memory, never passed as
 launch arguments, so a launch depends only on the cached tables and the dtypes.
 
-The per-element math follows csrc/mgpp_math.h operation by operation: the same exp polynomial,
-the lerp form of AdamW, IEEE division and square root (div_rn, sqrt_rn; Triton's `/` and
-tl.sqrt are approximate on NVIDIA GPUs), and 16-bit stores rounded to nearest even with integer
-operations (the interpreter's plain casts truncate). One difference: 1 − β1 and 1 − β2 are
-rounded from float64, as torch.optim.AdamW does (see prepare_kernel). Launch with
-enable_fp_fusion=False so that no multiply-add is contracted into an FMA, as the CPU build
-(-ffp-contract=off).
+The per-element math is csrc/core/step.h's rounding recipe, operation by operation: the same exp
+polynomial with the same rounding to an integer (adding and subtracting 1.5·2^23), the
+exponent's argument as c1 + (c2·θ)·θ, the spike/slab weight as 1/σ1² + ρ0·(1/σ0² − 1/σ1²), the
+lerp form of AdamW with the denominator √v·(1/√(1 − β2^k)) + ε, IEEE division and square root
+(div_rn, sqrt_rn; Triton's `/` and tl.sqrt are approximate on NVIDIA GPUs), and 16-bit stores
+rounded to nearest even with integer operations (the interpreter's plain casts truncate). Launch
+with enable_fp_fusion=False so that no multiply-add is contracted into an FMA, as the C++ builds
+(-ffp-contract=off, --fmad=false). tests/test_rounding.py checks that the cpu backend and these
+kernels give the same bits in float32.
+
+Where Triton cannot follow the header:
+- β^k of the bias corrections (prepare_kernel) is exp2(k·log2 β) in float64, Triton having no
+  pow: it may differ from std::pow by a few float64 ulp, which the float32 rounding of
+  lr / (1 − β1^k) and 1/√(1 − β2^k) that follows absorbs except where the float64 value lies
+  within those ulp of a float32 rounding boundary (none for β ∈ {0.8, 0.9, 0.95, 0.99, 0.999,
+  0.9999} and k ≤ 20000).
+- float16 widens with a hardware conversion instead of formats.h's bit arithmetic: the same
+  value for every input (a NaN's payload may differ).
 """
 from __future__ import annotations
 
@@ -31,7 +43,8 @@ F32 = tl.constexpr(0)
 BF16 = tl.constexpr(1)
 F16 = tl.constexpr(2)
 
-# Radix histogram of |x| float32 key bits: the layout of mgpp_kernels.ops.layout.
+# Radix histogram of |x| float32 key bits, the layout of mgpp_kernels.ops.layout (the Python copy
+# of csrc/core/layout.h): 16 high bits, then 15 low bits.
 LOW_BITS = tl.constexpr(layout.LOW_BITS)
 HIGH_BINS = tl.constexpr(layout.HIGH_BINS)
 LOW_BINS = tl.constexpr(layout.LOW_BINS)
@@ -56,7 +69,7 @@ PREPARE_COLUMNS = tl.constexpr(2)
 P_STEP, P_GROUP = map(tl.constexpr, range(2))
 # The float32 row of per-tensor scalars that prepare_kernel writes for update_kernel.
 ROW_WIDTH = tl.constexpr(16)
-(R_DECAY, R_BETA2, R_ONE_MINUS_BETA1, R_ONE_MINUS_BETA2, R_STEP_SIZE, R_BC2_SQRT, R_EPS,
+(R_DECAY, R_BETA2, R_ONE_MINUS_BETA1, R_ONE_MINUS_BETA2, R_STEP_SIZE, R_INV_BC2_SQRT, R_EPS,
  R_INV_GRAD_SCALE, R_PRIOR_ON, R_C1, R_C2, R_INV_N, R_INV_SIGMA0_SQ,
  R_INV_SIGMA1_SQ) = map(tl.constexpr, range(14))
 # Selection state (int64[3]): rank of τ among the keys in play, τ's key bits, keys below τ.
@@ -150,35 +163,36 @@ def _abs_key(x):
 
 @device_function
 def _exp_for_logistic(x):
-    """exp(x) for 1 / (1 + exp(x)): mgpp_math.h's polynomial, overflow to +inf, NaN kept."""
+    """exp(x) for 1 / (1 + exp(x)): csrc/core/step.h's exp_for_logistic, bit for bit."""
     max_finite = 88.72283935546875  # ln(FLT_MAX)
-    clamped = tl.where(x < -86.0, -86.0, tl.where(x > max_finite, max_finite, x))
-    # rintf: adding and subtracting 1.5·2^23 rounds to the nearest integer, ties to even
-    # (|clamped·log2 e| < 2^22).
+    # NaN fails both comparisons and is clamped to -86, so that the integer conversion below is
+    # defined for every input; the last line returns NaN for it.
+    clamped = tl.where(x >= -86.0, tl.where(x <= max_finite, x, max_finite), -86.0)
+    # Adding and subtracting 1.5·2^23 rounds to the nearest integer, ties to even.
     n = (clamped * 1.44269504088896341 + 12582912.0) - 12582912.0
     # r = x - n·ln2 with ln2 split in two (Cody-Waite) so r keeps full precision.
-    r = clamped - n * 0.693359375
-    r = r - n * -2.12194440e-4
+    r = n * -0.693359375 + clamped
+    r = n * 2.12194440e-4 + r
     p = tl.full(r.shape, 1.9875691500e-4, tl.float32)
     p = p * r + 1.3981999507e-3
     p = p * r + 8.3334519073e-3
     p = p * r + 4.1665795894e-2
     p = p * r + 1.6666665459e-1
     p = p * r + 5.0000001201e-1
-    e_r = p * (r * r) + r + 1.0
+    e_r = (p * (r * r) + r) + 1.0
     # 2^n as two factors so that n = 128 does not overflow the exponent.
     half_scale = ((n.to(tl.int32) + 126) << 23).to(tl.float32, bitcast=True)
     result = (e_r * half_scale) * 2.0
-    result = tl.where(x > max_finite, float("inf"), result)
-    return tl.where(x != x, x, result)
+    return tl.where(x > max_finite, float("inf"), tl.where(x == x, result, x))
 
 
 @device_function
 def _prior_gradient(theta, c1, c2, inv_n, inv_sigma0_sq, inv_sigma1_sq):
-    """(θ/n)·(ρ0/σ0² + (1 − ρ0)/σ1²), ρ0 = 1 / (1 + exp(c1 + c2·θ²))."""
+    """(θ/n)·(ρ0/σ0² + (1 − ρ0)/σ1²), ρ0 = 1 / (1 + exp(c1 + c2·θ²)), in step.h's order."""
     one = tl.full(theta.shape, 1.0, tl.float32)
-    rho0 = tl.div_rn(one, 1.0 + _exp_for_logistic(c1 + c2 * (theta * theta)))
-    return (theta * inv_n) * (rho0 * inv_sigma0_sq + (1.0 - rho0) * inv_sigma1_sq)
+    rho0 = tl.div_rn(one, 1.0 + _exp_for_logistic(c1 + (c2 * theta) * theta))
+    weight = inv_sigma1_sq + rho0 * (inv_sigma0_sq - inv_sigma1_sq)
+    return (theta * inv_n) * weight
 
 
 # ---- the fused step ----------------------------------------------------------------------------
@@ -189,9 +203,10 @@ def prepare_kernel(prepare_table, scalars, host_steps_offset, grad_scale, rows, 
                    BLOCK: tl.constexpr):
     """Per tensor of the step: increments its step count k and writes the float32 scalars of its
     AdamW update and its group's prior. As torch.optim.AdamW, every constant derived from the
-    hyperparameters (1 − lr·wd, 1 − β1, 1 − β2, lr / (1 − β1^k), √(1 − β2^k)) is computed in
-    float64 and rounded once to float32: 1 − β2 rounded from β2's float32 value would be off by
-    1.3e-5 relative for β2 = 0.999, beyond SPEC §4's bound on v when g² dominates it.
+    hyperparameters (1 − lr·wd, 1 − β1, 1 − β2, lr / (1 − β1^k), 1/√(1 − β2^k)) is computed in
+    float64 and rounded once to float32, as csrc/core/step.h's adamw_scalars: 1 − β2 rounded from
+    β2's float32 value would be off by 1.3e-5 relative for β2 = 0.999, beyond SPEC §4's bound on
+    v when g² dominates it.
 
     STEPS_ON_DEVICE: k lives in a float32 tensor addressed by the table and is incremented here;
     otherwise the host incremented it and staged it at scalars[host_steps_offset + i].
@@ -230,7 +245,7 @@ def prepare_kernel(prepare_table, scalars, host_steps_offset, grad_scale, rows, 
     tl.store(row + R_ONE_MINUS_BETA1, (1.0 - beta1).to(tl.float32), mask=valid)
     tl.store(row + R_ONE_MINUS_BETA2, (1.0 - beta2).to(tl.float32), mask=valid)
     tl.store(row + R_STEP_SIZE, (lr / bias_correction1).to(tl.float32), mask=valid)
-    tl.store(row + R_BC2_SQRT, tl.sqrt(bias_correction2).to(tl.float32), mask=valid)
+    tl.store(row + R_INV_BC2_SQRT, (1.0 / tl.sqrt(bias_correction2)).to(tl.float32), mask=valid)
     tl.store(row + R_EPS, eps.to(tl.float32), mask=valid)
     tl.store(row + R_INV_GRAD_SCALE, inv_grad_scale, mask=valid)
     # The prior's six scalars (on/off, c1, c2, 1/n, 1/σ0², 1/σ1²), in the same order in both.
@@ -254,14 +269,13 @@ def _update_block(param, grad, exp_avg, exp_avg_sq, keep_mask_address, offsets, 
         g = g + _prior_gradient(theta, tl.load(row + R_C1), tl.load(row + R_C2),
                                 tl.load(row + R_INV_N), tl.load(row + R_INV_SIGMA0_SQ),
                                 tl.load(row + R_INV_SIGMA1_SQ))
-    # torch.optim.AdamW's order of operations (mgpp_math.h adamw_update).
+    # torch.optim.AdamW's order of operations (csrc/core/step.h adamw_update).
     theta = theta * tl.load(row + R_DECAY)
     # torch's lerp: from the nearer end, so that β1 = 0 (weight 1) gives m = g exactly.
     weight = tl.load(row + R_ONE_MINUS_BETA1)
     m = tl.where(weight < 0.5, m + weight * (g - m), g - (g - m) * (1.0 - weight))
     v = v * tl.load(row + R_BETA2) + tl.load(row + R_ONE_MINUS_BETA2) * (g * g)
-    bc2_sqrt = tl.zeros_like(v) + tl.load(row + R_BC2_SQRT)
-    denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + tl.load(row + R_EPS)
+    denom = tl.sqrt_rn(v) * tl.load(row + R_INV_BC2_SQRT) + tl.load(row + R_EPS)
     theta = theta - tl.load(row + R_STEP_SIZE) * tl.div_rn(m, denom)
     if keep_mask_address != 0:
         keep_mask = keep_mask_address.to(tl.pointer_type(tl.uint8))
@@ -349,8 +363,8 @@ def histogram_kernel(value_table, block_table, histogram, selection, DTYPE: tl.c
 @triton.jit
 def select_kernel(histogram, selection, rank_source, tau, LEVEL: tl.constexpr,
                   BINS: tl.constexpr, CHUNK: tl.constexpr):
-    """Radix selection (mgpp_math.h select_bin), one program: finds the bin that holds the
-    rank-th smallest key, updates selection = [rank, key, below], writes τ = the key's float,
+    """Radix selection (csrc/core/selection.h select_bin), one program: finds the bin that holds
+    the rank-th smallest key, updates selection = [rank, key, below], writes τ = the key's float,
     and zeroes the histogram for its next use. LEVEL 0 starts from rank = rank_source[0] (the
     float64 k of the step scalars); LEVEL 1 continues from selection."""
     if LEVEL == 0:

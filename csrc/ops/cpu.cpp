@@ -1,41 +1,36 @@
-// torch.ops.mgpp: the op schemas and their CPU implementations, a thin adapter from tensors to
-// the torch-free kernels of csrc/cpu. This is the only C++ file of the CPU build that includes
-// torch headers.
-#include <Python.h>
-
-#include <cmath>
+// The CPU implementations of the torch.ops.mgpp ops (schemas in csrc/ops/schema.cpp): a thin
+// adapter from tensors to the torch-free kernels of csrc/cpu.
 #include <map>
-#include <string>
-#include <tuple>
+#include <utility>
 #include <vector>
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "cpu/mgpp_cpu.h"
-#include "op_checks.h"
+#include "../cpu/kernels.h"
+#include "checks.h"
 
 namespace mgpp {
 namespace {
 
 using at::Tensor;
-using cpu::DType;
 using op_checks::check_tensor;
 using op_checks::to_kernel_dtype;
 
 const at::Device kCpu(at::kCPU);
 
 Tensor checked_histogram(const Tensor& histogram, uint32_t bins) {
-  TORCH_CHECK(histogram.device().is_cpu() && histogram.scalar_type() == at::kLong &&
+  TORCH_CHECK_VALUE(histogram.device().is_cpu() && histogram.scalar_type() == at::kLong &&
                   histogram.is_contiguous() && histogram.numel() == bins,
               "mgpp: histogram must be a contiguous CPU int64 tensor of ", bins, " counters");
   return histogram;
 }
 
 int64_t* selection_data(const Tensor& selection) {
-  TORCH_CHECK(selection.device().is_cpu() && selection.scalar_type() == at::kLong &&
-                  selection.is_contiguous() && selection.numel() == 3,
-              "mgpp: selection must be a contiguous CPU int64 tensor of 3 elements");
+  TORCH_CHECK_VALUE(selection.device().is_cpu() && selection.scalar_type() == at::kLong &&
+                  selection.is_contiguous() && selection.numel() == kNumSelectionSlots,
+              "mgpp: selection must be a contiguous CPU int64 tensor of ", kNumSelectionSlots,
+              " elements");
   return selection.data_ptr<int64_t>();
 }
 
@@ -47,10 +42,10 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   const size_t n = params.size();
   op_checks::check_step_lists(params, grads, exp_avgs, exp_avg_sqs, state_steps, keep_masks, kCpu);
   for (size_t i = 0; i < n; ++i) {
-    TORCH_CHECK(state_steps[i].device().is_cpu() && state_steps[i].is_floating_point(),
+    TORCH_CHECK_VALUE(state_steps[i].device().is_cpu() && state_steps[i].is_floating_point(),
                 "mgpp: state_steps[", i, "] must be a floating CPU tensor");
   }
-  TORCH_CHECK(scalars.device().is_cpu() && scalars.scalar_type() == at::kDouble &&
+  TORCH_CHECK_VALUE(scalars.device().is_cpu() && scalars.scalar_type() == at::kDouble &&
                   scalars.is_contiguous() && scalars.numel() == kNumStepScalars,
               "mgpp: scalars must be a contiguous CPU float64 tensor of ", kNumStepScalars,
               " elements");
@@ -61,7 +56,7 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   options.prior = prior_constants(s);
   options.inv_grad_scale = 1.0f;
   if (grad_scale.has_value()) {
-    TORCH_CHECK(grad_scale->numel() == 1, "mgpp: grad_scale must hold one value");
+    TORCH_CHECK_VALUE(grad_scale->numel() == 1, "mgpp: grad_scale must hold one value");
     options.inv_grad_scale = 1.0f / grad_scale->to(at::kFloat).item<float>();
   }
   options.num_threads = at::get_num_threads();
@@ -106,12 +101,12 @@ std::map<DType, std::vector<size_t>> indices_by_dtype(at::TensorList tensors, co
 
 void abs_histogram_cpu(at::TensorList tensors, const Tensor& histogram, const Tensor& selection,
                        int64_t level) {
-  TORCH_CHECK(level == 0 || level == 1, "mgpp: level must be 0 or 1, got ", level);
+  TORCH_CHECK_VALUE(level == 0 || level == 1, "mgpp: level must be 0 or 1, got ", level);
   int64_t* hist =
       checked_histogram(histogram, level == 0 ? kHistHighBins : kHistLowBins).data_ptr<int64_t>();
   const uint32_t high_bin = key_high_bin(static_cast<uint32_t>(selection_data(selection)[kSelKey]));
   for (const auto& [dtype, indices] : indices_by_dtype(tensors, "tensors")) {
-    std::vector<cpu::ValueTensor> views;
+    std::vector<ValueTensor> views;
     for (size_t i : indices) views.push_back({tensors[i].data_ptr(), tensors[i].numel()});
     cpu::count_histogram(views.data(), static_cast<int64_t>(views.size()), dtype,
                          static_cast<int>(level), high_bin, hist, at::get_num_threads());
@@ -119,19 +114,19 @@ void abs_histogram_cpu(at::TensorList tensors, const Tensor& histogram, const Te
 }
 
 void radix_select_cpu(const Tensor& histogram, const Tensor& selection, int64_t level) {
-  TORCH_CHECK(level == 0 || level == 1, "mgpp: level must be 0 or 1, got ", level);
+  TORCH_CHECK_VALUE(level == 0 || level == 1, "mgpp: level must be 0 or 1, got ", level);
   const Tensor hist = checked_histogram(histogram, level == 0 ? kHistHighBins : kHistLowBins);
   select_bin(hist.data_ptr<int64_t>(), static_cast<int>(level), selection_data(selection));
 }
 
 void apply_threshold_cpu(at::TensorList tensors, at::TensorList keep_masks,
                          const Tensor& selection) {
-  TORCH_CHECK(keep_masks.empty() || keep_masks.size() == tensors.size(),
+  TORCH_CHECK_VALUE(keep_masks.empty() || keep_masks.size() == tensors.size(),
               "mgpp: keep_masks must be empty or one per tensor");
   const uint32_t tau_key = static_cast<uint32_t>(selection_data(selection)[kSelKey]);
   for (size_t i = 0; i < keep_masks.size(); ++i) op_checks::check_mask(keep_masks[i], tensors[i], kCpu, i);
   for (const auto& [dtype, indices] : indices_by_dtype(tensors, "tensors")) {
-    std::vector<cpu::ValueTensor> views;
+    std::vector<ValueTensor> views;
     std::vector<uint8_t*> masks;
     for (size_t i : indices) {
       views.push_back({tensors[i].data_ptr(), tensors[i].numel()});
@@ -143,33 +138,7 @@ void apply_threshold_cpu(at::TensorList tensors, at::TensorList keep_masks,
   }
 }
 
-std::string build_info() {
-  std::string isa = "x86-64";
-#if defined(__AVX512F__)
-  isa = "AVX-512";
-#elif defined(__AVX2__)
-  isa = "AVX2";
-#elif defined(__aarch64__)
-  isa = "aarch64";
-#endif
-#if defined(__F16C__)
-  isa += " F16C";
-#endif
-  return "cpu kernels: " + isa + ", OpenMP " + std::to_string(_OPENMP) + ", compiler " + __VERSION__;
-}
-
 }  // namespace
-
-TORCH_LIBRARY(mgpp, m) {
-  m.def("build_info() -> str", &build_info);
-  m.def(
-      "fused_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] state_steps, Tensor[] keep_masks, Tensor scalars, "
-      "Tensor? grad_scale, Tensor(e!)? histogram) -> ()");
-  m.def("abs_histogram_(Tensor[] tensors, Tensor(a!) histogram, Tensor selection, int level) -> ()");
-  m.def("radix_select_(Tensor histogram, Tensor(a!) selection, int level) -> ()");
-  m.def("apply_threshold_(Tensor(a!)[] tensors, Tensor(b!)[] keep_masks, Tensor selection) -> ()");
-}
 
 TORCH_LIBRARY_IMPL(mgpp, CPU, m) {
   m.impl("fused_step_", &fused_step_cpu);
@@ -179,9 +148,3 @@ TORCH_LIBRARY_IMPL(mgpp, CPU, m) {
 }
 
 }  // namespace mgpp
-
-// Importing mgpp_kernels._C runs the registrations above; the module itself is empty.
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}

@@ -1,8 +1,8 @@
 // CPU kernels: OpenMP over fixed-size chunks of all tensors together, and inside a chunk a
-// `#pragma omp simd` loop over the shared per-element math of mgpp_math.h. Histogram counting
+// `#pragma omp simd` loop over the shared per-element step of csrc/core/step.h. Histogram counting
 // would stop the compiler from vectorising the update, so the update loop writes bin indices to
 // a small block buffer and a scalar loop counts them while the block is still in L1.
-#include "mgpp_cpu.h"
+#include "kernels.h"
 
 #include <algorithm>
 #include <cmath>
@@ -12,7 +12,15 @@
 
 #include <omp.h>
 
-namespace mgpp {
+// The -march value this file is compiled for, which build_info reports; setup.py and
+// CMakeLists.txt pass it with the flags of csrc/compile_flags.txt.
+#ifndef MGPP_CPU_ARCH
+#error "build with -DMGPP_CPU_ARCH=<the -march value>"
+#endif
+#define MGPP_STRINGIFY(x) #x
+#define MGPP_EXPAND_AND_STRINGIFY(x) MGPP_STRINGIFY(x)
+
+namespace MGPP_NAMESPACE {
 namespace cpu {
 namespace {
 
@@ -25,22 +33,6 @@ constexpr int64_t kSpikeSpan = 32;
 // Thread-local counters are uint32; they are flushed to the shared int64 histogram well before
 // they could overflow.
 constexpr int64_t kFlushEvery = int64_t{1} << 31;
-
-struct F32 {
-  using T = float;
-  static float load(T x) { return x; }
-  static T store(float x) { return x; }
-};
-struct BF16 {
-  using T = uint16_t;
-  static float load(T x) { return bf16_bits_to_float(x); }
-  static T store(float x) { return float_to_bf16_bits(x); }
-};
-struct F16 {
-  using T = uint16_t;
-  static float load(T x) { return f16_bits_to_float(x); }
-  static T store(float x) { return float_to_f16_bits(x); }
-};
 
 // Each byte value of a packed mask expanded to eight 0/1 bytes, so that the vector loop reads a
 // byte per element instead of gathering bits.
@@ -102,6 +94,9 @@ void parallel_chunks(const std::vector<Chunk>& chunks, int num_threads, uint32_t
   }
 }
 
+template <PriorTerm kTerm>
+using Term = std::integral_constant<PriorTerm, kTerm>;
+
 template <typename P, typename S, bool kPrior, bool kHist, bool kMask>
 void update_chunk(const StepTensor& t, const Chunk& chunk, const StepOptions& options,
                   uint32_t* histogram) {
@@ -117,20 +112,16 @@ void update_chunk(const StepTensor& t, const Chunk& chunk, const StepOptions& op
   const bool slab_path_exact = std::isfinite(prior.inv_sigma0_sq - prior.inv_sigma1_sq);
   uint32_t bins[kBlock];
   uint8_t keep[kBlock];
-  // Updates [begin, end) of the current block; a true slab_only skips the spike's exponential.
-  auto update = [&](int64_t block, int64_t begin, int64_t end, auto slab_only) {
-    constexpr bool kSlabOnly = decltype(slab_only)::value;
+  // Updates [begin, end) of the current block with the given prior term.
+  auto update = [&](int64_t block, int64_t begin, int64_t end, auto prior_term) {
+    constexpr PriorTerm kTerm = decltype(prior_term)::value;
 #pragma omp simd
     for (int64_t i = begin; i < end; ++i) {
       float theta = P::load(param[i]);
-      float g = P::load(grad[i]) * inv_grad_scale;
-      if (kPrior) {
-        g = g + (kSlabOnly ? slab_prior_gradient(theta, prior) : prior_gradient(theta, prior));
-      }
       float m = S::load(exp_avg[i]);
       float v = S::load(exp_avg_sq[i]);
-      adamw_update(theta, m, v, g, adamw);
-      if (kMask) theta = keep[i - block] ? theta : 0.0f;
+      step_element<kTerm>(theta, m, v, P::load(grad[i]), !kMask || keep[i - block] != 0,
+                          inv_grad_scale, prior, adamw);
       const typename P::T stored = P::store(theta);
       param[i] = stored;
       exp_avg[i] = S::store(m);
@@ -138,6 +129,7 @@ void update_chunk(const StepTensor& t, const Chunk& chunk, const StepOptions& op
       if (kHist) bins[i - block] = key_high_bin(abs_key(P::load(stored)));
     }
   };
+  constexpr auto kFullTerm = kPrior ? PriorTerm::kSpikeAndSlab : PriorTerm::kNone;
   for (int64_t block = chunk.begin; block < chunk.end; block += kBlock) {
     const int64_t end = std::min(block + kBlock, chunk.end);
     if (kMask) {
@@ -154,12 +146,12 @@ void update_chunk(const StepTensor& t, const Chunk& chunk, const StepOptions& op
         for (int64_t j = 0; j < kSpikeSpan; ++j) {
           spike_lanes += prior_uses_spike(P::load(param[span + j]), prior) ? 1 : 0;
         }
-        spike_lanes ? update(block, span, span + kSpikeSpan, std::false_type{})
-                    : update(block, span, span + kSpikeSpan, std::true_type{});
+        spike_lanes ? update(block, span, span + kSpikeSpan, Term<kFullTerm>{})
+                    : update(block, span, span + kSpikeSpan, Term<PriorTerm::kSlab>{});
       }
-      update(block, span, end, std::false_type{});
+      update(block, span, end, Term<kFullTerm>{});
     } else {
-      update(block, block, end, std::false_type{});
+      update(block, block, end, Term<kFullTerm>{});
     }
     if (kHist) {
       for (int64_t i = 0; i < end - block; ++i) ++histogram[bins[i]];
@@ -253,27 +245,12 @@ void threshold_chunk(const ValueTensor& t, uint8_t* keep_mask, const Chunk& chun
   }
 }
 
-template <typename Fn>
-void dispatch_dtype(DType dtype, Fn fn) {
-  switch (dtype) {
-    case DType::Float32: fn(F32{}); break;
-    case DType::BFloat16: fn(BF16{}); break;
-    case DType::Float16: fn(F16{}); break;
-  }
-}
-
 }  // namespace
 
 void fused_step(const StepTensor* tensors, int64_t count, const StepOptions& options,
                 int64_t* high_histogram) {
-  dispatch_dtype(options.param_dtype, [&](auto param_tag) {
-    using P = decltype(param_tag);
-    if (options.state_dtype == DType::Float32) {
-      fused_step_typed<P, F32>(tensors, count, options, high_histogram);
-    } else {
-      // State in the parameter's dtype (the only other layout the op layer admits).
-      fused_step_typed<P, P>(tensors, count, options, high_histogram);
-    }
+  dispatch_step_dtypes(options.param_dtype, options.state_dtype, [&](auto param, auto state) {
+    fused_step_typed<decltype(param), decltype(state)>(tensors, count, options, high_histogram);
   });
 }
 
@@ -306,5 +283,24 @@ void apply_threshold(const ValueTensor* tensors, uint8_t* const* keep_masks, int
   });
 }
 
+std::string build_info() {
+  std::string isa = "SSE2";
+#if defined(__AVX512F__)
+  isa = "AVX-512";
+#elif defined(__AVX2__)
+  isa = "AVX2";
+#elif defined(__aarch64__)
+  isa = "aarch64";
+#endif
+#if defined(__FMA__)
+  isa += " FMA";
+#endif
+#if defined(__F16C__)
+  isa += " F16C";
+#endif
+  return std::string("cpu kernels: -march=") + MGPP_EXPAND_AND_STRINGIFY(MGPP_CPU_ARCH) + " (" +
+         isa + "), OpenMP " + std::to_string(_OPENMP) + ", compiler " + __VERSION__;
+}
+
 }  // namespace cpu
-}  // namespace mgpp
+}  // namespace MGPP_NAMESPACE

@@ -1,15 +1,18 @@
 // The CPU kernels of MGPP on raw contiguous buffers: no torch here, so that CMake builds and tests
-// them alone and the torch op layer (csrc/torch_ops.cpp) stays a thin adapter.
+// them alone and the torch op layer (csrc/ops/cpu.cpp) stays a thin adapter.
 #pragma once
 
 #include <stdint.h>
 
-#include "../mgpp_math.h"
+#include <string>
 
-namespace mgpp {
+#include "../core/formats.h"
+#include "../core/layout.h"
+#include "../core/selection.h"
+#include "../core/step.h"
+
+namespace MGPP_NAMESPACE {
 namespace cpu {
-
-enum class DType : int { Float32 = 0, BFloat16 = 1, Float16 = 2 };
 
 // One tensor of a fused step. All pointers address `numel` contiguous elements; `grad` has the
 // parameter's dtype, `exp_avg`/`exp_avg_sq` the state dtype.
@@ -25,7 +28,7 @@ struct StepTensor {
 
 struct StepOptions {
   DType param_dtype;
-  DType state_dtype;
+  DType state_dtype;  // float32 or param_dtype
   bool prior_on;
   PriorConstants prior;
   float inv_grad_scale;  // gradients are multiplied by this before use (1 without a GradScaler)
@@ -34,14 +37,10 @@ struct StepOptions {
 
 // Prior gradient + AdamW + frozen mask for every tensor, in one pass over each element. When
 // `high_histogram` (kHistHighBins counters) is not null, it also adds the count of every
-// key_high_bin(|θ_new|): the first level of the radix selection of τ.
+// key_high_bin(|θ_new|): the first level of the radix selection of τ. Throws
+// std::invalid_argument on an unknown dtype or a state dtype the kernels do not take.
 void fused_step(const StepTensor* tensors, int64_t count, const StepOptions& options,
                 int64_t* high_histogram);
-
-struct ValueTensor {
-  void* data;
-  int64_t numel;
-};
 
 // Adds a radix histogram of |x| over the tensors. level 0: kHistHighBins counters indexed by
 // key_high_bin, over all elements; level 1: kHistLowBins counters indexed by key_low_bin, over
@@ -54,5 +53,8 @@ void count_histogram(const ValueTensor* tensors, int64_t count, DType dtype, int
 void apply_threshold(const ValueTensor* tensors, uint8_t* const* keep_masks, int64_t count,
                      DType dtype, uint32_t tau_key, int num_threads);
 
+// "cpu kernels: -march=<target> (<vector ISA>), OpenMP <version>, compiler <version>".
+std::string build_info();
+
 }  // namespace cpu
-}  // namespace mgpp
+}  // namespace MGPP_NAMESPACE

@@ -1,38 +1,39 @@
-// Input checks shared by the CPU (csrc/torch_ops.cpp) and CUDA (csrc/cuda_ops.cpp)
+// Input checks shared by the CPU (csrc/ops/cpu.cpp) and CUDA (csrc/ops/cuda.cpp)
 // implementations of the torch.ops.mgpp ops: every op checks all of its inputs before it changes
-// anything.
+// anything. mgpp_kernels/ops/checks.py is their Python spelling, for the fakes and the triton
+// backend.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
-#include "cpu/mgpp_cpu.h"
+#include "../core/formats.h"
 
 namespace mgpp {
 namespace op_checks {
 
-inline cpu::DType to_kernel_dtype(at::ScalarType type, const char* what) {
+inline DType to_kernel_dtype(at::ScalarType type, const char* what) {
   switch (type) {
-    case at::kFloat: return cpu::DType::Float32;
-    case at::kBFloat16: return cpu::DType::BFloat16;
-    case at::kHalf: return cpu::DType::Float16;
+    case at::kFloat: return DType::Float32;
+    case at::kBFloat16: return DType::BFloat16;
+    case at::kHalf: return DType::Float16;
     default:
-      TORCH_CHECK(false, "mgpp: ", what, " must be float32, bfloat16 or float16, got ", type);
+      TORCH_CHECK_VALUE(false, "mgpp: ", what, " must be float32, bfloat16 or float16, got ", type);
   }
 }
 
 inline void check_tensor(const at::Tensor& t, const at::Device& device, const char* what,
                          size_t index) {
-  TORCH_CHECK(t.device() == device, "mgpp: ", what, "[", index, "] is on ", t.device(),
+  TORCH_CHECK_VALUE(t.device() == device, "mgpp: ", what, "[", index, "] is on ", t.device(),
               "; this call's kernels run on ", device);
-  TORCH_CHECK(t.is_contiguous(), "mgpp: ", what, "[", index, "] must be contiguous");
+  TORCH_CHECK_VALUE(t.is_contiguous(), "mgpp: ", what, "[", index, "] must be contiguous");
 }
 
 inline void check_mask(const at::Tensor& mask, const at::Tensor& values, const at::Device& device,
                        size_t index) {
   check_tensor(mask, device, "keep_masks", index);
   const int64_t bytes = (values.numel() + 7) / 8;
-  TORCH_CHECK(mask.scalar_type() == at::kByte && mask.numel() == bytes, "mgpp: keep_masks[", index,
+  TORCH_CHECK_VALUE(mask.scalar_type() == at::kByte && mask.numel() == bytes, "mgpp: keep_masks[", index,
               "] must be uint8 with ceil(numel/8) = ", bytes, " elements, got ",
               mask.scalar_type(), " with ", mask.numel());
 }
@@ -43,7 +44,7 @@ inline void check_step_lists(at::TensorList params, at::TensorList grads, at::Te
                              at::TensorList exp_avg_sqs, at::TensorList state_steps,
                              at::TensorList keep_masks, const at::Device& device) {
   const size_t n = params.size();
-  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n &&
+  TORCH_CHECK_VALUE(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n &&
                   state_steps.size() == n && (keep_masks.empty() || keep_masks.size() == n),
               "mgpp: fused_step_ takes lists of equal length (keep_masks may be empty)");
   for (size_t i = 0; i < n; ++i) {
@@ -53,18 +54,18 @@ inline void check_step_lists(at::TensorList params, at::TensorList grads, at::Te
     check_tensor(grads[i], device, "grads", i);
     check_tensor(exp_avgs[i], device, "exp_avgs", i);
     check_tensor(exp_avg_sqs[i], device, "exp_avg_sqs", i);
-    TORCH_CHECK(grads[i].scalar_type() == p.scalar_type(),
+    TORCH_CHECK_VALUE(grads[i].scalar_type() == p.scalar_type(),
                 "mgpp: grads[", i, "] must have its parameter's dtype ", p.scalar_type());
-    TORCH_CHECK(exp_avg_sqs[i].scalar_type() == exp_avgs[i].scalar_type(),
+    TORCH_CHECK_VALUE(exp_avg_sqs[i].scalar_type() == exp_avgs[i].scalar_type(),
                 "mgpp: exp_avg_sqs[", i, "] must have the dtype of exp_avgs[", i, "]");
-    TORCH_CHECK(to_kernel_dtype(exp_avgs[i].scalar_type(), "exp_avgs") == cpu::DType::Float32 ||
+    TORCH_CHECK_VALUE(to_kernel_dtype(exp_avgs[i].scalar_type(), "exp_avgs") == DType::Float32 ||
                     exp_avgs[i].scalar_type() == p.scalar_type(),
                 "mgpp: state of params[", i, "] must be float32 or the parameter's dtype");
-    TORCH_CHECK(grads[i].numel() == p.numel() && exp_avgs[i].numel() == p.numel() &&
+    TORCH_CHECK_VALUE(grads[i].numel() == p.numel() && exp_avgs[i].numel() == p.numel() &&
                     exp_avg_sqs[i].numel() == p.numel(),
                 "mgpp: grads, exp_avgs and exp_avg_sqs [", i, "] must match params[", i,
                 "] in size");
-    TORCH_CHECK(state_steps[i].numel() == 1, "mgpp: state_steps[", i, "] must hold one value");
+    TORCH_CHECK_VALUE(state_steps[i].numel() == 1, "mgpp: state_steps[", i, "] must hold one value");
     if (!keep_masks.empty()) check_mask(keep_masks[i], p, device, i);
   }
 }

@@ -1,8 +1,7 @@
-// The CUDA implementations of the torch.ops.mgpp ops (schemas in csrc/torch_ops.cpp): a thin
-// adapter from tensors to the launchers of csrc/cuda/mgpp_cuda.h, which hold no torch code. This
-// is the only file of the CUDA build that includes torch headers. Every op checks all of its
-// inputs before it changes anything, queues kernels on the current stream and returns: nothing
-// here reads device memory back to the host.
+// The CUDA implementations of the torch.ops.mgpp ops (schemas in csrc/ops/schema.cpp): a thin
+// adapter from tensors to the launchers of csrc/cuda/launch.h, which hold no torch code. Every op
+// checks all of its inputs before it changes anything, queues kernels on the current stream and
+// returns: nothing here reads device memory back to the host.
 #include <map>
 #include <utility>
 #include <vector>
@@ -13,26 +12,26 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "cuda/mgpp_cuda.h"
-#include "op_checks.h"
+#include "../core/layout.h"
+#include "../cuda/launch.h"
+#include "checks.h"
 
 namespace mgpp {
 namespace {
 
 using at::Tensor;
-using cuda::DType;
 using op_checks::check_tensor;
 using op_checks::to_kernel_dtype;
 
 // A device-resident int64 buffer of `numel` elements (histogram or selection state).
 void check_counters(const Tensor& t, int64_t numel, const char* what) {
-  TORCH_CHECK(t.is_cuda() && t.scalar_type() == at::kLong && t.is_contiguous() && t.numel() == numel,
+  TORCH_CHECK_VALUE(t.is_cuda() && t.scalar_type() == at::kLong && t.is_contiguous() && t.numel() == numel,
               "mgpp: ", what, " must be a contiguous CUDA int64 tensor of ", numel, " elements, got ",
               t.scalar_type(), " with ", t.numel(), " elements on ", t.device());
 }
 
 uint32_t histogram_bins(int64_t level) {
-  TORCH_CHECK(level == 0 || level == 1, "mgpp: level must be 0 or 1, got ", level);
+  TORCH_CHECK_VALUE(level == 0 || level == 1, "mgpp: level must be 0 or 1, got ", level);
   return level == 0 ? kHistHighBins : kHistLowBins;
 }
 
@@ -46,7 +45,7 @@ void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                      const std::optional<Tensor>& grad_scale,
                      const std::optional<Tensor>& histogram) {
   const size_t n = params.size();
-  TORCH_CHECK(scalars.is_cuda() && scalars.scalar_type() == at::kDouble && scalars.is_contiguous() &&
+  TORCH_CHECK_VALUE(scalars.is_cuda() && scalars.scalar_type() == at::kDouble && scalars.is_contiguous() &&
                   scalars.numel() == kNumStepScalars,
               "mgpp: scalars must be a contiguous CUDA float64 tensor of ", kNumStepScalars,
               " elements (on the parameters' device), got ", scalars.scalar_type(), " on ",
@@ -54,20 +53,20 @@ void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   const at::Device device = scalars.device();
   Tensor scale;
   if (grad_scale.has_value()) {
-    TORCH_CHECK(grad_scale->numel() == 1 && grad_scale->device() == device,
+    TORCH_CHECK_VALUE(grad_scale->numel() == 1 && grad_scale->device() == device,
                 "mgpp: grad_scale must hold one value on ", device);
     scale = grad_scale->to(at::kFloat).contiguous();
   }
   if (histogram.has_value()) {
     check_counters(*histogram, kHistHighBins, "histogram");
-    TORCH_CHECK(histogram->device() == device, "mgpp: histogram must be on ", device);
+    TORCH_CHECK_VALUE(histogram->device() == device, "mgpp: histogram must be on ", device);
   }
   op_checks::check_step_lists(params, grads, exp_avgs, exp_avg_sqs, state_steps, keep_masks,
                               device);
   for (size_t i = 0; i < n; ++i) {
     const Tensor& step = state_steps[i];
     // A step count on the device is read by the kernels; one in host memory is read here.
-    TORCH_CHECK(step.device() == device ? step.scalar_type() == at::kFloat
+    TORCH_CHECK_VALUE(step.device() == device ? step.scalar_type() == at::kFloat
                                         : step.is_cpu() && step.is_floating_point(),
                 "mgpp: state_steps[", i, "] must be a float32 tensor on ", device,
                 " or a floating CPU tensor, got ", step.scalar_type(), " on ", step.device());
@@ -126,13 +125,13 @@ std::map<DType, std::vector<size_t>> indices_by_dtype(at::TensorList tensors, co
 void abs_histogram_cuda(at::TensorList tensors, const Tensor& histogram, const Tensor& selection,
                         int64_t level) {
   check_counters(histogram, histogram_bins(level), "histogram");
-  check_counters(selection, 3, "selection");
+  check_counters(selection, kNumSelectionSlots, "selection");
   const at::Device device = histogram.device();
-  TORCH_CHECK(selection.device() == device, "mgpp: selection must be on ", device);
+  TORCH_CHECK_VALUE(selection.device() == device, "mgpp: selection must be on ", device);
   const auto groups = indices_by_dtype(tensors, device);
   const c10::cuda::CUDAGuard guard(device);
   for (const auto& [dtype, indices] : groups) {
-    std::vector<cuda::ValueTensor> views;
+    std::vector<ValueTensor> views;
     for (size_t i : indices) views.push_back({tensors[i].data_ptr(), tensors[i].numel()});
     cuda::abs_histogram(views.data(), static_cast<int64_t>(views.size()), dtype,
                         static_cast<int>(level), selection.data_ptr<int64_t>(),
@@ -142,9 +141,9 @@ void abs_histogram_cuda(at::TensorList tensors, const Tensor& histogram, const T
 
 void radix_select_cuda(const Tensor& histogram, const Tensor& selection, int64_t level) {
   check_counters(histogram, histogram_bins(level), "histogram");
-  check_counters(selection, 3, "selection");
+  check_counters(selection, kNumSelectionSlots, "selection");
   const at::Device device = histogram.device();
-  TORCH_CHECK(selection.device() == device, "mgpp: selection must be on ", device);
+  TORCH_CHECK_VALUE(selection.device() == device, "mgpp: selection must be on ", device);
   const c10::cuda::CUDAGuard guard(device);
   cuda::radix_select(histogram.data_ptr<int64_t>(), static_cast<int>(level),
                      selection.data_ptr<int64_t>(), current_stream(device));
@@ -152,15 +151,15 @@ void radix_select_cuda(const Tensor& histogram, const Tensor& selection, int64_t
 
 void apply_threshold_cuda(at::TensorList tensors, at::TensorList keep_masks,
                           const Tensor& selection) {
-  TORCH_CHECK(keep_masks.empty() || keep_masks.size() == tensors.size(),
+  TORCH_CHECK_VALUE(keep_masks.empty() || keep_masks.size() == tensors.size(),
               "mgpp: keep_masks must be empty or one per tensor");
-  check_counters(selection, 3, "selection");
+  check_counters(selection, kNumSelectionSlots, "selection");
   const at::Device device = selection.device();
   for (size_t i = 0; i < keep_masks.size(); ++i) op_checks::check_mask(keep_masks[i], tensors[i], device, i);
   const auto groups = indices_by_dtype(tensors, device);
   const c10::cuda::CUDAGuard guard(device);
   for (const auto& [dtype, indices] : groups) {
-    std::vector<cuda::ValueTensor> views;
+    std::vector<ValueTensor> views;
     std::vector<uint8_t*> masks;
     for (size_t i : indices) {
       views.push_back({tensors[i].data_ptr(), tensors[i].numel()});

@@ -1,14 +1,20 @@
-// The CUDA launchers of mgpp_cuda.h: the kernel bodies of kernels.cuh run as phased kernels on the
-// caller's stream. No torch here; build without --use_fast_math, and with --fmad=false so that
-// the device rounds as the CPU kernel does (built with -ffp-contract=off).
+// The CUDA launchers of launch.h: the kernel bodies of kernels.cuh run as phased kernels on the
+// caller's stream. No torch here; build with the nvcc flags of csrc/compile_flags.txt (never
+// --use_fast_math; --fmad=false so that the device rounds as the CPU kernels do).
 #include <cuda_runtime.h>
+
+// The kernels' argument tables (up to 32 KiB, kernels.cuh) need CUDA 12.1; setup.py and
+// CMakeLists.txt check the same before they build.
+#if __CUDACC_VER_MAJOR__ < 12 || (__CUDACC_VER_MAJOR__ == 12 && __CUDACC_VER_MINOR__ < 1)
+#error "the mgpp CUDA kernels need nvcc 12.1 or newer: their 32 KB kernel argument tables need it"
+#endif
 
 #include <string>
 
 #include "kernels.cuh"
-#include "mgpp_cuda.h"
+#include "launch.h"
 
-namespace mgpp {
+namespace MGPP_NAMESPACE {
 namespace cuda {
 namespace {
 
@@ -95,29 +101,11 @@ void fused_step_typed(const StepTensor* tensors, int64_t count, const StepLaunch
   launch_all<Kernel>(launches, mode == kSharedHistogram ? counter_bytes : 0, as_stream(launch.stream));
 }
 
-template <class Fn>
-void dispatch_dtype(DType dtype, Fn fn) {
-  switch (dtype) {
-    case DType::Float32: fn(F32{}); return;
-    case DType::BFloat16: fn(BF16{}); return;
-    case DType::Float16: fn(F16{}); return;
-  }
-  throw std::invalid_argument("mgpp: unknown dtype");
-}
-
 }  // namespace
 
 void fused_step(const StepTensor* tensors, int64_t count, const StepLaunch& launch) {
-  if (launch.state_dtype != DType::Float32 && launch.state_dtype != launch.param_dtype) {
-    throw std::invalid_argument("mgpp: the state dtype must be float32 or the parameter's dtype");
-  }
-  dispatch_dtype(launch.param_dtype, [&](auto param_format) {
-    using P = decltype(param_format);
-    if (launch.state_dtype == DType::Float32) {
-      fused_step_typed<P, F32>(tensors, count, launch);
-    } else {
-      fused_step_typed<P, P>(tensors, count, launch);
-    }
+  dispatch_step_dtypes(launch.param_dtype, launch.state_dtype, [&](auto param, auto state) {
+    fused_step_typed<decltype(param), decltype(state)>(tensors, count, launch);
   });
 }
 
@@ -149,13 +137,14 @@ void apply_threshold(const ValueTensor* tensors, uint8_t* const* keep_masks, int
 
 std::string build_info() {
   std::string info = "cuda kernels: CUDA " + std::to_string(CUDART_VERSION / 1000) + "." +
-                     std::to_string(CUDART_VERSION % 1000 / 10);
-#if defined(__CUDA_ARCH_LIST__)
+                     std::to_string(CUDART_VERSION % 1000 / 10) + ", nvcc " +
+                     std::to_string(__CUDACC_VER_MAJOR__) + "." +
+                     std::to_string(__CUDACC_VER_MINOR__) + "." +
+                     std::to_string(__CUDACC_VER_BUILD__);
   // __CUDA_ARCH_LIST__ is the list of targets, e.g. 800,900.
   for (const int arch : {__CUDA_ARCH_LIST__}) info += ", sm_" + std::to_string(arch / 10);
-#endif
   return info;
 }
 
 }  // namespace cuda
-}  // namespace mgpp
+}  // namespace MGPP_NAMESPACE

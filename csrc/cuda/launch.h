@@ -1,5 +1,5 @@
 // The launcher API of the CUDA kernels: raw device pointers in, kernels queued on a stream out.
-// No torch and no CUDA runtime types here, so that the torch op layer (csrc/cuda_ops.cpp) and the
+// No torch and no CUDA runtime types here, so that the torch op layer (csrc/ops/cuda.cpp) and the
 // host-only tests include it with any C++ compiler. Nothing here waits for the device.
 #pragma once
 
@@ -7,13 +7,10 @@
 
 #include <string>
 
-#include "../cpu/mgpp_cpu.h"
+#include "../core/formats.h"
 
-namespace mgpp {
+namespace MGPP_NAMESPACE {
 namespace cuda {
-
-using cpu::DType;
-using cpu::ValueTensor;  // data (device) and numel of one contiguous tensor
 
 // One tensor of a fused step; every pointer is device memory with `numel` contiguous elements.
 struct StepTensor {
@@ -30,13 +27,14 @@ struct StepTensor {
 struct StepLaunch {
   DType param_dtype;
   DType state_dtype;         // float32 or param_dtype
-  const double* scalars;     // kNumStepScalars float64 in StepScalar order (csrc/mgpp_math.h)
+  const double* scalars;     // kNumStepScalars float64 in StepScalar order (csrc/core/layout.h)
   const float* grad_scale;   // one float32; gradients are divided by it; null without a GradScaler
   int64_t* high_histogram;   // kHistHighBins counters to add |θ_new|'s level-0 bins to, or null
   void* stream;              // cudaStream_t
 };
 
-// Prior gradient + AdamW + frozen mask for every tensor (one dtype pair) in one pass.
+// Prior gradient + AdamW + frozen mask for every tensor (one dtype pair) in one pass. Throws
+// std::invalid_argument on an unknown dtype or a state dtype the kernels do not take.
 void fused_step(const StepTensor* tensors, int64_t count, const StepLaunch& launch);
 
 // Adds the radix histogram of |x| over the tensors: level 0 counts key_high_bin over all
@@ -45,7 +43,7 @@ void fused_step(const StepTensor* tensors, int64_t count, const StepLaunch& laun
 void abs_histogram(const ValueTensor* tensors, int64_t count, DType dtype, int level,
                    const int64_t* selection, int64_t* histogram, void* stream);
 
-// One radix selection level on the device: the same result as select_bin (csrc/mgpp_math.h).
+// One radix selection level on the device: the same result as select_bin (csrc/core/selection.h).
 void radix_select(const int64_t* histogram, int level, int64_t* selection, void* stream);
 
 // Zeroes |x| < τ (τ's key is selection[kSelKey]); when keep_masks is not null, also writes each
@@ -53,8 +51,8 @@ void radix_select(const int64_t* histogram, int level, int64_t* selection, void*
 void apply_threshold(const ValueTensor* tensors, uint8_t* const* keep_masks, int64_t count,
                      DType dtype, const int64_t* selection, void* stream);
 
-// "cuda kernels: CUDA <runtime version the kernels were built with>, sm_<each arch>".
+// "cuda kernels: CUDA <runtime version>, nvcc <version>, sm_<each arch>", as built.
 std::string build_info();
 
 }  // namespace cuda
-}  // namespace mgpp
+}  // namespace MGPP_NAMESPACE

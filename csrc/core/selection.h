@@ -1,0 +1,51 @@
+// The exact global threshold τ (SPEC §3): ranking keys and the radix selection of the k-th
+// smallest one from histograms, shared by the CPU and CUDA kernels.
+#pragma once
+
+#include "layout.h"
+#include "platform.h"
+
+namespace MGPP_NAMESPACE {
+
+// For non-negative IEEE floats the bit pattern orders like the value, so |θ| is ranked by its
+// float32 bits without the sign. Every storage format converts to float32 exactly, so one key
+// space ranks tensors of mixed dtypes. NaN keys sort above +inf, as NaN does in torch.kthvalue.
+constexpr uint32_t kNaNKeyFloor = 0x7F800001u;
+
+MGPP_HD uint32_t abs_key(float x) { return float_to_bits(x) & 0x7FFFFFFFu; }
+MGPP_HD uint32_t key_high_bin(uint32_t key) { return key >> kHistLowBits; }
+MGPP_HD uint32_t key_low_bin(uint32_t key) { return key & (kHistLowBins - 1u); }
+
+// |θ| < τ in key space. Comparisons with a NaN τ are false, as in torch.
+MGPP_HD bool below_threshold(uint32_t key, uint32_t tau_key) {
+  return key < tau_key && tau_key < kNaNKeyFloor;
+}
+
+// Records the bin that one level of the selection chose, `before` keys lying in the bins below it.
+MGPP_HD void record_bin(int level, uint32_t bin, int64_t before, int64_t* selection) {
+  selection[kSelRank] -= before;
+  if (level == 0) {
+    selection[kSelKey] = static_cast<int64_t>(bin) << kHistLowBits;
+    selection[kSelBelow] = before;
+  } else {
+    selection[kSelKey] |= bin;
+    selection[kSelBelow] += before;
+  }
+}
+
+// One level of the radix selection (the SelectionSlot state of csrc/core/layout.h): level 0
+// narrows to one high bin, level 1 to one low bin inside it. Keys of bfloat16 values have zero
+// low bits, so when every candidate is bfloat16, τ is exact after level 0.
+MGPP_HD void select_bin(const int64_t* histogram, int level, int64_t* selection) {
+  const uint32_t bins = level == 0 ? kHistHighBins : kHistLowBins;
+  const int64_t rank = selection[kSelRank];
+  int64_t before = 0;
+  uint32_t bin = 0;
+  for (; bin + 1 < bins; ++bin) {
+    if (before + histogram[bin] >= rank) break;
+    before += histogram[bin];
+  }
+  record_bin(level, bin, before, selection);
+}
+
+}  // namespace MGPP_NAMESPACE

@@ -1,0 +1,60 @@
+// torch.ops.mgpp: the op schemas and the module that registers them. The kernels' implementations
+// are registered apart, per device: csrc/ops/cpu.cpp and csrc/ops/cuda.cpp.
+#include <Python.h>
+
+#include <string>
+
+#include <torch/library.h>
+
+#include "../core/layout.h"
+#include "../cpu/kernels.h"
+#if defined(MGPP_WITH_CUDA)
+#include "../cuda/launch.h"
+#endif
+
+namespace mgpp {
+namespace {
+
+// The layout of csrc/core/layout.h as mgpp_kernels/ops/layout.py checks it at import:
+// "step_scalars=lr,beta1,...;high_bins=65536;low_bins=32768;selection=rank,key,below".
+std::string layout() {
+#define MGPP_NAME(enumerator, name) "," #name
+  const std::string step_scalars = MGPP_STEP_SCALARS(MGPP_NAME);
+  const std::string selection = MGPP_SELECTION_SLOTS(MGPP_NAME);
+#undef MGPP_NAME
+  // Each list starts with the separator of its first name.
+  return "step_scalars=" + step_scalars.substr(1) + ";high_bins=" + std::to_string(kHistHighBins) +
+         ";low_bins=" + std::to_string(kHistLowBins) + ";selection=" + selection.substr(1);
+}
+
+std::string build_info() {
+#if defined(MGPP_WITH_CUDA)
+  return cpu::build_info() + "; " + cuda::build_info();
+#else
+  return cpu::build_info();
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY(mgpp, m) {
+  // The typed wrappers and the fake implementations of these ops live in mgpp_kernels.ops.
+  m.set_python_module("mgpp_kernels.ops");
+  m.def("layout() -> str", &layout);
+  m.def("build_info() -> str", &build_info);
+  m.def(
+      "fused_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] state_steps, Tensor[] keep_masks, Tensor scalars, "
+      "Tensor? grad_scale, Tensor(e!)? histogram) -> ()");
+  m.def("abs_histogram_(Tensor[] tensors, Tensor(a!) histogram, Tensor selection, int level) -> ()");
+  m.def("radix_select_(Tensor histogram, Tensor(a!) selection, int level) -> ()");
+  m.def("apply_threshold_(Tensor(a!)[] tensors, Tensor(b!)[] keep_masks, Tensor selection) -> ()");
+}
+
+}  // namespace mgpp
+
+// Importing mgpp_kernels._C runs the registrations of csrc/ops; the module itself is empty.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
