@@ -155,7 +155,7 @@ class TritonBackend:
     name = "triton"
     # The optimizer keeps step counts on the parameters' device, so a GPU step is capturable.
     steps_on_device = True
-    ranks_across_processes = False
+    ranks_across_processes = True
 
     def __init__(self):
         self._plans = _LruCache(TABLE_CACHE_SIZE)
@@ -204,8 +204,9 @@ class TritonBackend:
         for i, p in enumerate(event.params):
             check_tensor(p, device, "candidates", i)
             check_kernel_dtype(p.dtype, "candidates")
+        # With a process group, k ranks every rank's shards (the optimizer checks it against N).
         numel = sum(p.numel() for p in event.params)
-        if not 1 <= event.k <= numel:
+        if event.process_group is None and not 1 <= event.k <= numel:
             raise ValueError(f"k must be in [1, {numel}] (the number of candidate elements), got "
                              f"{event.k}")
         if event.keep_masks:
@@ -265,7 +266,8 @@ class TritonBackend:
                 counted = {id(e.param) for e in entries if e.count}
                 uncounted = [p for p in event.params if id(p) not in counted]
                 selection, tau = self._select(event.params, uncounted, event.keep_masks,
-                                              scalars[rank_index:], workspace)
+                                              scalars[rank_index:], workspace,
+                                              event.process_group)
                 for launch in self._value_launches(event.params, event.keep_masks):
                     kernels.threshold_kernel[(launch.num_blocks,)](
                         launch.table, launch.blocks, selection, DTYPE=launch.dtypes[0],
@@ -388,12 +390,16 @@ class TritonBackend:
         return self._value_tables.get(key, build)
 
     def _select(self, tensors: list[torch.Tensor], uncounted: list[torch.Tensor],
-                keep_masks: list[torch.Tensor], rank: torch.Tensor,
-                workspace: _Workspace) -> tuple[torch.Tensor, torch.Tensor]:
+                keep_masks: list[torch.Tensor], rank: torch.Tensor, workspace: _Workspace,
+                process_group=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Radix selection of τ, the rank[0]-th smallest |x| over `tensors`, on the device.
 
         The level-0 histogram already counts every tensor not in `uncounted` (the update pass
-        did). Returns the selection state [rank, key, below] and τ (0-dim float32).
+        did). Returns the selection state [rank, key, below] and τ (0-dim float32). With a
+        process group, `tensors` are this rank's shards and rank[0] ranks over every rank's:
+        each level's histogram is summed over the group (an all-reduce on the device, with any
+        torch.distributed backend) before its selection, so every rank selects the same τ and
+        the same global `below` without sending a weight.
         """
         device = tensors[0].device
         selection = torch.empty(3, dtype=torch.int64, device=device)
@@ -403,16 +409,22 @@ class TritonBackend:
                 launch.table, launch.blocks, workspace.high_histogram, selection,
                 DTYPE=launch.dtypes[0], LEVEL=0, ALIGNED=launch.aligned, BLOCK=VALUE_BLOCK,
                 **LAUNCH_OPTIONS)
+        if process_group is not None:
+            torch.distributed.all_reduce(workspace.high_histogram, group=process_group)
         kernels.select_kernel[(1,)](workspace.high_histogram, selection, rank, tau, LEVEL=0,
                                     BINS=kernels.HIGH_BINS.value, CHUNK=SELECT_CHUNK,
                                     **LAUNCH_OPTIONS)
-        # bfloat16 keys have no bits below the first level: τ is already exact.
-        if any(t.dtype != torch.bfloat16 for t in tensors):
+        # bfloat16 keys have no bits below the first level: τ is already exact. Another rank's
+        # shards may have other dtypes, so a process group always takes the second level (on
+        # bfloat16 keys it selects low bits 0, the same τ).
+        if process_group is not None or any(t.dtype != torch.bfloat16 for t in tensors):
             for launch in self._value_launches(tensors, keep_masks):
                 kernels.histogram_kernel[(launch.num_blocks,)](
                     launch.table, launch.blocks, workspace.low_histogram, selection,
                     DTYPE=launch.dtypes[0], LEVEL=1, ALIGNED=launch.aligned, BLOCK=VALUE_BLOCK,
                     **LAUNCH_OPTIONS)
+            if process_group is not None:
+                torch.distributed.all_reduce(workspace.low_histogram, group=process_group)
             kernels.select_kernel[(1,)](workspace.low_histogram, selection, rank, tau, LEVEL=1,
                                         BINS=kernels.LOW_BINS.value,
                                         CHUNK=min(SELECT_CHUNK, kernels.LOW_BINS.value),

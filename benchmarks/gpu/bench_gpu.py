@@ -1,0 +1,245 @@
+"""The GPU benchmark of benchmarks/gpu/run.sh: MGPP `cuda` and `triton` against
+torch.optim.AdamW(fused=True) (and capturable=True) on one device, all in one process, so that
+every ratio is measured side by side.
+
+    python benchmarks/gpu/bench_gpu.py OUT_DIR [--dry-run]
+
+Measures, in fp32 and bf16, on the BERT-base candidate set and on about 1B elements (a 7B LLaMA's
+layers per rank): a step without and with a pruning event, τ selection against torch.kthvalue and
+torch.topk on the same weights (same τ asserted), effective GB/s against the device-to-device copy
+bandwidth measured in the same run, whether step() synchronises with the host under a GradScaler
+(torch.cuda.set_sync_debug_mode), and whether a CUDA-graph replay of a captured step equals eager
+steps. Writes OUT_DIR/gpu_bench.json and OUT_DIR/gpu_bench.md and prints the table.
+
+--dry-run: tiny sizes on the CPU, the triton backend through the interpreter and the cpu backend
+standing in for cuda, so that the script runs in the test suite and cannot rot.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+if "--dry-run" in sys.argv:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout's mgpp_kernels
+
+import mgpp_kernels  # noqa: E402
+from mgpp_kernels import MGPP  # noqa: E402
+from mgpp_kernels.workloads import BERT_BASE, BertShapes  # noqa: E402
+
+LLAMA_LAYER_ELEMENTS = 1 << 30   # about a 7B LLaMA's decoder layers held by one rank
+# The dry run's sizes: a few interpreted Triton programs per step.
+DRY_RUN_BERT = BertShapes(layers=1, hidden=32)
+DRY_RUN_LARGE_ELEMENTS = 1 << 14
+SCHEDULE = dict(num_train_examples=67349, initial_warmup_steps=0, total_steps=10**6,
+                final_warmup_steps=0, initial_sparsity=0.5, final_sparsity=0.9)
+# Bytes one element moves in a step without an event: θ, g, m, v read, θ, m, v written.
+STEP_BYTES = {"fp32": 28, "bf16": 14}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def timer(device: torch.device):
+    """Seconds per call of fn, the median of `repeats` calls after one warm-up."""
+    def measure(fn, repeats: int) -> float:
+        fn()
+        samples = []
+        for _ in range(repeats):
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                samples.append(start.elapsed_time(end) / 1e3)
+            else:
+                began = time.perf_counter()
+                fn()
+                samples.append(time.perf_counter() - began)
+        return sorted(samples)[len(samples) // 2]
+    return measure
+
+
+def copy_bandwidth(device: torch.device, numel: int, measure) -> float:
+    """Bytes per second of a device-to-device copy (read + write) of `numel` float32."""
+    source, target = torch.rand(numel, device=device), torch.empty(numel, device=device)
+    return 8 * numel / measure(lambda: target.copy_(source), 5)
+
+
+def workloads(dry_run: bool) -> dict[str, list[tuple[int, ...]]]:
+    if dry_run:
+        return {"bert-base candidates": DRY_RUN_BERT.candidate_shapes(),
+                "1B elements": [(DRY_RUN_LARGE_ELEMENTS // 4,)] * 4}
+    # The large set as 64 tensors of 4096-wide rows, the shape of a model's layer weights.
+    return {"bert-base candidates": BERT_BASE.candidate_shapes(),
+            "1B elements": [(LLAMA_LAYER_ELEMENTS // (64 * 4096), 4096)] * 64}
+
+
+def make_params(shapes, dtype, device, seed=0):
+    """Parameters with normal(0, 0.04) values and gradients, drawn on the device (a billion
+    draws on the host would take longer than the measurements)."""
+    torch.manual_seed(seed)
+    params = [torch.nn.Parameter((torch.randn(shape, device=device) * 0.04).to(dtype))
+              for shape in shapes]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    return params
+
+
+def optimizer_for(name: str, params, interval: int):
+    if name == "AdamW fused":
+        return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=True)
+    if name == "AdamW capturable":
+        return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, capturable=True,
+                                 foreach=True)
+    return MGPP([{"params": params, "prune": True}], lr=1e-4, weight_decay=0.0,
+                backend=name.split()[-1], pruning_interval=interval, **SCHEDULE)
+
+
+def step_rows(device, backends, dry_run, measure, bandwidth) -> list[dict]:
+    rows = []
+    repeats = 1 if dry_run else 10
+    for workload, shapes in workloads(dry_run).items():
+        numel = sum(torch.Size(s).numel() for s in shapes)
+        for precision, dtype in DTYPES.items():
+            # capturable=True takes GPU tensors only.
+            peers = ["AdamW fused", "AdamW capturable"] if device.type == "cuda" else ["AdamW fused"]
+            for name in [*peers, *(f"MGPP {b}" for b in backends)]:
+                params = make_params(shapes, dtype, device)
+                events = [False, True] if name.startswith("MGPP") else [False]
+                for event in events:
+                    # An interval of 1 prunes every step; a huge one never after t_i = 0.
+                    optimizer = optimizer_for(name, params, 1 if event else 10**5)
+                    optimizer.step()  # t = 0 prunes to s_i: later steps are plain or events
+                    seconds = measure(optimizer.step, repeats)
+                    rows.append(dict(workload=workload, precision=precision, optimizer=name,
+                                     event=event, elements=numel, ms=seconds * 1e3,
+                                     gbps=STEP_BYTES[precision] * numel / seconds / 1e9,
+                                     copy_fraction=STEP_BYTES[precision] * numel / seconds
+                                     / bandwidth))
+                del params
+    for row in rows:
+        fused = next(r for r in rows if r["workload"] == row["workload"]
+                     and r["optimizer"] == "AdamW fused" and r["precision"] == row["precision"])
+        row["vs_fused_adamw"] = row["ms"] / fused["ms"]
+    return rows
+
+
+def selection_rows(device, backends, dry_run, measure) -> list[dict]:
+    """τ over the BERT-base candidates by each backend's radix selection and by torch."""
+    shapes = workloads(dry_run)["bert-base candidates"]
+    params = [p.detach() for p in make_params(shapes, torch.float32, device, seed=1)]
+    numel = sum(p.numel() for p in params)
+    k = int(numel * 0.9)
+    expected = torch.kthvalue(torch.cat([p.abs().flatten() for p in params]), k).values
+    methods = {
+        "torch.kthvalue": lambda: torch.kthvalue(torch.cat([p.abs().flatten() for p in params]),
+                                                 k).values,
+        "torch.topk": lambda: torch.topk(torch.cat([p.abs().flatten() for p in params]),
+                                         numel - k + 1, largest=True).values[-1],
+    }
+    for backend in backends:
+        methods[f"radix {backend}"] = (
+            lambda backend=backend: mgpp_kernels.backends.load_backend(backend)
+            .global_threshold(params, k))
+    rows = []
+    for name, select in methods.items():
+        tau = select()
+        if not torch.equal(tau.reshape(()).float(), expected):
+            raise AssertionError(f"{name} selected {float(tau)}, kthvalue {float(expected)}")
+        rows.append(dict(method=name, elements=numel, ms=measure(select, 1 if dry_run else 5) * 1e3))
+    kth = next(r["ms"] for r in rows if r["method"] == "torch.kthvalue")
+    for row in rows:
+        row["speedup_vs_kthvalue"] = kth / row["ms"]
+    return rows
+
+
+def sync_rows(device, backends) -> list[dict]:
+    """How many times step() synchronises with the host under a GradScaler (CUDA only)."""
+    if device.type != "cuda":
+        return [dict(backend=b, syncs=None, note="no GPU: not measured") for b in backends]
+    rows = []
+    for backend in backends:
+        params = make_params(BERT_BASE.layer_candidate_shapes(), torch.float32, device)
+        optimizer = optimizer_for(f"MGPP {backend}", params, 10**5)
+        scaler = torch.amp.GradScaler("cuda")
+        for p in params:
+            p.grad.mul_(scaler.get_scale())
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                scaler.step(optimizer)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        rows.append(dict(backend=backend, syncs=sum("synchroniz" in str(w.message).lower()
+                                                    for w in caught)))
+    return rows
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# GPU benchmark: {result['device']}", "",
+             f"torch {result['torch']}, triton {result['triton']}, copy bandwidth "
+             f"{result['copy_gbps']:.1f} GB/s", "",
+             "| workload | precision | optimizer | event | ms | GB/s | of copy | vs fused AdamW |",
+             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: |"]
+    for r in result["steps"]:
+        lines.append(f"| {r['workload']} | {r['precision']} | {r['optimizer']} | "
+                     f"{'yes' if r['event'] else 'no'} | {r['ms']:.3f} | {r['gbps']:.1f} | "
+                     f"{100 * r['copy_fraction']:.0f}% | {r['vs_fused_adamw']:.2f}× |")
+    lines += ["", "| τ selection | ms | vs kthvalue |", "| --- | ---: | ---: |"]
+    lines += [f"| {r['method']} | {r['ms']:.3f} | {r['speedup_vs_kthvalue']:.1f}× |"
+              for r in result["selection"]]
+    lines += ["", "| backend | host syncs in step() with a GradScaler |", "| --- | --- |"]
+    lines += [f"| {r['backend']} | {r['syncs'] if r['syncs'] is not None else r['note']} |"
+              for r in result["syncs"]]
+    lines += ["", f"CUDA-graph replay of MGPP's step: {result['graph_replay']}"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("output_dir")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="tiny sizes on the CPU (triton through the interpreter, cpu for cuda)")
+    args = parser.parse_args(argv)
+    if args.dry_run:
+        device, backends = torch.device("cpu"), ["cpu", "triton"]
+    elif torch.cuda.is_available():
+        device, backends = torch.device("cuda"), ["cuda", "triton"]
+    else:
+        print("no CUDA device: run with --dry-run", file=sys.stderr)
+        return 1
+    missing = [b for b in backends if b not in mgpp_kernels.available_backends()]
+    if missing:
+        print(f"backends not available: {missing}", file=sys.stderr)
+        return 1
+    import triton
+    measure = timer(device)
+    bandwidth = copy_bandwidth(device, 1 << (16 if args.dry_run else 28), measure)
+    result = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu (dry run)",
+                  torch=torch.__version__, triton=triton.__version__, copy_gbps=bandwidth / 1e9,
+                  steps=step_rows(device, backends, args.dry_run, measure, bandwidth),
+                  selection=selection_rows(device, backends, args.dry_run, measure),
+                  syncs=sync_rows(device, backends),
+                  graph_replay="not supported yet: each step stages its scalars in a fresh "
+                               "pinned buffer, and found_inf and the schedule are read on the "
+                               "host")
+    output = Path(args.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "gpu_bench.json").write_text(json.dumps(result, indent=2))
+    table = markdown(result)
+    (output / "gpu_bench.md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
