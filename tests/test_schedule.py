@@ -1,6 +1,6 @@
 """The schedule of SPEC §2 at its boundaries, against values computed by hand.
 
-SCHEDULE (conftest): t_i = 4, T = 30, t_f = 5 so t_end = 24, ΔT = 7, s_i = 0.3, s_f = 0.9,
+SCHEDULE (tests/helpers.py): t_i = 4, T = 30, t_f = 5 so t_end = 24, ΔT = 7, s_i = 0.3, s_f = 0.9,
 λ = 0.1, α_f = 1e-3; t_end - t_i = 20.
 """
 import pytest
@@ -8,7 +8,7 @@ import torch
 
 from mgpp_kernels import MGPPConfig, reference
 
-from conftest import SCHEDULE, build_optimizer, make_params, run_steps
+from helpers import SCHEDULE, build_optimizer, make_params, masks, run_steps, schedule
 
 CONFIG = MGPPConfig(**SCHEDULE)
 
@@ -38,7 +38,7 @@ def test_t_end():
 @pytest.mark.parametrize("t", sorted(EXPECTED))
 def test_schedule_point(t):
     stage, prior_on, lambda_t, prune_to, freeze, frozen = EXPECTED[t]
-    point = reference.schedule_at(CONFIG, t)
+    point = schedule.schedule_at(CONFIG, t)
     assert point.t == t
     assert point.stage == stage
     assert point.prior_on is prior_on
@@ -52,12 +52,12 @@ def test_schedule_point(t):
 
 
 def test_events_are_exactly_the_listed_steps():
-    events = {t: reference.target_sparsity(CONFIG, t) for t in range(40)}
+    events = {t: schedule.target_sparsity(CONFIG, t) for t in range(40)}
     assert sorted(t for t, s in events.items() if s is not None) == [4, 7, 14, 21, 24]
 
 
 def test_lambda_factor_is_continuous_and_decreasing_through_the_pruning_stage():
-    factors = [reference.lambda_factor(CONFIG, t) for t in range(30)]
+    factors = [schedule.lambda_factor(CONFIG, t) for t in range(30)]
     assert factors[:5] == [1.0] * 5
     assert factors[24:] == [1e-3] * 6
     assert all(a > b for a, b in zip(factors[4:25], factors[5:25]))
@@ -69,16 +69,16 @@ def test_first_step_prunes_when_t_i_is_zero_and_t_end_is_a_multiple_of_the_inter
     assert config.t_end == 20
     expected = {0: 0.5, 5: 0.8 - 0.3 * 0.75 ** 3, 10: 0.8 - 0.3 * 0.5 ** 3,
                 15: 0.8 - 0.3 * 0.25 ** 3, 20: 0.8}
-    events = {t: reference.target_sparsity(config, t) for t in range(25)}
+    events = {t: schedule.target_sparsity(config, t) for t in range(25)}
     assert {t: s for t, s in events.items() if s is not None} == pytest.approx(expected, rel=1e-12)
-    assert reference.schedule_at(config, 20).freeze
-    assert reference.schedule_at(config, 0).lambda_t == 0.1
+    assert schedule.schedule_at(config, 20).freeze
+    assert schedule.schedule_at(config, 0).lambda_t == 0.1
 
 
 def test_interval_one_prunes_every_step_of_the_pruning_stage():
     config = MGPPConfig(num_train_examples=10, initial_warmup_steps=2, total_steps=8,
                         pruning_interval=1)
-    assert [t for t in range(10) if reference.target_sparsity(config, t) is not None] == \
+    assert [t for t in range(10) if schedule.target_sparsity(config, t) is not None] == \
         [2, 3, 4, 5, 6, 7]
 
 
@@ -87,9 +87,9 @@ def test_t_i_just_before_t_end():
                         final_warmup_steps=1, pruning_interval=3, initial_sparsity=0.2,
                         final_sparsity=0.6)
     assert config.t_end == 6
-    assert reference.target_sparsity(config, 5) == 0.2
-    assert reference.target_sparsity(config, 6) == 0.6
-    assert reference.lambda_factor(config, 6) == config.lambda_final_factor
+    assert schedule.target_sparsity(config, 5) == 0.2
+    assert schedule.target_sparsity(config, 6) == 0.6
+    assert schedule.lambda_factor(config, 6) == config.lambda_final_factor
 
 
 def _distinct_magnitudes(n, seed):
@@ -106,15 +106,15 @@ def test_optimizer_follows_the_schedule(any_backend):
     step's prior gradient: the optimizer's events, λ_t, prior on/off and frozen mask are read off
     the state after every step."""
     values = _distinct_magnitudes(1000, seed=1)
-    params = [torch.nn.Parameter(values[:600].clone().view(20, 30)),
-              torch.nn.Parameter(values[600:].clone())]
+    params = [torch.nn.Parameter(values[:600].clone().view(20, 30).to(any_backend.device)),
+              torch.nn.Parameter(values[600:].clone().to(any_backend.device))]
     optimizer = build_optimizer(params, any_backend, [True, True], lr=0.0, betas=(0.0, 0.999))
     numel = 1000
     zeros_before = 0
     for t in range(30):
-        point = reference.schedule_at(CONFIG, t)  # checked against EXPECTED above
+        point = schedule.schedule_at(CONFIG, t)  # checked against EXPECTED above
         lambda_t = EXPECTED[t][2] if t in EXPECTED else point.lambda_t
-        before = [p.detach().clone() for p in params]
+        before = [p.detach().cpu().clone() for p in params]
         for p in params:
             p.grad = torch.zeros_like(p)
         optimizer.step()
@@ -127,11 +127,12 @@ def test_optimizer_follows_the_schedule(any_backend):
             assert zeros == zeros_before, f"t={t}: pruned without an event"
         zeros_before = zeros
         for b, p in zip(before, params):
+            p = p.detach().cpu()
             kept = p != 0
             assert torch.equal(p[kept], b[kept]), f"t={t}: lr=0 moved a weight"
 
         for b, p in zip(before, params):
-            exp_avg = optimizer.state[p]["exp_avg"]
+            exp_avg = optimizer.state[p]["exp_avg"].cpu()
             if point.prior_on:
                 expected = reference.prior_gradient(b, lambda_t, 1e-10, 0.05, 1000)
                 torch.testing.assert_close(exp_avg, expected, rtol=1e-5, atol=0,
@@ -147,7 +148,7 @@ def test_optimizer_follows_the_schedule(any_backend):
         if t >= 4:
             last_event = max(e for e in (4, 7, 14, 21, 24) if e <= t)
             assert stats["target_sparsity"] == pytest.approx(
-                reference.target_sparsity(CONFIG, last_event), rel=1e-12)
+                schedule.target_sparsity(CONFIG, last_event), rel=1e-12)
             assert stats["pruned"] == int(numel * stats["target_sparsity"]) - 1
         else:
             assert stats["target_sparsity"] == 0.0 and stats["tau"] is None
@@ -158,15 +159,15 @@ def test_optimizer_follows_the_schedule(any_backend):
 def test_frozen_mask_is_reapplied_after_every_update(any_backend):
     """After t_end the positions pruned at the freeze stay zero although their gradients push
     them, and the others keep moving."""
-    params = make_params([(500,)], scale=0.05)
+    params = make_params([(500,)], scale=0.05, device=any_backend.device)
     optimizer = build_optimizer(params, any_backend, [True], lr=1e-2)
     run_steps(optimizer, params, 0, 25)
-    keep = reference.unpack_mask(optimizer.state[params[0]]["keep_mask"], params[0])
+    keep = masks.unpack_mask(optimizer.state[params[0]]["keep_mask"], params[0])
     assert torch.equal(keep, params[0] != 0)
     # k = 450 of 500 at s_f = 0.9: τ itself and its ties (weights regrown from 0 alike) are kept.
     assert 400 <= int((~keep).sum()) == optimizer.stats()["pruned"] <= 449
     for t in range(25, 30):
         before = params[0].detach().clone()
         run_steps(optimizer, params, t, t + 1)
-        assert torch.equal(params[0][~keep], torch.zeros(int((~keep).sum()))), f"t={t}"
+        assert torch.equal(params[0][~keep].cpu(), torch.zeros(int((~keep).sum()))), f"t={t}"
         assert (params[0][keep] != before[keep]).all(), f"t={t}"
