@@ -39,9 +39,10 @@ from mgpp_kernels import (DEFAULT_PATTERNS, MGPP, available_backends,  # noqa: E
 from mgpp_kernels.backends import AUTO_ORDER  # noqa: E402
 from mgpp_kernels.integrations.export import (format_sparsity_table, load_sparse,  # noqa: E402
                                               save_sparse, sparsity_report)
-from mgpp_kernels.integrations.glue import load_sst2  # noqa: E402
 from mgpp_kernels.integrations.transformers import (add_mgpp_callback,  # noqa: E402
                                                     create_mgpp)
+
+from glue import load_sst2  # noqa: E402  (examples/glue.py, beside this script)
 
 
 @dataclass(frozen=True)

@@ -3,12 +3,18 @@ from __future__ import annotations
 
 import argparse
 import platform
+import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
-from . import __version__, bench, bench_suite, verify
+from . import __version__, bench, verify
 from .backends import BACKENDS, BackendUnavailableError, load_backend
+
+# The benchmark suite is not part of the package (it needs matplotlib and tqdm): it is the
+# repository's benchmarks/suite.py, found beside the package in a checkout.
+BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 def info() -> int:
@@ -19,7 +25,7 @@ def info() -> int:
     except ImportError:
         print("triton: not installed")
     print(f"CUDA available: {torch.cuda.is_available()}; torch threads: {torch.get_num_threads()}")
-    print(f"CPU: {bench._cpu_model()}; features: {' '.join(_cpu_features()) or 'unknown'}")
+    print(f"CPU: {bench.cpu_model()}; features: {' '.join(_cpu_features()) or 'unknown'}")
     for name in BACKENDS:
         try:
             load_backend(name)
@@ -44,6 +50,17 @@ def _cpu_features() -> list[str]:
     return []
 
 
+def bench_suite(argv: list[str]) -> int:
+    """Runs benchmarks/suite.py of the checkout this package sits in, in its own process."""
+    suite = BENCHMARKS_DIR / "suite.py"
+    if not suite.is_file():
+        print(f"bench-suite runs from a repository checkout: it is benchmarks/suite.py, which is "
+              f"not beside this mgpp_kernels ({Path(__file__).parent}); run `python "
+              f"benchmarks/suite.py` in a clone of the repository", file=sys.stderr)
+        return 1
+    return subprocess.run([sys.executable, str(suite), *argv]).returncode
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mgpp_kernels")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -53,8 +70,9 @@ def main(argv=None) -> int:
     verify_parser.add_argument("--layers", type=int, default=2,
                                help="BERT-base encoder layers (default 2; 12 for the whole model)")
     commands.add_parser("bench", help="step time against torch.optim.AdamW", add_help=False)
-    commands.add_parser("bench-suite", help="microbenchmarks against every peer, with plots",
-                        add_help=False)
+    commands.add_parser("bench-suite", add_help=False,
+                        help="microbenchmarks against every peer, with plots (benchmarks/suite.py "
+                             "of a repository checkout)")
     args, rest = parser.parse_known_args(argv)
     if args.command == "info":
         return info()
@@ -63,7 +81,7 @@ def main(argv=None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         return verify.run(args.backend, args.layers)
     if args.command == "bench-suite":
-        return bench_suite.main(rest)
+        return bench_suite(rest)
     return bench.main(rest)
 
 

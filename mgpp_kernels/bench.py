@@ -1,8 +1,9 @@
 """`python -m mgpp_kernels bench` (also benchmarks/bench_step.py): one optimizer step of MGPP and of
 torch.optim.AdamW on a BERT-base-shaped model, side by side in one process.
 
-Every time is the median of several steps after a warm-up. Effective GB/s counts the bytes SPEC §3
-says a step must move: θ, g, m, v read and θ, m, v written once per element.
+Every time is the median of several steps after a warm-up. Effective GB/s counts the bytes
+docs/spec.md §3 says a step must move: θ, g, m, v read and θ, m, v written once per element. The
+benchmark suite with every peer, scaling and plots is benchmarks/suite.py in the repository.
 """
 from __future__ import annotations
 
@@ -17,25 +18,19 @@ import torch
 from . import __version__
 from .backends import available_backends, load_backend
 from .optimizer import MGPP
-from .verify import BERT_BASE_LAYER
-
-VOCAB, POSITIONS, HIDDEN = 30522, 512, 768
+from .workloads import bert_base, random_parameters
 
 
-def bert_base(layers: int, dtype: torch.dtype, seed: int = 0):
-    """Candidate matrices and the non-candidate parameters (embeddings, LayerNorm, biases, pooler)."""
+def bert_base_parameters(layers: int, dtype: torch.dtype, seed: int = 0
+                         ) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    """BERT-base's candidate matrices and its other parameters (embeddings, LayerNorm, biases,
+    pooler), each with a gradient."""
+    shapes = bert_base(layers)
     generator = torch.Generator().manual_seed(seed)
-
-    def randn(*shape):
-        return torch.nn.Parameter((torch.randn(shape, generator=generator) * 0.04).to(dtype))
-
-    candidates = [randn(*shape) for _ in range(layers) for shape in BERT_BASE_LAYER]
-    others = [randn(VOCAB, HIDDEN), randn(POSITIONS, HIDDEN), randn(2, HIDDEN), randn(HIDDEN, HIDDEN)]
-    for _ in range(layers):
-        others += [randn(HIDDEN) for _ in range(4)] + [randn(4 * HIDDEN), randn(HIDDEN)]
-        others += [randn(HIDDEN) for _ in range(4)]  # two LayerNorms
-    for p in candidates + others:
-        p.grad = torch.randn(p.shape, generator=generator).to(dtype) * 1e-3
+    candidates = random_parameters(shapes.candidate_shapes(), generator, std=0.04, grad_std=1e-3,
+                                   dtype=dtype)
+    others = random_parameters(shapes.other_shapes(), generator, std=0.04, grad_std=1e-3,
+                               dtype=dtype)
     return candidates, others
 
 
@@ -82,7 +77,7 @@ NO_EVENTS, EVERY_STEP = 1_000_000, 1
 def run(quick: bool = False, repeats: int = 5, output: str = "bench_results.json") -> dict:
     layers = 2 if quick else 12
     torch.manual_seed(0)
-    candidates, others = bert_base(layers, torch.float32)
+    candidates, others = bert_base_parameters(layers, torch.float32)
     params = candidates + others
     numel = sum(p.numel() for p in params)
     candidate_numel = sum(p.numel() for p in candidates)
@@ -135,7 +130,7 @@ def run(quick: bool = False, repeats: int = 5, output: str = "bench_results.json
         assert same, "radix selection and kthvalue disagree on tau"
 
         del candidates, others, params
-        bf16_candidates, bf16_others = bert_base(layers, torch.bfloat16)
+        bf16_candidates, bf16_others = bert_base_parameters(layers, torch.bfloat16)
         optimizer = mgpp_optimizer(bf16_candidates, bf16_others, "cpu", NO_EVENTS, state_dtype="param")
         optimizer.step()
         record_step("MGPP cpu step without event, bf16 + bf16 state", optimizer.step, repeats,
@@ -159,7 +154,7 @@ def run(quick: bool = False, repeats: int = 5, output: str = "bench_results.json
     print()
     for key, value in summary.items():
         print(f"{key}: {value:.2f}x")
-    result = dict(machine=platform.processor() or platform.machine(), cpu=_cpu_model(),
+    result = dict(machine=platform.processor() or platform.machine(), cpu=cpu_model(),
                   threads=torch.get_num_threads(), torch=torch.__version__, mgpp_kernels=__version__,
                   layers=layers, elements=numel, candidate_elements=candidate_numel, rows=rows,
                   summary=summary)
@@ -180,7 +175,7 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             for line in cpuinfo:

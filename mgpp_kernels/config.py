@@ -1,10 +1,12 @@
-"""The optimizer-wide MGPP settings of SPEC §1 and their validation."""
+"""The optimizer-wide MGPP settings of SPEC §1, AdamW's arguments, and their validation."""
 from __future__ import annotations
 
 import dataclasses
 import math
 from dataclasses import dataclass
 from numbers import Integral, Real
+
+import torch
 
 
 def _require_int(name: str, value, minimum: int) -> None:
@@ -74,3 +76,23 @@ class MGPPConfig:
 
     def with_total_steps(self, total_steps: int) -> "MGPPConfig":
         return dataclasses.replace(self, total_steps=total_steps)
+
+
+def check_adamw_hyperparameters(lr, betas, eps, weight_decay, *, read_tensor_lr: bool = True) -> None:
+    """AdamW's own arguments, as torch.optim.AdamW takes them: lr may be a one-element tensor,
+    whose value is checked only when `read_tensor_lr` (never inside step(): that would be a read
+    of the device on the host)."""
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1 or not lr.is_floating_point():
+            raise ValueError(f"a tensor lr must be one floating-point value, got {lr.dtype} of "
+                             f"shape {tuple(lr.shape)}")
+        lr = float(lr) if read_tensor_lr else 0.0
+    for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
+        _require_finite(name, value)
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    for i, beta in enumerate(betas):
+        if isinstance(beta, bool) or not isinstance(beta, Real) or not 0 <= beta < 1:
+            raise ValueError(f"betas[{i}] must be in [0, 1), got {beta!r}")

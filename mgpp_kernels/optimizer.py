@@ -1,17 +1,25 @@
 """MGPP: AdamW with a spike-and-slab prior on the pruning candidates and global magnitude pruning
-on a cubic schedule (SPEC §1-2), as a torch.optim.Optimizer."""
+on a cubic schedule (SPEC §1-2), as a torch.optim.Optimizer.
+
+The optimizer orchestrates: it validates its arguments (config), asks the schedule what step t
+does (schedule), gathers the step's tensors (backends.types) and hands them to the backend bound
+at construction; sharding and the checkpoint layout live in their own modules.
+"""
 from __future__ import annotations
 
-import math
+import warnings
 from typing import Any
 
 import torch
 from torch.optim import Optimizer
 
-from . import reference
-from .backends import (BackendUnavailableError, Prior, PruneEvent, Threshold, UpdateGroup,
-                       auto_backend, load_backend)
-from .config import MGPPConfig
+from . import checkpoint
+from .backends import auto_backend, load_backend
+from .backends.types import Backend, Prior, PruneEvent, UpdateGroup
+from .config import MGPPConfig, check_adamw_hyperparameters
+from .masks import packed_mask_bytes
+from .schedule import SchedulePoint, plan_event, schedule_at
+from .sharding import Sharding, local
 
 _CONFIG_KEYS = ("num_train_examples", "initial_warmup_steps", "total_steps", "final_warmup_steps",
                 "pruning_interval", "initial_sparsity", "final_sparsity", "sigma0_sq", "sigma1_sq",
@@ -19,36 +27,54 @@ _CONFIG_KEYS = ("num_train_examples", "initial_warmup_steps", "total_steps", "fi
 _FP32_NAMES = (torch.float32, "fp32", "float32")
 
 
-def _is_dtensor(t: torch.Tensor) -> bool:
-    # FSDP2 (fully_shard) parameters are DTensors. torch.distributed.tensor is imported only when
-    # a tensor subclass shows up, which keeps `import mgpp_kernels` light.
-    if type(t) in (torch.Tensor, torch.nn.Parameter) or not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-    return isinstance(t, DTensor)
+def _check_adamw_switches(amsgrad, maximize, foreach, fused, capturable, differentiable) -> None:
+    """torch.optim.AdamW's implementation switches: accepted where they mean what MGPP does (one
+    fused pass over all tensors of a dtype), a ValueError where they ask for something else."""
+    if amsgrad:
+        raise ValueError("amsgrad=True is not supported by MGPP (SPEC §2 is AdamW with "
+                         "amsgrad=False)")
+    if maximize:
+        raise ValueError("maximize=True is not supported by MGPP")
+    if foreach is False or fused is False:
+        raise ValueError("MGPP always updates all tensors of a dtype in one fused pass: "
+                         "foreach=False and fused=False have no meaning here (leave them unset)")
+    if capturable:
+        raise ValueError("capturable=True is not supported yet: MGPP's step reads the schedule "
+                         "position and GradScaler's found_inf on the host")
+    if differentiable:
+        raise ValueError("differentiable=True is not supported by MGPP (its kernels update in "
+                         "place without autograd)")
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a DTensor (a view the kernels update in place); other tensors as is."""
-    return t.to_local() if _is_dtensor(t) else t
+def _first_device(params) -> torch.device | None:
+    for group in params:
+        tensors = group["params"] if isinstance(group, dict) else [group]
+        for t in tensors:
+            if isinstance(t, torch.Tensor):
+                return t.device
+    return None
 
 
-def _check_adamw_hyperparameters(lr, betas, eps, weight_decay) -> None:
-    lr_value = float(lr) if isinstance(lr, torch.Tensor) and lr.numel() == 1 else lr
-    for name, value in (("lr", lr_value), ("eps", eps), ("weight_decay", weight_decay)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"{name} must be a finite number, got {value!r}")
-        if value < 0:
-            raise ValueError(f"{name} must be >= 0, got {value}")
-    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-    for i, beta in enumerate(betas):
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < 1:
-            raise ValueError(f"betas[{i}] must be in [0, 1), got {beta!r}")
+def _materialized(params) -> list:
+    """The params argument with every generator read into a list: it is read twice, once for
+    the device that binds the backend. Sets stay sets, for add_param_group to refuse."""
+    def group_params(tensors):
+        if isinstance(tensors, torch.Tensor):
+            return [tensors]
+        return tensors if isinstance(tensors, set) else list(tensors)
+
+    return [dict(group, params=group_params(group["params"])) if isinstance(group, dict)
+            else group for group in params]
 
 
-def _packed_mask_bytes(numel: int) -> int:
-    return (numel + 7) // 8
+def _bind_backend(name: Any, device: torch.device | None) -> Backend | None:
+    """The backend called `name`, or auto's choice for `device` (None without a device: there
+    is no parameter, which torch's Optimizer reports)."""
+    if not isinstance(name, str):
+        raise ValueError(f"backend must be a string, got {name!r}")
+    if name != "auto":
+        return load_backend(name)
+    return None if device is None else auto_backend(device)
 
 
 class MGPP(Optimizer):
@@ -65,18 +91,16 @@ class MGPP(Optimizer):
     def __init__(self, params, lr: float | torch.Tensor = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
+                 foreach: bool | None = None, capturable: bool = False,
+                 differentiable: bool = False, fused: bool | None = None,
                  num_train_examples: int, initial_warmup_steps: int, total_steps: int | None = None,
                  final_warmup_steps: int = 0, pruning_interval: int = 100,
                  initial_sparsity: float = 0.3, final_sparsity: float = 0.9,
                  sigma0_sq: float = 1e-10, sigma1_sq: float = 0.05, lambda_mix: float = 0.1,
                  lambda_final_factor: float = 1e-3, state_dtype: Any = torch.float32,
                  backend: str = "auto", process_group: Any = None, use_prior: bool = True):
-        if amsgrad:
-            raise ValueError("amsgrad=True is not supported by MGPP (SPEC §2 is AdamW with "
-                             "amsgrad=False)")
-        if maximize:
-            raise ValueError("maximize=True is not supported by MGPP")
-        _check_adamw_hyperparameters(lr, betas, eps, weight_decay)
+        _check_adamw_switches(amsgrad, maximize, foreach, fused, capturable, differentiable)
+        check_adamw_hyperparameters(lr, betas, eps, weight_decay)
         self.config = MGPPConfig(
             num_train_examples=num_train_examples, initial_warmup_steps=initial_warmup_steps,
             total_steps=total_steps, final_warmup_steps=final_warmup_steps,
@@ -90,22 +114,23 @@ class MGPP(Optimizer):
         else:
             raise ValueError(f"state_dtype must be torch.float32 or 'param' (the parameter's "
                              f"dtype), got {state_dtype!r}")
-        if not isinstance(backend, str):
-            raise ValueError(f"backend must be a string, got {backend!r}")
         if not isinstance(use_prior, bool):
             raise ValueError(f"use_prior must be a bool, got {use_prior!r}")
         # use_prior=False: the same schedule and pruning without the prior, i.e. gradual
         # magnitude pruning (GMP), the baseline MGPP is compared with.
         self.use_prior = use_prior
+        params = _materialized(params)
         self._backend_name = backend
-        self._backend = None
-        # The group over which τ is ranked: None for one process; set by process_group=, or by the
-        # device mesh of DTensor candidates (FSDP2), whose shards then rank as one model.
-        self._process_group = process_group
-        self._sharded_by_mesh = False
-        self._dtensor_candidates: bool | None = None
+        self._backend = _bind_backend(backend, _first_device(params))
+        self._sharding = Sharding(group=process_group)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, prune=False)
         super().__init__(params, defaults)
+        if self._backend is None:
+            raise ValueError("MGPP got no parameters: backend='auto' needs one to choose")
+        if not self._candidates():
+            warnings.warn("MGPP: no param group has prune=True, so nothing is pruned (this is "
+                          "plain AdamW); pass mgpp_kernels.param_groups(model) to mark the "
+                          "weight matrices as pruning candidates", UserWarning, stacklevel=2)
         self._schedule_step = 0
         self._last_target: float | None = None
         self._last_threshold = None
@@ -125,50 +150,23 @@ class MGPP(Optimizer):
         # A generator (model.parameters()) can be read only once: keep the list for torch.
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         param_group["params"] = params
-        if "prune" in param_group and not isinstance(param_group["prune"], bool):
-            raise ValueError(f"a param group's prune must be a bool, got {param_group['prune']!r}")
-        _check_adamw_hyperparameters(param_group.get("lr", self.defaults["lr"]),
-                                     param_group.get("betas", self.defaults["betas"]),
-                                     param_group.get("eps", self.defaults["eps"]),
-                                     param_group.get("weight_decay", self.defaults["weight_decay"]))
+        prune = param_group.get("prune", self.defaults["prune"])
+        if not isinstance(prune, bool):
+            raise ValueError(f"a param group's prune must be a bool, got {prune!r}")
+        check_adamw_hyperparameters(param_group.get("lr", self.defaults["lr"]),
+                                    param_group.get("betas", self.defaults["betas"]),
+                                    param_group.get("eps", self.defaults["eps"]),
+                                    param_group.get("weight_decay", self.defaults["weight_decay"]))
         if len({id(p) for p in params}) != len(params):
             raise ValueError("a param group lists the same parameter more than once")
         existing = [p for group in self.param_groups for p in group["params"]]
         self._check_params(existing + params)
-        sharding = (self._sharding_with(params) if param_group.get("prune", self.defaults["prune"])
-                    else (self._dtensor_candidates, self._process_group, self._sharded_by_mesh))
-        if sharding[1] is not None and self._backend is not None and not getattr(
-                self._backend, "ranks_across_processes", False):
+        sharding = self._sharding.with_candidates(params) if prune else self._sharding
+        if sharding.group is not None and not self._backend.ranks_across_processes:
             raise ValueError(f"the {self._backend.name} backend cannot rank candidates across "
                              f"processes (process_group=); use 'cpu' or 'reference'")
         super().add_param_group(param_group)
-        self._dtensor_candidates, self._process_group, self._sharded_by_mesh = sharding
-
-    def _sharding_with(self, candidates: list[torch.Tensor]) -> tuple[bool | None, Any, bool]:
-        """(candidates are DTensors, the ranking group, whether it is their mesh's) once these
-        candidates join. Candidates are all DTensors (FSDP2) or none; without process_group=,
-        DTensor candidates must be shards on one 1-D device mesh, whose group then ranks them."""
-        dtensors, group, by_mesh = (self._dtensor_candidates, self._process_group,
-                                    self._sharded_by_mesh)
-        kinds = {_is_dtensor(p) for p in candidates}
-        if len(kinds) > 1 or (kinds and dtensors not in (None, *kinds)):
-            raise ValueError("MGPP's candidates must be all DTensors (FSDP2) or none")
-        if kinds:
-            dtensors = kinds.pop()
-        if not dtensors or (group is not None and not by_mesh):
-            return dtensors, group, by_mesh
-        from torch.distributed.tensor import Shard
-        for p in candidates:
-            if p.device_mesh.ndim != 1 or not isinstance(p.placements[0], Shard):
-                raise ValueError(f"MGPP ranks DTensor candidates sharded on a 1-D device mesh "
-                                 f"(fully_shard); got placements {p.placements} on a "
-                                 f"{p.device_mesh.ndim}-D mesh: pass process_group= with the "
-                                 f"group whose ranks hold disjoint shards")
-            mesh_group = p.device_mesh.get_group()
-            if group not in (None, mesh_group):
-                raise ValueError("MGPP's DTensor candidates must share one device mesh")
-            group, by_mesh = mesh_group, True
-        return dtensors, group, by_mesh
+        self._sharding = sharding
 
     def _check_params(self, params: list[torch.Tensor]) -> None:
         for p in params:
@@ -187,18 +185,12 @@ class MGPP(Optimizer):
         if len(devices) > 1:
             raise ValueError(f"MGPP's parameters must all be on one device, got "
                              f"{sorted(str(d) for d in devices)}")
-        if devices:
-            device = devices.pop()
-            if self._backend is None:
-                self._backend = (auto_backend(device) if self._backend_name == "auto"
-                                 else load_backend(self._backend_name))
-            self._backend.check_params([_local(p) for p in params])
+        if self._backend is not None:
+            self._backend.check_params([local(p) for p in params if isinstance(p, torch.Tensor)])
 
     @property
     def backend(self) -> str:
         """The name of the backend that runs this optimizer's steps."""
-        if self._backend is None:
-            raise BackendUnavailableError("MGPP has no parameters yet, so no backend is chosen")
         return self._backend.name
 
     def set_total_steps(self, total_steps: int) -> None:
@@ -209,9 +201,9 @@ class MGPP(Optimizer):
         return [p for group in self.param_groups if group["prune"] for p in group["params"]]
 
     def _step_device(self, p: torch.Tensor) -> torch.device:
-        # Kernels that count steps on the device (the cuda backend) keep them there, so that
-        # reading one never waits for the GPU; the others keep them on the host, as torch does.
-        return p.device if getattr(self._backend, "steps_on_device", False) else torch.device("cpu")
+        # Kernels that count steps on the device keep them there, so that reading one never
+        # waits for the GPU; the others keep them on the host, as torch does.
+        return p.device if self._backend.steps_on_device else torch.device("cpu")
 
     def _state_dtype_of(self, p: torch.Tensor) -> torch.dtype:
         return torch.float32 if self._state_dtype is torch.float32 else p.dtype
@@ -227,31 +219,29 @@ class MGPP(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        point = reference.schedule_at(self.config, self._schedule_step)
+        point = schedule_at(self.config, self._schedule_step)
         self._check_grads()
         for group in self.param_groups:  # LR schedulers and users change these between steps
-            _check_adamw_hyperparameters(group["lr"], group["betas"], group["eps"],
-                                         group["weight_decay"])
+            check_adamw_hyperparameters(group["lr"], group["betas"], group["eps"],
+                                        group["weight_decay"], read_tensor_lr=False)
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         if found_inf is not None and bool(found_inf.any()):
             return loss  # a skipped step: nothing moves, the schedule does not advance
         # Each parameter's local tensor, made once: a backend tells the candidates it updated
         # from the others by identity (DTensor.to_local() returns a new object on every call).
-        local_of = {id(p): _local(p) for group in self.param_groups for p in group["params"]}
+        local_of = {id(p): local(p) for group in self.param_groups for p in group["params"]}
         groups = self._update_groups(point, local_of)
         candidates = self._candidates()
         local_candidates = [local_of[id(p)] for p in candidates]
         event = None
         if point.prune_to is not None:
-            k = reference.prune_count(self._global_numel(local_candidates), point.prune_to)
-            if k > 0:
-                in_groups = {id(p) for g in groups if g.count for p in g.params}
-                uncounted = [p for p in local_candidates if id(p) not in in_groups]
-                event = PruneEvent(params=local_candidates, uncounted=uncounted, k=k,
-                                   process_group=self._process_group)
-                if point.freeze:
-                    event.keep_masks = [torch.empty(_packed_mask_bytes(p.numel()),
+            plan = plan_event(point, self._sharding.global_numel(local_candidates))
+            if plan is not None:
+                event = PruneEvent(params=local_candidates, k=plan.k,
+                                   process_group=self._sharding.group)
+                if plan.freeze:
+                    event.keep_masks = [torch.empty(packed_mask_bytes(p.numel()),
                                                     dtype=torch.uint8, device=p.device)
                                         for p in local_candidates]
         threshold = self._backend.step(groups, event, grad_scale)
@@ -263,15 +253,6 @@ class MGPP(Optimizer):
         self._lambda_t = point.lambda_t
         self._schedule_step += 1
         return loss
-
-    def _global_numel(self, local_candidates: list[torch.Tensor]) -> int:
-        """N: the candidates' element count, summed over the process group's shards."""
-        numel = sum(p.numel() for p in local_candidates)
-        if self._process_group is None:
-            return numel
-        total = torch.tensor([numel], dtype=torch.int64)
-        torch.distributed.all_reduce(total, group=self._process_group)
-        return int(total)
 
     def _check_grads(self) -> None:
         for group in self.param_groups:
@@ -286,7 +267,7 @@ class MGPP(Optimizer):
                                        f"{tuple(grad.shape)} on {grad.device} does not match its "
                                        f"parameter ({p.dtype}, {tuple(p.shape)}, {p.device})")
 
-    def _update_groups(self, point: reference.SchedulePoint,
+    def _update_groups(self, point: SchedulePoint,
                        local_of: dict[int, torch.Tensor]) -> list[UpdateGroup]:
         config = self.config
         prior = Prior(point.lambda_t, config.sigma0_sq, config.sigma1_sq,
@@ -302,16 +283,15 @@ class MGPP(Optimizer):
                 if not params:
                     continue
                 states = [self._init_state(p) for p in params]
-                grads = [_local(p.grad) for p in params]
-                lr = group["lr"]
+                grads = [local(p.grad) for p in params]
                 groups.append(UpdateGroup(
                     params=[local_of[id(p)] for p in params],
                     grads=[g if g.is_contiguous() else g.contiguous() for g in grads],
-                    exp_avgs=[_local(s["exp_avg"]) for s in states],
-                    exp_avg_sqs=[_local(s["exp_avg_sq"]) for s in states],
+                    exp_avgs=[local(s["exp_avg"]) for s in states],
+                    exp_avg_sqs=[local(s["exp_avg_sq"]) for s in states],
                     state_steps=[s["step"] for s in states],
                     keep_masks=[s["keep_mask"] for s in states] if masked else [],
-                    lr=float(lr), beta1=group["betas"][0], beta2=group["betas"][1],
+                    lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
                     eps=group["eps"], weight_decay=group["weight_decay"],
                     prior=prior if group["prune"] and point.prior_on and self.use_prior else None,
                     count=group["prune"]))
@@ -331,82 +311,36 @@ class MGPP(Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         state_dict = super().state_dict()
-        threshold = self._last_threshold
-        state_dict["mgpp"] = {
-            "schedule_step": self._schedule_step,
-            "total_steps": self.config.total_steps,
-            "lambda_t": self._lambda_t,
-            "last_target": self._last_target,
-            "last_tau": None if threshold is None else threshold.tau.clone(),
-            "last_below": None if threshold is None else threshold.below.clone(),
-        }
+        state_dict[checkpoint.KEY] = checkpoint.schedule_entry(
+            self._schedule_step, self.config.total_steps, self._lambda_t, self._last_target,
+            self._last_threshold)
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if "mgpp" not in state_dict:
-            raise ValueError("not an MGPP state_dict: it has no 'mgpp' entry")
-        saved_groups = state_dict["param_groups"]
-        param_of = self._check_layout(saved_groups, state_dict["state"])
-        # torch's loader would cast every floating state tensor to its parameter's dtype, which
-        # is wrong for float32 state of 16-bit parameters and for the uint8 masks: load it here.
-        super().load_state_dict({"state": {}, "param_groups": saved_groups})
+        param_of = checkpoint.check_layout(state_dict, self.param_groups)
+        super().load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
         for index, saved in state_dict["state"].items():
             p = param_of[index]
-            state = self.state[p]
-            for key, value in saved.items():
-                if key == "step":
-                    state[key] = value.detach().to(device=self._step_device(p), dtype=torch.float32,
-                                                   copy=True)
-                elif key == "keep_mask":
-                    state[key] = value.detach().to(device=p.device, dtype=torch.uint8, copy=True)
-                else:
-                    state[key] = value.detach().to(device=p.device, dtype=self._state_dtype_of(p),
-                                                   copy=True)
-        extra = state_dict["mgpp"]
-        if self.config.total_steps is None and extra["total_steps"] is not None:
-            self.set_total_steps(extra["total_steps"])
-        self._schedule_step = extra["schedule_step"]
-        self._lambda_t = extra["lambda_t"]
-        self._last_target = extra["last_target"]
-        self._last_threshold = None
-        if extra["last_tau"] is not None:
-            device = self.param_groups[0]["params"][0].device
-            self._last_threshold = Threshold(tau=extra["last_tau"].to(device),
-                                             below=extra["last_below"].to(device))
-
-    def _check_layout(self, saved_groups, saved_state) -> dict[int, torch.Tensor]:
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(f"the state_dict has {len(saved_groups)} param groups, this optimizer "
-                             f"{len(self.param_groups)}")
-        param_of = {}
-        for g, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
-            if len(saved["params"]) != len(group["params"]):
-                raise ValueError(f"param group {g} has {len(saved['params'])} parameters in the "
-                                 f"state_dict, {len(group['params'])} here")
-            if saved.get("prune", False) != group["prune"]:
-                raise ValueError(f"param group {g} has prune={saved.get('prune', False)} in the "
-                                 f"state_dict, prune={group['prune']} here")
-            for j, (index, p) in enumerate(zip(saved["params"], group["params"])):
-                param_of[index] = p
-                for key, value in saved_state.get(index, {}).items():
-                    expected = ((_packed_mask_bytes(_local(p).numel()),) if key == "keep_mask"
-                                else () if key == "step" else tuple(p.shape))
-                    if tuple(value.shape) != expected:
-                        raise ValueError(f"param group {g} parameter {j}: state '{key}' has shape "
-                                         f"{tuple(value.shape)} in the state_dict, {expected} "
-                                         f"expected for a parameter of shape {tuple(p.shape)}")
-        return param_of
+            self.state[p] = checkpoint.load_state(saved, p, self._step_device(p),
+                                                  self._state_dtype_of(p))
+        entry = state_dict[checkpoint.KEY]
+        if self.config.total_steps is None and entry["total_steps"] is not None:
+            self.set_total_steps(entry["total_steps"])
+        self._schedule_step = entry["schedule_step"]
+        self._lambda_t = entry["lambda_t"]
+        self._last_target = entry["last_target"]
+        self._last_threshold = checkpoint.saved_threshold(
+            entry, self.param_groups[0]["params"][0].device)
 
     # ---- copying and pickling ------------------------------------------------------------------
 
     _PICKLED = ("config", "_state_dtype", "_backend_name", "_schedule_step", "_last_target",
-                "_last_threshold", "_lambda_t", "_process_group", "_sharded_by_mesh",
-                "_dtensor_candidates", "use_prior")
+                "_last_threshold", "_lambda_t", "_sharding", "use_prior")
 
     def __getstate__(self) -> dict[str, Any]:
         # torch's Optimizer keeps only defaults, state and param_groups; the schedule position and
         # settings must survive copy.deepcopy and torch.save of the optimizer object too.
-        if self._process_group is not None:
+        if self._sharding.group is not None:
             raise TypeError("an MGPP optimizer with a process group cannot be copied or pickled "
                             "(a process group cannot): save and load its state_dict() instead")
         state = super().__getstate__()
@@ -415,25 +349,24 @@ class MGPP(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        params = [p for group in self.param_groups for p in group["params"]]
-        self._backend = (auto_backend(params[0].device) if self._backend_name == "auto"
-                         else load_backend(self._backend_name))
+        self._backend = _bind_backend(self._backend_name, _first_device(self.param_groups))
 
     # ---- logging -------------------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
         """Pruning progress for logs: stage, target and achieved sparsity, τ and λ_t.
 
-        ``sparsity`` counts the exact zeros among the candidates now (one pass over them), so call
-        this when logging, not every step; with a process group, among this rank's shards.
+        ``sparsity`` counts the exact zeros among the candidates now (one pass over them, with no
+        temporary the size of a candidate), so call this when logging, not every step; with a
+        process group, among this rank's shards.
         """
-        candidates = [_local(p) for p in self._candidates()]
+        candidates = [local(p) for p in self._candidates()]
         numel = sum(p.numel() for p in candidates)
-        zeros = sum(int((p == 0).sum()) for p in candidates)
+        zeros = numel - sum(int(torch.count_nonzero(p)) for p in candidates)
         last = max(self._schedule_step - 1, 0)
         threshold = self._last_threshold
         return {
-            "stage": reference.schedule_at(self.config, last).stage
+            "stage": schedule_at(self.config, last).stage
             if self.config.total_steps is not None else "dense",
             "step": self._schedule_step,
             "target_sparsity": self._last_target or 0.0,

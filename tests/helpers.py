@@ -12,9 +12,7 @@ from pathlib import Path
 
 import torch
 
-from mgpp_kernels import MGPP
-from mgpp_kernels import reference as masks     # TODO(issue 11): from mgpp_kernels import masks
-from mgpp_kernels import reference as schedule  # TODO(issue 11): from mgpp_kernels import schedule
+from mgpp_kernels import MGPP, masks
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
@@ -25,7 +23,7 @@ SCHEDULE = dict(num_train_examples=1000, initial_warmup_steps=4, total_steps=30,
                 final_warmup_steps=5, pruning_interval=7, initial_sparsity=0.3,
                 final_sparsity=0.9)
 
-__all__ = ["masks", "schedule", "SCHEDULE", "TESTS_DIR", "REPO_ROOT", "backend_name",
+__all__ = ["SCHEDULE", "TESTS_DIR", "REPO_ROOT", "backend_name",
            "device_of", "make_params", "clone_params", "gradient", "build_optimizer", "run_steps",
            "copy_state_into", "with_prior", "unpacked_keep_masks", "run_script"]
 

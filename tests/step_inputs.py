@@ -3,28 +3,22 @@ call a backend directly, without the optimizer: θ, g, m, v, step counts and kee
 of shapes, and the SPEC §4 bound of one step."""
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 
-from mgpp_kernels import reference
-from mgpp_kernels.backends import Prior, PruneEvent, UpdateGroup  # TODO(issue 11): backends.types
+from mgpp_kernels import masks, reference
+from mgpp_kernels.backends.types import Prior, PruneEvent, UpdateGroup
 
-from compare import assert_fp32_bound, assert_bitwise_equal
-from helpers import masks
+from compare import assert_bitwise_equal, assert_fp32_bound
 
 PRIOR = Prior(lambda_t=0.05, sigma0_sq=1e-10, sigma1_sq=0.05, num_train_examples=1000)
 BETA1, BETA2 = 0.9, 0.999
 
 
-def prune_event(params, k, keep_masks=(), uncounted=()) -> PruneEvent:
-    """A PruneEvent by keyword; `uncounted` (candidates without a gradient) only while the
-    dataclass still has that field (issue 11 drops it: it is never read)."""
-    kwargs = dict(params=list(params), k=k, keep_masks=list(keep_masks))
-    if "uncounted" in {f.name for f in dataclasses.fields(PruneEvent)}:
-        kwargs["uncounted"] = list(uncounted)
-    return PruneEvent(**kwargs)
+def prune_event(params, k, keep_masks=()) -> PruneEvent:
+    """The PruneEvent of ranking `params` (every candidate, with or without a gradient) at k."""
+    return PruneEvent(params=list(params), k=k, keep_masks=list(keep_masks))
 
 
 @dataclass

@@ -11,6 +11,8 @@ import backends
 
 SHAPES = [(1,), (7,), (4097,), (0,), (33, 65), (3, 1, 5)]
 TOLERANCE = 1e-6
+# prune=False everywhere on purpose: MGPP as AdamW.
+pytestmark = pytest.mark.filterwarnings("ignore:MGPP. no param group has prune=True")
 
 
 def _train(optimizer, params, steps, has_grad=None, scheduler=None):

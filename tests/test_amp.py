@@ -15,11 +15,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mgpp_kernels import MGPP
+from mgpp_kernels import MGPP, masks
 
 from compare import (assert_bitwise_equal, assert_fp32_bound, assert_runs_identical,
                      assert_unchanged, snapshot, ulp)
-from helpers import build_optimizer, clone_params, make_params, masks, run_steps
+from helpers import build_optimizer, clone_params, make_params, run_steps
 
 import backends
 from backends import REFERENCE

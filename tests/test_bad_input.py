@@ -223,6 +223,7 @@ def test_no_backend_for_the_device_is_an_error():
         pytest.mark.skip(reason=f"backend {row.name!r} ranks across processes: "
                                 "tests/test_distributed.py runs it with a process group")])
     for row in backends.ROWS])
+@pytest.mark.filterwarnings("ignore:MGPP. no param group has prune=True")
 def test_backend_that_cannot_rank_across_processes_refuses_a_process_group(row):
     """Only backends with ranks_across_processes take process_group= (the group object is not
     used before the refusal)."""

@@ -1,36 +1,47 @@
-"""The benchmark suite end to end on tiny models: every section runs, the CSV has its columns and a
-row per measurement, every τ selection method agrees, and the plots and summary are written."""
+"""The benchmark suite (benchmarks/) end to end on tiny models: every section runs, the CSV has its
+columns and a row per measurement, every τ selection method agrees, and the plots and summary are
+written; `python -m mgpp_kernels bench-suite` runs it from a checkout and says plainly when there
+is none."""
 from __future__ import annotations
 
 import csv
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from mgpp_kernels import bench_suite
+# benchmarks/ is the repository's, not the package's: importable from the checkout's root.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import mgpp_kernels.__main__ as cli  # noqa: E402
+from benchmarks import suite  # noqa: E402
+from benchmarks.common import models, peers, report, results, runner, timing  # noqa: E402
 
 
 def test_quick_suite_writes_consistent_results(tmp_path):
-    status = bench_suite.main(["--quick", "--no-compile", "--threads", "1",
-                               "--output-dir", str(tmp_path)])
+    status = suite.main(["--quick", "--no-compile", "--threads", "1",
+                         "--output-dir", str(tmp_path)])
     assert status == 0
     [csv_path] = tmp_path.glob("bench_suite_*.csv")
     with open(csv_path, newline="") as f:
         reader = csv.DictReader(f)
-        assert tuple(reader.fieldnames) == bench_suite.COLUMNS
+        assert tuple(reader.fieldnames) == results.COLUMNS
         rows = list(reader)
     assert {r["section"] for r in rows} == {"bandwidth", "step", "selection"}
     assert all(float(r["seconds"]) > 0 for r in rows if r["note"] == "" or "backend" in r["note"])
 
     steps = [r for r in rows if r["section"] == "step"]
     implementations = {r["implementation"] for r in steps}
-    assert {"MGPP cpu", "MGPP reference", bench_suite.FUSED_ADAMW, "torch AdamW default",
-            "torch AdamW foreach", bench_suite.RECIPE} <= implementations
+    assert {"MGPP cpu", "MGPP reference", peers.FUSED_ADAMW, "torch AdamW default",
+            "torch AdamW foreach", peers.RECIPE} <= implementations
     assert {(r["precision"], r["event"]) for r in steps if r["implementation"] == "MGPP cpu"} == {
         ("fp32", "False"), ("fp32", "True"), ("bf16", "False"), ("bf16", "True"),
         ("bf16, fp32 state", "False")}
     for r in steps:
-        expected = bench_suite.step_bytes(r["precision"], r["event"] == "True")
+        expected = models.step_bytes(r["precision"], r["event"] == "True")
         assert int(r["bytes_per_element"]) == expected
         assert float(r["gbps"]) == pytest.approx(
             expected * int(r["elements"]) / float(r["seconds"]) / 1e9, rel=1e-4)
@@ -38,7 +49,7 @@ def test_quick_suite_writes_consistent_results(tmp_path):
     selection = [r for r in rows if r["section"] == "selection"]
     for model in {r["model"] for r in selection}:
         taus = {r["implementation"]: r["tau"] for r in selection if r["model"] == model}
-        assert set(taus) == set(bench_suite.SELECTION_METHODS)
+        assert set(taus) == set(peers.SELECTION_METHODS)
         assert len(set(taus.values())) == 1, taus
         assert 0 < float(taus["radix histograms"]) < 1
 
@@ -47,21 +58,21 @@ def test_quick_suite_writes_consistent_results(tmp_path):
     assert "| MGPP cpu | fp32 | no |" in summary and "## Bars" in summary
 
     rendered_again = tmp_path / "again"
-    assert bench_suite.main(["--from-csv", str(csv_path), "--output-dir", str(rendered_again)]) == 0
+    assert suite.main(["--from-csv", str(csv_path), "--output-dir", str(rendered_again)]) == 0
     assert (rendered_again / "README.md").read_text() == summary
     assert (rendered_again / csv_path.name).read_text() == csv_path.read_text()
 
 
 def test_step_bytes_follow_spec():
-    assert bench_suite.step_bytes("fp32", False) == 28
-    assert bench_suite.step_bytes("bf16", False) == 14
-    assert bench_suite.step_bytes("bf16, fp32 state", False) == 22
-    assert bench_suite.step_bytes("fp32", True) == 36
+    assert models.step_bytes("fp32", False) == 28
+    assert models.step_bytes("bf16", False) == 14
+    assert models.step_bytes("bf16, fp32 state", False) == 22
+    assert models.step_bytes("fp32", True) == 36
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
 def test_cuda_mode_without_a_device_says_so_in_one_line(capsys):
-    assert bench_suite.main(["--device", "cuda"]) == 1
+    assert suite.main(["--device", "cuda"]) == 1
     captured = capsys.readouterr()
     assert captured.out == ""
     assert len(captured.err.strip().splitlines()) == 1 and "no CUDA device" in captured.err
@@ -69,15 +80,30 @@ def test_cuda_mode_without_a_device_says_so_in_one_line(capsys):
 
 def test_suite_without_thread_counts_as_on_a_gpu(tmp_path):
     """GPU mode's bookkeeping (no thread counts) on the CPU: tables, bars and plots still come out."""
-    platform = bench_suite.CpuPlatform()
+    platform = timing.CpuPlatform()
     platform.thread_counts = [None]
     platform.bandwidth_elements = 2**16
-    suite = bench_suite.Suite(platform=platform, ladder=bench_suite.QUICK_LADDER[:1],
-                              peers_model=bench_suite.QUICK_LADDER[0], budget=0.005, max_repeats=1,
-                              compile_reference=False, command="test")
-    with bench_suite.num_threads(1):  # two threads on a busy 2-CPU machine wait for cores
-        rows = suite.run()
+    quick_suite = runner.Suite(platform=platform, ladder=models.QUICK_LADDER[:1],
+                               peers_model=models.QUICK_LADDER[0], budget=0.005, max_repeats=1,
+                               compile_reference=False, command="test")
+    with timing.num_threads(1):  # two threads on a busy 2-CPU machine wait for cores
+        rows = quick_suite.run()
     assert {r["threads"] for r in rows} == {""}
-    bench_suite.report(rows, bench_suite.QUICK_LADDER[0].name, str(tmp_path))
+    report.report(rows, models.QUICK_LADDER[0].name, str(tmp_path))
     summary = (tmp_path / "README.md").read_text()
     assert "| MGPP cpu | fp32 | no |" in summary and "thread" not in summary.split("## Scaling")[1]
+
+
+def test_cli_runs_the_suite_of_the_checkout():
+    run = subprocess.run([sys.executable, "-m", "mgpp_kernels", "bench-suite", "--help"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("usage: benchmarks/suite.py") and "--from-csv" in run.stdout
+
+
+def test_cli_without_a_checkout_says_so_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "BENCHMARKS_DIR", tmp_path / "benchmarks")
+    assert cli.main(["bench-suite", "--quick"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert len(captured.err.strip().splitlines()) == 1 and "repository checkout" in captured.err

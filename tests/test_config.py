@@ -10,8 +10,7 @@ import pytest
 import torch
 
 import mgpp_kernels
-from mgpp_kernels import MGPP, BackendUnavailableError
-from mgpp_kernels import backends as backends_module
+from mgpp_kernels import BackendUnavailableError, MGPP, backends as backends_module
 
 from compare import assert_runs_identical
 from helpers import (SCHEDULE, backend_name, build_optimizer, clone_params, device_of,

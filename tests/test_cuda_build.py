@@ -10,9 +10,10 @@ import torch
 
 import mgpp_kernels._C  # noqa: F401  (registers torch.ops.mgpp)
 from mgpp_kernels import MGPP, reference
-from mgpp_kernels._scalars import step_scalars
-from mgpp_kernels.backends import (BackendUnavailableError, Prior, PruneEvent, UpdateGroup,
-                                   load_backend)
+from mgpp_kernels.masks import pack_mask
+from mgpp_kernels.backends import BackendUnavailableError, load_backend
+from mgpp_kernels.backends.types import Prior, PruneEvent, UpdateGroup
+from mgpp_kernels.ops.layout import step_scalars
 
 CUDA_EXPECTED = torch.version.cuda is not None and os.environ.get("MGPP_SKIP_CUDA") != "1"
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -185,7 +186,7 @@ def test_apply_threshold_matches_the_reference_with_masks():
     k = n // 2
     tau = reference.global_threshold(expected, k)
     masks = [torch.full(((t.numel() + 7) // 8,), 0xAB, dtype=torch.uint8, device="cuda") for t in tensors]
-    event = PruneEvent(params=tensors, uncounted=tensors, k=k, keep_masks=masks)
+    event = PruneEvent(params=tensors, k=k, keep_masks=masks)
     threshold = load_backend("cuda").step([], event, None)
     below = 0
     for t, e, mask in zip(tensors, expected, masks):
@@ -193,7 +194,7 @@ def test_apply_threshold_matches_the_reference_with_masks():
         below += int((~keep).sum())
         e.masked_fill_(~keep, 0)
         assert torch.equal(bits(t), bits(e))
-        assert torch.equal(mask.cpu(), reference.pack_mask(keep))
+        assert torch.equal(mask.cpu(), pack_mask(keep))
     assert threshold.tau.item() == tau.item() and int(threshold.below) == below
 
 

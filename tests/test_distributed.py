@@ -21,14 +21,15 @@ import sys
 import pytest
 import torch
 
+from mgpp_kernels import masks, schedule
+
 import mgpp_kernels
-# TODO(issue 11): from mgpp_kernels.ops.layout import HIGH_BINS, LOW_BINS
-from mgpp_kernels.backends._ops import HIGH_BINS, LOW_BINS
+from mgpp_kernels.ops.layout import HIGH_BINS, LOW_BINS
 
 import backends
 import distributed_worker as worker
 from compare import assert_bitwise_equal
-from helpers import REPO_ROOT, TESTS_DIR, masks, schedule
+from helpers import REPO_ROOT, TESTS_DIR
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available()

@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mgpp_kernels import MGPP
+from mgpp_kernels import MGPP, masks
 
 from compare import assert_bitwise_equal, assert_close_in_norm
-from helpers import (build_optimizer, clone_params, make_params, masks, run_steps,
+from helpers import (build_optimizer, clone_params, make_params, run_steps,
                      unpacked_keep_masks)
 
 from backends import REFERENCE

@@ -23,11 +23,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mgpp_kernels
-from mgpp_kernels import MGPP, reference
+from mgpp_kernels import MGPP, masks, reference, schedule
 
 from compare import (assert_bitwise_equal, assert_fp32_bound, assert_mixed_precision_bound,
                      fp32_bound, ulp)
-from helpers import masks, schedule
+
 
 import backends
 

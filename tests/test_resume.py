@@ -13,8 +13,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mgpp_kernels import masks
+
 from compare import assert_bitwise_equal
-from helpers import masks, run_script
+from helpers import run_script
 from resume_worker import STOPS
 
 import backends

@@ -6,9 +6,9 @@ SCHEDULE (tests/helpers.py): t_i = 4, T = 30, t_f = 5 so t_end = 24, ΔT = 7, s_
 import pytest
 import torch
 
-from mgpp_kernels import MGPPConfig, reference
+from mgpp_kernels import MGPPConfig, masks, reference, schedule
 
-from helpers import SCHEDULE, build_optimizer, make_params, masks, run_steps, schedule
+from helpers import SCHEDULE, build_optimizer, make_params, run_steps
 
 CONFIG = MGPPConfig(**SCHEDULE)
 

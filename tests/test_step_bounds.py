@@ -6,10 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mgpp_kernels import masks, schedule
+
 from compare import (assert_bitwise_equal, assert_fp32_bound, assert_mixed_precision_bound,
                      state_of)
-from helpers import (build_optimizer, clone_params, copy_state_into, gradient, make_params, masks,
-                     run_steps, schedule, with_prior)
+from helpers import (build_optimizer, clone_params, copy_state_into, gradient, make_params,
+                     run_steps, with_prior)
 from step_inputs import StepTensors, assert_fp32_step_bound, PRIOR
 
 from backends import REFERENCE

@@ -4,10 +4,10 @@ Backend.global_threshold, Backend.step with a PruneEvent, and the optimizer."""
 import pytest
 import torch
 
-from mgpp_kernels import MGPP, reference
+from mgpp_kernels import MGPP, masks, reference
 
 from compare import assert_bitwise_equal, bits
-from helpers import gradient, masks
+from helpers import gradient
 from step_inputs import StepTensors, prune_event
 
 import backends
@@ -244,9 +244,8 @@ def test_pruning_event_without_update_matches_reference(kernel_backend, case):
     keep_masks = [torch.full(((t.numel() + 7) // 8,), 0xAA, dtype=torch.uint8) for t in theirs]
     ref_masks = [m.clone() for m in keep_masks]
     keep_masks = _on(keep_masks, device)
-    threshold = kernel_backend.load().step([], prune_event(ours, k, keep_masks, uncounted=ours),
-                                           None)
-    expected = REFERENCE.load().step([], prune_event(theirs, k, ref_masks, uncounted=theirs), None)
+    threshold = kernel_backend.load().step([], prune_event(ours, k, keep_masks), None)
+    expected = REFERENCE.load().step([], prune_event(theirs, k, ref_masks), None)
     assert_bitwise_equal(threshold.tau, expected.tau, "tau")
     assert threshold.below.item() == expected.below.item()
     for i, (a, b) in enumerate(zip(ours, theirs)):
@@ -274,7 +273,7 @@ def test_event_step_prunes_at_the_exact_threshold_of_the_updated_values(kernel_b
     numel = sum(p.numel() for p in candidates)
     keep_masks = [torch.empty((p.numel() + 7) // 8, dtype=torch.uint8, device=device)
                   for p in candidates]
-    event = prune_event(candidates, int(numel * 0.6), keep_masks, uncounted=no_grad)
+    event = prune_event(candidates, int(numel * 0.6), keep_masks)
     threshold = backend.step(groups, event, None)
 
     # The same update without an event gives θ_new before pruning (the update does not depend

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -22,13 +23,17 @@ from mgpp_kernels import MGPP, candidate_names  # noqa: E402
 from mgpp_kernels.integrations.export import (format_sparsity_table, load_sparse,  # noqa: E402
                                               load_sparse_state_dict, save_sparse,
                                               sparsity_report)
-from mgpp_kernels.integrations.glue import SST2_DIR_ENV, load_sst2, read_glue_tsv  # noqa: E402
 from mgpp_kernels.integrations.transformers import (MGPPCallback,  # noqa: E402
                                                     add_mgpp_callback, create_mgpp,
                                                     mgpp_optimizer_cls_and_kwargs, unwrap_mgpp)
+from mgpp_kernels import masks  # noqa: E402
 
 import backends  # noqa: E402
-from helpers import masks  # noqa: E402
+
+# The SST-2 loader is the example's, beside it in examples/ (not part of the package).
+EXAMPLES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+sys.path.insert(0, EXAMPLES_DIR)
+from glue import SST2_DIR_ENV, load_sst2, read_glue_tsv  # noqa: E402
 
 NUM_EXAMPLES = 32
 BATCH = 8

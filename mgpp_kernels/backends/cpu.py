@@ -1,11 +1,6 @@
-"""The cpu backend: the fused C++ kernels of csrc/cpu, called through torch.ops.mgpp."""
+"""The cpu backend: the fused C++ kernels of csrc/cpu, called through mgpp_kernels.ops."""
 from __future__ import annotations
 
-import mgpp_kernels._C  # noqa: F401  (registers torch.ops.mgpp)
-import mgpp_kernels._fake  # noqa: F401  (their fake implementations, for torch.compile)
+from .kernel_ops import OpsBackend
 
-from .._scalars import step_scalars
-from ._ops import OpsBackend
-
-BACKEND = OpsBackend("cpu", "cpu", step_scalars, steps_on_device=False,
-                     ranks_across_processes=True)
+BACKEND = OpsBackend("cpu", "cpu", steps_on_device=False, ranks_across_processes=True)

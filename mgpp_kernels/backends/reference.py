@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from . import PruneEvent, Threshold, UpdateGroup
+from ..masks import pack_mask, unpack_mask
+from .types import PruneEvent, Threshold, UpdateGroup
 
 
 def gather_magnitudes(params: list[torch.Tensor], process_group) -> torch.Tensor:
@@ -24,6 +25,7 @@ def gather_magnitudes(params: list[torch.Tensor], process_group) -> torch.Tensor
 
 class ReferenceBackend:
     name = "reference"
+    steps_on_device = False
     ranks_across_processes = True
 
     def check_params(self, params: list[torch.Tensor]) -> None:
@@ -50,7 +52,7 @@ class ReferenceBackend:
             below += (~keep).sum()
             param.masked_fill_(~keep, 0)
             if event.keep_masks:
-                event.keep_masks[i].copy_(reference.pack_mask(keep))
+                event.keep_masks[i].copy_(pack_mask(keep))
         if event.process_group is not None:
             torch.distributed.all_reduce(below, group=event.process_group)
         return Threshold(tau=tau, below=below)
@@ -75,9 +77,9 @@ class ReferenceBackend:
         exp_avg_sq = group.exp_avg_sqs[i].to(compute, copy=True)
         group.state_steps[i] += 1
         reference.adamw_update(theta, grad, exp_avg, exp_avg_sq, int(group.state_steps[i].item()),
-                               group.lr, group.beta1, group.beta2, group.eps, group.weight_decay)
+                               float(group.lr), group.beta1, group.beta2, group.eps, group.weight_decay)
         if group.keep_masks:
-            theta.masked_fill_(~reference.unpack_mask(group.keep_masks[i], theta), 0)
+            theta.masked_fill_(~unpack_mask(group.keep_masks[i], theta), 0)
         param.detach().copy_(theta)
         group.exp_avgs[i].copy_(exp_avg)
         group.exp_avg_sqs[i].copy_(exp_avg_sq)

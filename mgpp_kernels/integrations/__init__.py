@@ -4,5 +4,6 @@ mgpp_kernels never needs them:
 - :mod:`mgpp_kernels.integrations.transformers`: MGPP in the transformers ``Trainer``.
 - :mod:`mgpp_kernels.integrations.export`: pruned checkpoints as nonzero values plus a bitmask
   (safetensors), and per-layer sparsity reports.
-- :mod:`mgpp_kernels.integrations.glue`: GLUE-format data (SST-2) from TSV files or the hub.
+
+The SST-2 loader of the example lives beside it, in examples/glue.py.
 """

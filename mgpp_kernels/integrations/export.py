@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..groups import candidate_names
-from ..reference import pack_mask, unpack_mask
+from ..masks import pack_mask, unpack_mask
 
 FORMAT = "mgpp-sparse-v1"
 VALUES_SUFFIX = "::values"

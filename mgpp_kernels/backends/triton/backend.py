@@ -51,9 +51,10 @@ import torch
 import triton
 from triton.runtime.interpreter import InterpretedFunction
 
+from ...ops.checks import check_kernel_dtype, check_mask, check_step_lists, check_tensor
+from ...ops.layout import NUM_STEP_SCALARS, step_scalar_values, to_device, write_tensor_lr
+from ..types import PruneEvent, Threshold, UpdateGroup
 from . import kernels
-from ..._scalars import step_scalar_values
-from .. import PruneEvent, Threshold, UpdateGroup
 
 INTERPRETED = isinstance(kernels.update_kernel, InterpretedFunction)
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -70,13 +71,6 @@ PREPARE_BLOCK, SELECT_CHUNK = BLOCKS["prepare"], BLOCKS["select"]
 # No multiply-add contraction: the same roundings as csrc/mgpp_math.h built with -ffp-contract=off.
 LAUNCH_OPTIONS = dict(enable_fp_fusion=False)
 TABLE_CACHE_SIZE = 16
-
-
-def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Copies a CPU tensor to `device` without blocking the host (pinned, stream-ordered)."""
-    if device.type == "cpu":
-        return host
-    return host.pin_memory().to(device, non_blocking=True)
 
 
 def _block_table(numels: list[int], block: int) -> tuple[torch.Tensor, int]:
@@ -161,6 +155,7 @@ class TritonBackend:
     name = "triton"
     # The optimizer keeps step counts on the parameters' device, so a GPU step is capturable.
     steps_on_device = True
+    ranks_across_processes = False
 
     def __init__(self):
         self._plans = _LruCache(TABLE_CACHE_SIZE)
@@ -171,106 +166,75 @@ class TritonBackend:
 
     def check_params(self, params: list[torch.Tensor]) -> None:
         for p in params:
-            self._check_tensor(p, "parameter")
+            self._check_device_type(p.device, "parameter")
+            if p.dtype not in DTYPE_CODES:
+                raise ValueError(f"the triton backend takes float32, bfloat16 and float16 "
+                                 f"parameters, got {p.dtype}")
+            if not p.is_contiguous():
+                raise ValueError(f"the triton backend takes contiguous tensors, got a parameter "
+                                 f"of shape {tuple(p.shape)} with strides {p.stride()}")
 
     @staticmethod
-    def _check_tensor(t: torch.Tensor, what: str) -> None:
+    def _check_device_type(device: torch.device, what: str) -> None:
         if INTERPRETED:
-            if t.device.type != "cpu":
+            if device.type != "cpu":
                 raise ValueError(f"the triton backend runs through the Triton interpreter "
                                  f"(TRITON_INTERPRET=1), which takes CPU tensors; got a {what} on "
-                                 f"{t.device}")
-        elif t.device.type != "cuda":
-            raise ValueError(f"the triton backend takes CUDA tensors, got a {what} on {t.device} "
+                                 f"{device}")
+        elif device.type != "cuda":
+            raise ValueError(f"the triton backend takes CUDA tensors, got a {what} on {device} "
                              f"(set TRITON_INTERPRET=1 before importing triton to run it on CPU "
                              f"tensors through the interpreter)")
-        if t.dtype not in DTYPE_CODES:
-            raise ValueError(f"the triton backend takes float32, bfloat16 and float16 {what}s, got "
-                             f"{t.dtype}")
-        if not t.is_contiguous():
-            raise ValueError(f"the triton backend takes contiguous tensors, got a {what} of shape "
-                             f"{tuple(t.shape)} with strides {t.stride()}")
 
-    def _entries(self, groups: list[UpdateGroup]) -> list[_Entry]:
+    def _entries(self, groups: list[UpdateGroup], device: torch.device) -> list[_Entry]:
         entries = []
         for g, group in enumerate(groups):
-            n = len(group.params)
-            if not (len(group.grads) == len(group.exp_avgs) == len(group.exp_avg_sqs)
-                    == len(group.state_steps) == n) or len(group.keep_masks) not in (0, n):
-                raise ValueError("an update group needs one grad, exp_avg, exp_avg_sq and state "
-                                 "step per parameter (and one keep mask each, or none)")
+            check_step_lists(group.params, group.grads, group.exp_avgs, group.exp_avg_sqs,
+                             group.state_steps, group.keep_masks, device)
             for i, p in enumerate(group.params):
-                entry = _Entry(g, group.count, p, group.grads[i], group.exp_avgs[i],
-                               group.exp_avg_sqs[i],
-                               group.keep_masks[i] if group.keep_masks else None,
-                               group.state_steps[i])
-                self._check_entry(entry)
-                entries.append(entry)
+                step = group.state_steps[i]
+                if step.dtype != torch.float32:
+                    raise ValueError(f"mgpp: state_steps[{i}] must be float32, got {step.dtype}")
+                entries.append(_Entry(g, group.count, p, group.grads[i], group.exp_avgs[i],
+                                      group.exp_avg_sqs[i],
+                                      group.keep_masks[i] if group.keep_masks else None, step))
         return entries
 
-    def _check_entry(self, e: _Entry) -> None:
-        self._check_tensor(e.param, "parameter")
-        for t, what in ((e.grad, "gradient"), (e.exp_avg, "exp_avg"), (e.exp_avg_sq, "exp_avg_sq")):
-            self._check_tensor(t, what)
-            if t.device != e.param.device or t.numel() != e.param.numel():
-                raise ValueError(f"a {what} of {t.numel()} elements on {t.device} does not match "
-                                 f"its parameter ({e.param.numel()} on {e.param.device})")
-        if e.grad.dtype != e.param.dtype:
-            raise ValueError(f"a gradient must have its parameter's dtype {e.param.dtype}, got "
-                             f"{e.grad.dtype}")
-        if e.exp_avg.dtype != e.exp_avg_sq.dtype or e.exp_avg.dtype not in (torch.float32,
-                                                                             e.param.dtype):
-            raise ValueError(f"exp_avg and exp_avg_sq must both be float32 or the parameter's "
-                             f"dtype {e.param.dtype}, got {e.exp_avg.dtype} and "
-                             f"{e.exp_avg_sq.dtype}")
-        if e.step.numel() != 1 or e.step.dtype != torch.float32:
-            raise ValueError(f"a state step must be a one-element float32 tensor, got "
-                             f"{e.step.dtype} of shape {tuple(e.step.shape)}")
-        if e.keep_mask is not None:
-            self._check_keep_mask(e.keep_mask, e.param)
-
-    @staticmethod
-    def _check_keep_mask(mask: torch.Tensor, param: torch.Tensor) -> None:
-        if (mask.dtype != torch.uint8 or mask.numel() != (param.numel() + 7) // 8
-                or mask.device != param.device or not mask.is_contiguous()):
-            raise ValueError(f"a keep mask must be a contiguous uint8 tensor of "
-                             f"{(param.numel() + 7) // 8} bytes on {param.device}, got "
-                             f"{mask.dtype} of {mask.numel()} elements on {mask.device}")
-
-    def _check_event(self, event: PruneEvent, device: torch.device | None) -> torch.device:
-        for p in event.params:
-            self._check_tensor(p, "candidate")
-        devices = {p.device for p in event.params}
-        if device is not None:
-            devices.add(device)
-        if len(devices) != 1:
-            raise ValueError(f"the triton backend takes tensors on one device, got "
-                             f"{sorted(str(d) for d in devices)}")
+    def _check_event(self, event: PruneEvent, device: torch.device) -> None:
+        for i, p in enumerate(event.params):
+            check_tensor(p, device, "candidates", i)
+            check_kernel_dtype(p.dtype, "candidates")
         numel = sum(p.numel() for p in event.params)
         if not 1 <= event.k <= numel:
             raise ValueError(f"k must be in [1, {numel}] (the number of candidate elements), got "
                              f"{event.k}")
         if event.keep_masks:
             if len(event.keep_masks) != len(event.params):
-                raise ValueError("an event needs one keep mask per candidate, or none")
-            for mask, p in zip(event.keep_masks, event.params):
-                self._check_keep_mask(mask, p)
-        return devices.pop()
+                raise ValueError("mgpp: keep_masks must be empty or one per tensor")
+            for i, (mask, p) in enumerate(zip(event.keep_masks, event.params)):
+                check_mask(mask, p, device, i)
+
+    @staticmethod
+    def _device_of(groups: list[UpdateGroup], event: PruneEvent | None) -> torch.device | None:
+        """The device of the step's first tensor; every other tensor is checked against it."""
+        for group in groups:
+            if group.params:
+                return group.params[0].device
+        if event is not None and event.params:
+            return event.params[0].device
+        return None
 
     # ---- the step -------------------------------------------------------------------------------
 
     def step(self, groups: list[UpdateGroup], event: PruneEvent | None,
              grad_scale: torch.Tensor | None) -> Threshold | None:
-        entries = self._entries(groups)
-        devices = {e.param.device for e in entries}
-        if len(devices) > 1:
-            raise ValueError(f"the triton backend takes tensors on one device, got "
-                             f"{sorted(str(d) for d in devices)}")
-        device = devices.pop() if devices else None
-        if event is not None:
-            device = self._check_event(event, device)
+        device = self._device_of(groups, event)
         if device is None:
             return None
+        self._check_device_type(device, "tensor")
+        entries = self._entries(groups, device)
+        if event is not None:
+            self._check_event(event, device)
         if grad_scale is not None and (grad_scale.numel() != 1 or grad_scale.device != device
                                        or not grad_scale.is_floating_point()):
             raise ValueError(f"grad_scale must be a one-element floating tensor on {device}")
@@ -289,7 +253,9 @@ class TritonBackend:
 
         with self._on(device):
             try:
-                scalars = _to_device(host_scalars, device)
+                scalars = to_device(host_scalars, device)
+                for g, group in enumerate(groups):
+                    write_tensor_lr(group, scalars[g * NUM_STEP_SCALARS:(g + 1) * NUM_STEP_SCALARS])
                 workspace = self._workspace(device)
                 if entries:
                     self._update(entries, steps_on_device, scalars, rank_index + 1, grad_scale,
@@ -312,11 +278,14 @@ class TritonBackend:
                 raise
 
     def global_threshold(self, tensors: list[torch.Tensor], k: int) -> torch.Tensor:
-        event = PruneEvent(params=tensors, uncounted=tensors, k=k)
-        device = self._check_event(event, None)
+        device = self._device_of([], PruneEvent(params=tensors, k=k))
+        if device is None:
+            raise ValueError("k must be in [1, 0] (the number of candidate elements): no tensors")
+        self._check_device_type(device, "tensor")
+        self._check_event(PruneEvent(params=tensors, k=k), device)
         with self._on(device):
             try:
-                rank = _to_device(torch.tensor([float(k)], dtype=torch.float64), device)
+                rank = to_device(torch.tensor([float(k)], dtype=torch.float64), device)
                 _, tau = self._select(tensors, tensors, [], rank, self._workspace(device))
             except BaseException:
                 self._workspaces.pop(device, None)
@@ -383,10 +352,10 @@ class TritonBackend:
             if num_blocks == 0:
                 continue  # only empty tensors: their step counts still advance in prepare_kernel
             addresses = [address for row in rows for address in row[:kernels.U_KEEP_MASK.value]]
-            launches.append(_Launch(pair, _to_device(torch.tensor(rows, dtype=torch.int64), device),
-                                    _to_device(blocks, device), num_blocks, _aligned(addresses)))
+            launches.append(_Launch(pair, to_device(torch.tensor(rows, dtype=torch.int64), device),
+                                    to_device(blocks, device), num_blocks, _aligned(addresses)))
         return _StepPlan(
-            prepare_table=_to_device(torch.tensor(prepare, dtype=torch.int64), device),
+            prepare_table=to_device(torch.tensor(prepare, dtype=torch.int64), device),
             rows=torch.empty((len(entries), kernels.ROW_WIDTH.value), dtype=torch.float32,
                              device=device),
             num_tensors=len(entries), launches=launches)
@@ -411,8 +380,8 @@ class TritonBackend:
                     continue
                 device = tensors[0].device
                 launches.append(_Launch(
-                    (code,), _to_device(torch.tensor(rows, dtype=torch.int64), device),
-                    _to_device(blocks, device), num_blocks,
+                    (code,), to_device(torch.tensor(rows, dtype=torch.int64), device),
+                    to_device(blocks, device), num_blocks,
                     _aligned(row[kernels.V_DATA.value] for row in rows)))
             return launches
 

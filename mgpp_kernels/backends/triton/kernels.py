@@ -19,6 +19,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ...ops import layout
+
 # Helpers called from the kernels. Under the interpreter they run as plain Python inside the
 # kernel's interpretation: an interpreted @triton.jit call re-patches triton.language on every
 # call (about 2 ms each), which would make a program instance of the update kernel cost ~40 ms.
@@ -29,16 +31,18 @@ F32 = tl.constexpr(0)
 BF16 = tl.constexpr(1)
 F16 = tl.constexpr(2)
 
-# Radix histogram of |x| float32 key bits (csrc/mgpp_math.h): 16 high bits, then 15 low bits.
-LOW_BITS = tl.constexpr(15)
-HIGH_BINS = tl.constexpr(1 << 16)
-LOW_BINS = tl.constexpr(1 << 15)
+# Radix histogram of |x| float32 key bits: the layout of mgpp_kernels.ops.layout.
+LOW_BITS = tl.constexpr(layout.LOW_BITS)
+HIGH_BINS = tl.constexpr(layout.HIGH_BINS)
+LOW_BINS = tl.constexpr(layout.LOW_BINS)
 NAN_KEY_FLOOR = tl.constexpr(0x7F800001)
 
-# The float64 step scalars of one update group (mgpp_kernels/_scalars.py, StepScalar).
-NUM_STEP_SCALARS = tl.constexpr(11)
+# The float64 step scalars of one update group, in layout.STEP_SCALARS order.
+NUM_STEP_SCALARS = tl.constexpr(layout.NUM_STEP_SCALARS)
 (S_LR, S_BETA1, S_BETA2, S_EPS, S_WEIGHT_DECAY, S_PRIOR_ON, S_C1, S_C2, S_INV_N, S_INV_SIGMA0_SQ,
- S_INV_SIGMA1_SQ) = map(tl.constexpr, range(11))
+ S_INV_SIGMA1_SQ) = (tl.constexpr(layout.STEP_SCALARS.index(name)) for name in (
+    "lr", "beta1", "beta2", "eps", "weight_decay", "prior_on", "c1", "c2", "inv_n",
+    "inv_sigma0_sq", "inv_sigma1_sq"))
 
 # Columns of the update table (int64, one row per tensor).
 UPDATE_COLUMNS = tl.constexpr(8)
@@ -56,7 +60,8 @@ ROW_WIDTH = tl.constexpr(16)
  R_INV_GRAD_SCALE, R_PRIOR_ON, R_C1, R_C2, R_INV_N, R_INV_SIGMA0_SQ,
  R_INV_SIGMA1_SQ) = map(tl.constexpr, range(14))
 # Selection state (int64[3]): rank of τ among the keys in play, τ's key bits, keys below τ.
-SEL_RANK, SEL_KEY, SEL_BELOW = map(tl.constexpr, range(3))
+SEL_RANK, SEL_KEY, SEL_BELOW = (tl.constexpr(layout.SELECTION.index(slot))
+                                for slot in ("rank", "key", "below"))
 
 
 # ---- storage formats ---------------------------------------------------------------------------

@@ -2,15 +2,16 @@
 device, with the histograms, the radix selection state and τ on that device."""
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
-from . import PruneEvent, Threshold, UpdateGroup
+from .. import ops
+from ..ops.layout import HIGH_BINS, KERNEL_DTYPES, LOW_BINS, SELECTION, step_scalars
+from .types import PruneEvent, Threshold, UpdateGroup
 
-HIGH_BINS = 1 << 16   # csrc/mgpp_math.h: kHistHighBins
-LOW_BINS = 1 << 15    # kHistLowBins
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+if not ops.BUILT:
+    raise ImportError(f"mgpp_kernels._C cannot be used: {ops.LOAD_ERROR}")
+
+_RANK, _KEY, _BELOW = (SELECTION.index(slot) for slot in ("rank", "key", "below"))
 
 
 def select_threshold(tensors: list[torch.Tensor], k: int, high_histogram: torch.Tensor,
@@ -24,12 +25,12 @@ def select_threshold(tensors: list[torch.Tensor], k: int, high_histogram: torch.
     before its selection, so every rank selects the same τ without sending a weight.
     """
     device = high_histogram.device
-    selection = torch.zeros(3, dtype=torch.int64, device=device)
-    selection[:1].fill_(k)  # a fill kernel, not a copy from the host
+    selection = torch.zeros(len(SELECTION), dtype=torch.int64, device=device)
+    selection[_RANK].fill_(k)  # a fill kernel, not a copy from the host
     counted_ids = {id(t) for t in counted}
     uncounted = [t for t in tensors if id(t) not in counted_ids]
     if uncounted:
-        torch.ops.mgpp.abs_histogram_(uncounted, high_histogram, selection, 0)
+        ops.abs_histogram_(uncounted, high_histogram, selection, level=0)
     # bfloat16 keys have no bits below the first level: τ is already exact.
     needs_low_level = any(t.dtype != torch.bfloat16 for t in tensors)
     if process_group is not None:
@@ -37,30 +38,27 @@ def select_threshold(tensors: list[torch.Tensor], k: int, high_histogram: torch.
         flag = torch.tensor([int(needs_low_level)])
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=process_group)
         needs_low_level = bool(flag.item())
-    torch.ops.mgpp.radix_select_(high_histogram, selection, 0)
+    ops.radix_select_(high_histogram, selection, level=0)
     if needs_low_level:
         low_histogram = torch.zeros(LOW_BINS, dtype=torch.int64, device=device)
-        torch.ops.mgpp.abs_histogram_(tensors, low_histogram, selection, 1)
+        ops.abs_histogram_(tensors, low_histogram, selection, level=1)
         if process_group is not None:
             torch.distributed.all_reduce(low_histogram, group=process_group)
-        torch.ops.mgpp.radix_select_(low_histogram, selection, 1)
+        ops.radix_select_(low_histogram, selection, level=1)
     return selection
 
 
 def tau_of(selection: torch.Tensor) -> torch.Tensor:
-    return selection[1:2].to(torch.int32).view(torch.float32)[0]
+    return selection[_KEY:_KEY + 1].to(torch.int32).view(torch.float32)[0]
 
 
 class OpsBackend:
     """A backend of the torch.ops.mgpp kernels on one device type."""
 
-    def __init__(self, name: str, device_type: str,
-                 scalars: Callable[[UpdateGroup, torch.device], torch.Tensor], *,
-                 steps_on_device: bool, ranks_across_processes: bool):
+    def __init__(self, name: str, device_type: str, *, steps_on_device: bool,
+                 ranks_across_processes: bool):
         self.name = name
         self.device_type = device_type
-        self._scalars = scalars
-        # The optimizer keeps step counts on the parameters' device when the kernels count there.
         self.steps_on_device = steps_on_device
         self.ranks_across_processes = ranks_across_processes
 
@@ -87,18 +85,18 @@ class OpsBackend:
         counted = []
         for group in groups:
             count = event is not None and group.count
-            torch.ops.mgpp.fused_step_(
+            ops.fused_step_(
                 group.params, group.grads, group.exp_avgs, group.exp_avg_sqs, group.state_steps,
-                group.keep_masks, self._scalars(group, device), grad_scale,
-                histogram if count else None)
+                group.keep_masks, step_scalars(group, device), grad_scale=grad_scale,
+                histogram=histogram if count else None)
             if count:
                 counted.extend(group.params)
         if event is None:
             return None
         selection = select_threshold(event.params, event.k, histogram, counted,
                                      event.process_group)
-        torch.ops.mgpp.apply_threshold_(event.params, event.keep_masks, selection)
-        return Threshold(tau=tau_of(selection), below=selection[2])
+        ops.apply_threshold_(event.params, event.keep_masks, selection)
+        return Threshold(tau=tau_of(selection), below=selection[_BELOW])
 
     def global_threshold(self, tensors: list[torch.Tensor], k: int) -> torch.Tensor:
         histogram = torch.zeros(HIGH_BINS, dtype=torch.int64, device=tensors[0].device)

@@ -1,0 +1,1 @@
+"""What the benchmark scripts share: see benchmarks/__init__.py."""

@@ -1,0 +1,74 @@
+"""The models the suite steps over (candidate matrices only), their tensors, and the bytes a step
+must move."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mgpp_kernels.workloads import BertShapes, random_parameters
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    shapes: tuple[tuple[int, ...], ...]
+
+    @property
+    def elements(self) -> int:
+        return sum(rows * cols for rows, cols in self.shapes)
+
+
+def bert(name: str, layers: int, hidden: int) -> Model:
+    """Each layer's query, key, value, attention-output, intermediate and output matrices."""
+    return Model(name, tuple(BertShapes(layers=layers, hidden=hidden).candidate_shapes()))
+
+
+def llama(name: str, blocks: int, hidden: int, intermediate: int) -> Model:
+    """Each block's q, k, v, o projections and the gate, up and down matrices of its MLP."""
+    block = ((hidden, hidden),) * 4 + ((intermediate, hidden),) * 2 + ((hidden, intermediate),)
+    return Model(name, block * blocks)
+
+
+BERT_BASE = bert("BERT-base L12/H768", 12, 768)
+FULL_LADDER = (
+    bert("BERT L2/H256", 2, 256),
+    bert("BERT-small L4/H512", 4, 512),
+    bert("BERT-medium L8/H512", 8, 512),
+    BERT_BASE,
+    bert("BERT-large L24/H1024", 24, 1024),
+    llama("LLaMA-style 7 blocks H2048/F5504", 7, 2048, 5504),
+)
+QUICK_LADDER = (bert("BERT-tiny L2/H128", 2, 128), llama("LLaMA-style 1 block H128/F344", 1, 128, 344))
+
+
+class Workload:
+    """A model's candidate parameters with gradients, fp32, and a bf16 copy made on first use."""
+
+    def __init__(self, model: Model, device: torch.device, seed: int = 0):
+        self.model = model
+        # Drawn on the device itself: on a GPU, no model-sized draw on the host and copy.
+        generator = torch.Generator(device=device).manual_seed(seed)
+        self.fp32 = random_parameters(model.shapes, generator, std=0.04, grad_std=1e-3)
+        self._bf16: list[torch.nn.Parameter] | None = None
+
+    def params(self, precision: str) -> list[torch.nn.Parameter]:
+        if precision == "fp32":
+            return self.fp32
+        if self._bf16 is None:
+            self._bf16 = []
+            for p in self.fp32:
+                copy = torch.nn.Parameter(p.detach().to(torch.bfloat16))
+                copy.grad = p.grad.to(torch.bfloat16)
+                self._bf16.append(copy)
+        return self._bf16
+
+
+def step_bytes(precision: str, event: bool) -> int:
+    """Bytes per element docs/spec.md §3 says a step must move (see benchmarks/suite.py)."""
+    param_bytes, state_bytes = {"fp32": (4, 4), "bf16": (2, 2), "bf16, fp32 state": (2, 4)}[precision]
+    update = 3 * param_bytes + 4 * state_bytes   # θ read and written, g read; m, v read and written
+    if not event:
+        return update
+    refinement = param_bytes if param_bytes == 4 else 0
+    return update + refinement + param_bytes

@@ -1,0 +1,70 @@
+"""What the optimizer hands a backend and gets back: one module of data types, and the interface
+every backend implements."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class Prior:
+    lambda_t: float
+    sigma0_sq: float
+    sigma1_sq: float
+    num_train_examples: int
+
+
+@dataclass
+class UpdateGroup:
+    """Parameters of one param group that have a gradient this step, and their state."""
+
+    params: list[torch.Tensor]
+    grads: list[torch.Tensor]
+    exp_avgs: list[torch.Tensor]
+    exp_avg_sqs: list[torch.Tensor]
+    state_steps: list[torch.Tensor]
+    keep_masks: list[torch.Tensor]   # one per parameter after the freeze, else empty
+    lr: float | torch.Tensor         # a tensor lr is never read on the host by a kernel backend
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    prior: Prior | None              # None: plain AdamW (non-candidates, or after t_end)
+    count: bool                      # candidates on an event step: rank their updated values
+
+
+@dataclass
+class PruneEvent:
+    params: list[torch.Tensor]       # every candidate, with or without a gradient
+    k: int                           # τ is the k-th smallest |θ|, 1 <= k <= N
+    keep_masks: list[torch.Tensor] = field(default_factory=list)  # filled at the freeze
+    # With a torch.distributed process group, `params` are this rank's shards and τ ranks the
+    # shards of every rank (N and k are already global); only backends that declare
+    # `ranks_across_processes` get one.
+    process_group: Any = None
+
+
+@dataclass(frozen=True)
+class Threshold:
+    tau: torch.Tensor                # 0-dim float32, on the parameters' device
+    below: torch.Tensor              # 0-dim int64: how many candidates had |θ| < τ
+
+
+class Backend(Protocol):
+    name: str
+    # The optimizer keeps step counts on the parameters' device (else on the CPU, as torch does).
+    steps_on_device: ClassVar[bool]
+    # PruneEvent.process_group is supported: τ ranks the shards of every rank.
+    ranks_across_processes: ClassVar[bool]
+
+    def check_params(self, params: list[torch.Tensor]) -> None:
+        """Raises ValueError when this backend cannot run on these parameters."""
+
+    def step(self, groups: list[UpdateGroup], event: PruneEvent | None,
+             grad_scale: torch.Tensor | None) -> Threshold | None:
+        """Updates every group in place; on an event, prunes and returns the threshold."""
+
+    def global_threshold(self, tensors: list[torch.Tensor], k: int) -> torch.Tensor:
+        """τ over the tensors without changing them (0-dim float32)."""

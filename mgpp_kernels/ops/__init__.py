@@ -1,0 +1,130 @@
+"""The Python side of the torch.ops.mgpp kernels (csrc/): loads the compiled extension
+mgpp_kernels._C, checks that it shares this package's layout, and gives each op a typed wrapper
+and a fake implementation (for torch.compile, FakeTensor and torch.library.opcheck).
+
+Every op mutates its arguments in place and returns nothing, so a fake implementation checks what
+it can without data (list lengths, sizes, dtypes, devices) and returns None. The C++ library names
+this module (set_python_module), so torch imports it whenever it needs the fakes.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from . import layout
+from .checks import check_histogram, check_selection, check_step_lists
+
+
+
+class LayoutMismatchError(ImportError):
+    """The compiled kernels were built from headers with another layout than this package's."""
+
+
+def _load() -> ImportError | None:
+    """Loads mgpp_kernels._C; why it cannot be used, or None."""
+    try:
+        from .. import _C  # noqa: F401  (registers torch.ops.mgpp)
+    except ImportError as error:
+        return error
+    compiled = torch.ops.mgpp.layout() if hasattr(torch.ops.mgpp, "layout") else "none"
+    if compiled != layout.describe():
+        return LayoutMismatchError(
+            f"mgpp_kernels._C was built with the layout {compiled!r}, but this package has "
+            f"{layout.describe()!r}: rebuild it (`pip install --no-build-isolation -e .`)")
+    return None
+
+
+# Why the compiled kernels cannot be used (not built, or built from other headers), or None.
+LOAD_ERROR = _load()
+BUILT = LOAD_ERROR is None
+
+
+def _bins(level: int) -> int:
+    if level not in (0, 1):
+        raise ValueError(f"mgpp: level must be 0 or 1, got {level}")
+    return layout.HIGH_BINS if level == 0 else layout.LOW_BINS
+
+
+# ---- the ops ---------------------------------------------------------------------------------
+
+
+def build_info() -> str:
+    """How the kernels were compiled: CPU target and instruction sets, OpenMP, compiler, CUDA."""
+    return torch.ops.mgpp.build_info()
+
+
+def fused_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor],
+                state_steps: Sequence[torch.Tensor], keep_masks: Sequence[torch.Tensor],
+                scalars: torch.Tensor, *, grad_scale: torch.Tensor | None = None,
+                histogram: torch.Tensor | None = None) -> None:
+    """One MGPP step (prior gradient, AdamW, frozen mask) over every tensor of one update group.
+
+    Adds 1 to each `state_steps` entry, then updates params, exp_avgs and exp_avg_sqs in place.
+    `scalars` holds the group's float64 step scalars in layout.STEP_SCALARS order; `keep_masks`
+    is empty or one packed mask per parameter (mgpp_kernels.masks); gradients are divided by
+    `grad_scale` when given. With `histogram` (int64, layout.HIGH_BINS counters), the level-0
+    radix histogram of the updated |θ| is added to it.
+    """
+    torch.ops.mgpp.fused_step_(params, grads, exp_avgs, exp_avg_sqs, state_steps, keep_masks,
+                               scalars, grad_scale, histogram)
+
+
+def abs_histogram_(tensors: Sequence[torch.Tensor], histogram: torch.Tensor,
+                   selection: torch.Tensor, *, level: int) -> None:
+    """Adds the radix histogram of |x| over `tensors` at `level` to `histogram`: level 0 counts
+    the 16 high key bits (layout.HIGH_BINS counters), level 1 the 15 low bits of the keys in the
+    high bin that `selection` has chosen (layout.LOW_BINS counters)."""
+    torch.ops.mgpp.abs_histogram_(tensors, histogram, selection, level)
+
+
+def radix_select_(histogram: torch.Tensor, selection: torch.Tensor, *, level: int) -> None:
+    """Narrows `selection` (int64 [rank, key, below]) to the bin of `histogram` that holds the
+    rank-th smallest key, and resets the histogram to zero."""
+    torch.ops.mgpp.radix_select_(histogram, selection, level)
+
+
+def apply_threshold_(tensors: Sequence[torch.Tensor], keep_masks: Sequence[torch.Tensor],
+                     selection: torch.Tensor) -> None:
+    """Zeroes every element with |x| < τ (τ's key in `selection`); with keep masks (one per
+    tensor, or none), writes which elements survive."""
+    torch.ops.mgpp.apply_threshold_(tensors, keep_masks, selection)
+
+
+# ---- fake implementations ----------------------------------------------------------------------
+
+
+def _fused_step_fake(params, grads, exp_avgs, exp_avg_sqs, state_steps, keep_masks, scalars,
+                     grad_scale, histogram):
+    if params:
+        check_step_lists(params, grads, exp_avgs, exp_avg_sqs, state_steps, keep_masks,
+                         params[0].device)
+    if scalars.dtype != torch.float64 or scalars.numel() != layout.NUM_STEP_SCALARS:
+        raise ValueError(f"mgpp: scalars must be a float64 tensor of {layout.NUM_STEP_SCALARS} "
+                         f"elements")
+    if histogram is not None:
+        check_histogram(histogram, layout.HIGH_BINS)
+
+
+def _abs_histogram_fake(tensors, histogram, selection, level):
+    check_histogram(histogram, _bins(level))
+    check_selection(selection)
+
+
+def _radix_select_fake(histogram, selection, level):
+    check_histogram(histogram, _bins(level))
+    check_selection(selection)
+
+
+def _apply_threshold_fake(tensors, keep_masks, selection):
+    if len(keep_masks) not in (0, len(tensors)):
+        raise ValueError("mgpp: keep_masks must be empty or one per tensor")
+    check_selection(selection)
+
+
+if BUILT:
+    for _name, _fake in (("fused_step_", _fused_step_fake), ("abs_histogram_", _abs_histogram_fake),
+                         ("radix_select_", _radix_select_fake),
+                         ("apply_threshold_", _apply_threshold_fake)):
+        torch.library.register_fake(f"mgpp::{_name}", _fake)
