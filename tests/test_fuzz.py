@@ -299,6 +299,7 @@ def run_lockstep(case: Case, backend) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:MGPP. no param group has prune=True")  # cases without any
 @pytest.mark.parametrize("backend", backends.params(backends.KERNELS))
 def test_backend_matches_reference_on_random_runs(backend):
     threads = torch.get_num_threads()
