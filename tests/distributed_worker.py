@@ -24,13 +24,17 @@ import torch.nn.functional as F
 
 from mgpp_kernels import MGPP
 
+import backends   # tests/backends.py
+
 WORLD_SIZE = 2
 # t_i = 4, events at 4, 6, 9, 12 and the freeze at t_end = 20 - 4 - 1 = 15; frozen after.
 SCHEDULE = dict(num_train_examples=64, initial_warmup_steps=4, total_steps=20,
                 final_warmup_steps=4, pruning_interval=3, initial_sparsity=0.3,
                 final_sparsity=0.8)
 GLOBAL_BATCH = 8
-BACKENDS = ("cpu", "reference")
+# The rows of tests/backends.py that rank across processes and run here on CPU tensors (gloo).
+BACKENDS = tuple(row.name for row in backends.ROWS if row.ranks_across_processes
+                 and row.device == "cpu" and row.unavailable is None)
 
 
 # ---- a model trained on data-parallel batches (DDP and FSDP2) ----------------------------------

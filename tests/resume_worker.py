@@ -26,6 +26,8 @@ import torch.nn.functional as F
 
 from mgpp_kernels import MGPP
 
+import backends   # tests/backends.py: the device of each backend's row
+
 # t_i = 10, events at 10, 14, 21, 28, 35, 42 and the freeze at t_end = 60 - 10 - 1 = 49.
 SCHEDULE = dict(num_train_examples=500, initial_warmup_steps=10, total_steps=60,
                 final_warmup_steps=10, pruning_interval=7, initial_sparsity=0.3,
@@ -64,7 +66,7 @@ class Net(torch.nn.Module):
 
 
 def build(variant: str, backend: str):
-    model = Net(variant)
+    model = Net(variant).to(backends.BY_NAME[backend].device)
     candidate_ids = {id(p) for p in model.candidates()}
     groups = [{"params": model.candidates(), "prune": True},
               {"params": [p for p in model.parameters() if id(p) not in candidate_ids],
@@ -74,15 +76,16 @@ def build(variant: str, backend: str):
 
 def train_step(variant: str, model: Net, optimizer: MGPP, t: int) -> None:
     generator = torch.Generator().manual_seed(10_000 + t)
+    device = model.fc1.weight.device
     optimizer.zero_grad()
     if variant == "loss":
-        x = torch.randn(16, 24, generator=generator)
-        y = torch.randint(0, 5, (16,), generator=generator)
+        x = torch.randn(16, 24, generator=generator).to(device)
+        y = torch.randint(0, 5, (16,), generator=generator).to(device)
         F.cross_entropy(model(x, use_gate=t % 2 == 0), y).backward()
     else:
         for name, p in model.named_parameters():
             if name != "gate.weight" or t % 2 == 0:
-                p.grad = torch.randn(p.shape, generator=generator) * 0.05
+                p.grad = (torch.randn(p.shape, generator=generator) * 0.05).to(device)
     optimizer.step()
 
 

@@ -15,42 +15,42 @@ import torch
 import mgpp_kernels
 from mgpp_kernels import MGPP
 
-from reliability_helpers import assert_bitwise_equal, assert_unchanged, snapshot
+from compare import assert_bitwise_equal, assert_unchanged, snapshot
 
-BACKENDS = [b for b in ("cpu", "reference") if b in mgpp_kernels.available_backends()]
+import backends
 # t_i = 2, events at 2, 3, 6 and the freeze at t_end = 12 - 2 - 1 = 9.
 SCHEDULE = dict(num_train_examples=100, initial_warmup_steps=2, total_steps=12,
                 final_warmup_steps=2, pruning_interval=3)
 STOP = 4   # where the rejected call comes: past t_i, with moments and an event behind
 
 
-def make_params(seed: int = 0):
+def make_params(seed: int = 0, device="cpu"):
     generator = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(shape, generator=generator) * 0.1)
+    return [torch.nn.Parameter((torch.randn(shape, generator=generator) * 0.1).to(device))
             for shape in ((8, 5), (13,), (5,))]
 
 
 def build(params, backend, **overrides):
     return MGPP([{"params": params[:2], "prune": True}, {"params": params[2:], "prune": False}],
-                lr=1e-2, backend=backend, **dict(SCHEDULE, **overrides))
+                lr=1e-2, backend=backend.name, **dict(SCHEDULE, **overrides))
 
 
 def run(optimizer, params, start, stop):
     for t in range(start, stop):
         generator = torch.Generator().manual_seed(t)
         for p in params:
-            p.grad = torch.randn(p.shape, generator=generator) * 0.01
+            p.grad = (torch.randn(p.shape, generator=generator) * 0.01).to(p.device)
         optimizer.step()
 
 
-@pytest.fixture(params=BACKENDS)
+@pytest.fixture(params=backends.params(backends.ROWS))
 def backend(request):
     return request.param
 
 
 def frozen_state_dict(backend):
     """A valid checkpoint of the same layout, taken after the freeze (it has keep masks)."""
-    params = make_params(seed=1)
+    params = make_params(seed=1, device=backend.device)
     optimizer = build(params, backend)
     run(optimizer, params, 0, SCHEDULE["total_steps"] - 1)
     return copy.deepcopy(optimizer.state_dict())
@@ -58,14 +58,14 @@ def frozen_state_dict(backend):
 
 def reject_sparse_gradient(optimizer, params, backend):
     for p in params:
-        p.grad = torch.full(p.shape, 0.01)
+        p.grad = torch.full_like(p, 0.01)
     params[1].grad = params[1].grad.to_sparse()
     optimizer.step()
 
 
 def reject_nan_lr_set_between_steps(optimizer, params, backend):
     for p in params:
-        p.grad = torch.full(p.shape, 0.01)
+        p.grad = torch.full_like(p, 0.01)
     saved = optimizer.param_groups[1]["lr"]
     optimizer.param_groups[1]["lr"] = math.nan
     try:
@@ -76,7 +76,7 @@ def reject_nan_lr_set_between_steps(optimizer, params, backend):
 
 def reject_inf_beta_set_between_steps(optimizer, params, backend):
     for p in params:
-        p.grad = torch.full(p.shape, 0.01)
+        p.grad = torch.full_like(p, 0.01)
     saved = optimizer.param_groups[0]["betas"]
     optimizer.param_groups[0]["betas"] = (0.9, math.inf)
     try:
@@ -88,7 +88,8 @@ def reject_inf_beta_set_between_steps(optimizer, params, backend):
 def reject_mask_of_another_size(optimizer, params, backend):
     state_dict = frozen_state_dict(backend)
     first = state_dict["param_groups"][0]["params"][0]
-    state_dict["state"][first]["keep_mask"] = torch.zeros(4, dtype=torch.uint8)
+    state_dict["state"][first]["keep_mask"] = torch.zeros(4, dtype=torch.uint8,
+                                                          device=backend.device)
     optimizer.load_state_dict(state_dict)
 
 
@@ -105,15 +106,18 @@ def reject_state_dict_without_mgpp_entry(optimizer, params, backend):
 
 
 def reject_group_with_a_known_parameter(optimizer, params, backend):
-    optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2)), params[0]]})
+    optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2, device=backend.device)),
+                                          params[0]]})
 
 
 def reject_group_with_a_complex_parameter(optimizer, params, backend):
-    optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2, dtype=torch.cfloat))]})
+    optimizer.add_param_group({"params": [torch.nn.Parameter(
+        torch.zeros(2, dtype=torch.cfloat, device=backend.device))]})
 
 
 def reject_group_with_an_integer_parameter(optimizer, params, backend):
-    optimizer.add_param_group({"params": [torch.zeros(2, dtype=torch.int64)], "prune": True})
+    optimizer.add_param_group({"params": [torch.zeros(2, dtype=torch.int64, device=backend.device)],
+                               "prune": True})
 
 
 def reject_group_on_the_meta_device(optimizer, params, backend):
@@ -121,7 +125,8 @@ def reject_group_on_the_meta_device(optimizer, params, backend):
 
 
 def reject_group_with_infinite_eps(optimizer, params, backend):
-    optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "eps": math.inf})
+    fresh = torch.nn.Parameter(torch.zeros(2, device=backend.device))
+    optimizer.add_param_group({"params": [fresh], "eps": math.inf})
 
 
 def reject_total_steps_too_small(optimizer, params, backend):
@@ -144,10 +149,19 @@ REJECTED = {  # call -> (exception type, message pattern)
 }
 
 
-@pytest.mark.parametrize("reject", list(REJECTED), ids=lambda f: f.__name__[len("reject_"):])
+# The Triton interpreter's row: one rejection of each kind (step, state_dict, param group,
+# schedule).
+SMALL_REJECTED = [reject_sparse_gradient, reject_nan_lr_set_between_steps,
+                  reject_mask_of_another_size, reject_group_with_a_known_parameter,
+                  reject_total_steps_too_small]
+
+
+@pytest.mark.parametrize("backend,reject", backends.over(
+    backends.ROWS, list(REJECTED), small_cases=SMALL_REJECTED,
+    ids=lambda f: f.__name__[len("reject_"):]))
 def test_a_rejected_call_changes_nothing(backend, reject):
     error, message = REJECTED[reject]
-    params = make_params()
+    params = make_params(device=backend.device)
     optimizer = build(params, backend)
     run(optimizer, params, 0, STOP)
     before = snapshot(optimizer, params)
@@ -157,7 +171,7 @@ def test_a_rejected_call_changes_nothing(backend, reject):
     assert_unchanged(optimizer, params, before)
     assert optimizer.param_groups == groups_before
     assert optimizer.config.total_steps == SCHEDULE["total_steps"]
-    twin_params = make_params()
+    twin_params = make_params(device=backend.device)
     twin = build(twin_params, backend)
     run(twin, twin_params, 0, STOP)
     run(optimizer, params, STOP, SCHEDULE["total_steps"])
@@ -190,12 +204,13 @@ def test_non_finite_tensor_lr_is_rejected(lr):
 def test_generator_of_parameters_in_a_group_is_kept(backend):
     """A dict group may hold model.parameters() (read once): every parameter is in the group.
     A set has no stable order (state_dict indices would change between runs): a TypeError."""
-    model = torch.nn.Linear(4, 3)
-    optimizer = MGPP([{"params": model.parameters(), "prune": True}], backend=backend, **SCHEDULE)
+    model = torch.nn.Linear(4, 3).to(backend.device)
+    optimizer = MGPP([{"params": model.parameters(), "prune": True}], backend=backend.name,
+                     **SCHEDULE)
     assert [id(p) for p in optimizer.param_groups[0]["params"]] == \
            [id(p) for p in model.parameters()]
     with pytest.raises(TypeError, match="ordered"):
-        MGPP([{"params": set(model.parameters())}], backend=backend, **SCHEDULE)
+        MGPP([{"params": set(model.parameters())}], backend=backend.name, **SCHEDULE)
 
 
 def test_no_backend_for_the_device_is_an_error():
@@ -203,15 +218,16 @@ def test_no_backend_for_the_device_is_an_error():
         MGPP([torch.nn.Parameter(torch.empty(4, device="meta"))], backend="auto", **SCHEDULE)
 
 
-def test_backend_that_cannot_rank_across_processes_refuses_a_process_group():
+@pytest.mark.parametrize("row", [
+    pytest.param(row, id=row.name, marks=row.marks() if not row.ranks_across_processes else [
+        pytest.mark.skip(reason=f"backend {row.name!r} ranks across processes: "
+                                "tests/test_distributed.py runs it with a process group")])
+    for row in backends.ROWS])
+@pytest.mark.filterwarnings("ignore:MGPP. no param group has prune=True")
+def test_backend_that_cannot_rank_across_processes_refuses_a_process_group(row):
     """Only backends with ranks_across_processes take process_group= (the group object is not
     used before the refusal)."""
-    if "triton" not in mgpp_kernels.available_backends():
-        pytest.skip("no backend without ranks_across_processes is built here")
-    try:
-        MGPP([torch.nn.Parameter(torch.randn(4))], backend="triton", **SCHEDULE)
-    except ValueError as error:
-        pytest.skip(f"the triton backend does not run here: {error}")
+    MGPP([torch.nn.Parameter(torch.randn(4, device=row.device))], backend=row.name, **SCHEDULE)
     with pytest.raises(ValueError, match="cannot rank candidates across processes"):
-        MGPP([torch.nn.Parameter(torch.randn(4))], backend="triton", process_group=object(),
-             **SCHEDULE)
+        MGPP([torch.nn.Parameter(torch.randn(4, device=row.device))], backend=row.name,
+             process_group=object(), **SCHEDULE)

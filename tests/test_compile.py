@@ -1,7 +1,8 @@
 """torch.compile: the torch.ops.mgpp ops have fake (meta) implementations
 (mgpp_kernels/ops), pass torch.library.opcheck, trace into a graph, and a training loop whose
 model is compiled runs with MGPP (backend "cpu") as the eager loop does. A compiled
-optimizer.step() runs eagerly (torch.compiler.disable) and equals the eager step bit for bit."""
+optimizer.step() runs eagerly (torch.compiler.disable) and equals the eager step bit for bit, on
+every backend of tests/backends.py."""
 from __future__ import annotations
 
 import pytest
@@ -9,16 +10,19 @@ import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-import mgpp_kernels
 from mgpp_kernels import MGPP
+from mgpp_kernels.ops.layout import HIGH_BINS, NUM_STEP_SCALARS
 
-from reliability_helpers import assert_bitwise_equal
+from compare import assert_bitwise_equal
 
-pytestmark = pytest.mark.skipif("cpu" not in mgpp_kernels.available_backends(),
-                                reason="the cpu backend is not built")
+import backends
 
-HIGH_BINS = 1 << 16
-SCALARS = [1e-2, 0.9, 0.999, 1e-8, 0.01, 1.0, -5.0, 1e3, 1e-2, 1e4, 20.0]   # StepScalar order
+# The ops are the cpu backend's: they need the compiled extension.
+needs_ops = pytest.mark.skipif(backends.BY_NAME["cpu"].unavailable is not None,
+                               reason="the cpu backend (mgpp_kernels._C) is not built")
+# lr, beta1, beta2, eps, weight_decay, prior_on, c1, c2, inv_n, inv_sigma0_sq, inv_sigma1_sq
+SCALARS = [1e-2, 0.9, 0.999, 1e-8, 0.01, 1.0, -5.0, 1e3, 1e-2, 1e4, 20.0]
+assert len(SCALARS) == NUM_STEP_SCALARS
 
 
 def step_inputs(seed: int = 0):
@@ -33,6 +37,7 @@ def step_inputs(seed: int = 0):
             torch.zeros(HIGH_BINS, dtype=torch.int64))
 
 
+@needs_ops
 def test_fake_implementations_check_what_they_can():
     with FakeTensorMode():
         params, grads, *rest = step_inputs()
@@ -52,6 +57,7 @@ def test_fake_implementations_check_what_they_can():
                                             torch.zeros(3, dtype=torch.int64))
 
 
+@needs_ops
 def test_opcheck():
     selection = torch.tensor([20, 0, 0])
     histogram = torch.zeros(HIGH_BINS, dtype=torch.int64)
@@ -70,6 +76,7 @@ def test_opcheck():
         torch.library.opcheck(getattr(torch.ops.mgpp, name).default, args)
 
 
+@needs_ops
 def test_ops_trace_into_one_graph():
     """fullgraph=True: a fused step and a first-level selection compile without a graph break
     (the fake implementations give Dynamo and AOTAutograd the ops' metadata) and compute what
@@ -90,30 +97,33 @@ def test_ops_trace_into_one_graph():
             assert_bitwise_equal(b, a)
 
 
-def build(backend: str = "cpu"):
+def build(backend=backends.BY_NAME["cpu"]):
     generator = torch.Generator().manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+    model = model.to(backend.device)
     optimizer = MGPP([{"params": [model[0].weight, model[2].weight], "prune": True},
                       {"params": [model[0].bias, model[2].bias], "prune": False}],
-                     lr=1e-2, backend=backend, num_train_examples=100, initial_warmup_steps=2,
+                     lr=1e-2, backend=backend.name, num_train_examples=100, initial_warmup_steps=2,
                      total_steps=12, final_warmup_steps=2, pruning_interval=3,
                      final_sparsity=0.8)
     return model, optimizer
 
 
 def train(model, optimizer, forward, step) -> None:
+    device = next(model.parameters()).device
     for t in range(12):
         generator = torch.Generator().manual_seed(t)
-        x = torch.randn(8, 16, generator=generator)
-        y = torch.randint(0, 4, (8,), generator=generator)
+        x = torch.randn(8, 16, generator=generator).to(device)
+        y = torch.randint(0, 4, (8,), generator=generator).to(device)
         optimizer.zero_grad()
         F.cross_entropy(forward(x), y).backward()
         step()
 
 
+@needs_ops
 def test_training_loop_with_compiled_model():
     """Inductor compiles the model (its kernels may round differently from eager, so the runs
     are compared in norm); MGPP prunes it through every stage to the final sparsity."""
@@ -129,12 +139,12 @@ def test_training_loop_with_compiled_model():
         assert torch.equal(p == 0, q == 0) if name.endswith("weight") else True
 
 
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
-def test_compiled_optimizer_step_equals_eager(backend):
+def test_compiled_optimizer_step_equals_eager(any_backend):
+    backend = any_backend
     model, optimizer = build(backend)
     train(model, optimizer, model, torch.compile(optimizer.step, backend="aot_eager"))
     eager, eager_optimizer = build(backend)
     train(eager, eager_optimizer, eager, eager_optimizer.step)
     assert optimizer.state_dict()["mgpp"]["schedule_step"] == 12
     for (name, p), q in zip(model.named_parameters(), eager.parameters()):
-        assert_bitwise_equal(p.detach(), q.detach(), name)
+        assert_bitwise_equal(p, q, name)

@@ -12,7 +12,11 @@ import torch
 import mgpp_kernels
 from mgpp_kernels import BackendUnavailableError, MGPP, backends as backends_module
 
-from conftest import SCHEDULE, assert_runs_identical, build_optimizer, clone_params, make_params
+from compare import assert_runs_identical
+from helpers import (SCHEDULE, backend_name, build_optimizer, clone_params, device_of,
+                     make_params)
+
+import backends
 
 NAN, INF = math.nan, math.inf
 
@@ -20,6 +24,7 @@ NAN, INF = math.nan, math.inf
 def _build(params=None, **overrides):
     kwargs = dict(SCHEDULE, backend="cpu")
     kwargs.update(overrides)
+    kwargs["backend"] = backend_name(kwargs["backend"])
     if params is None:
         params = make_params([(4, 3)])
     return MGPP([{"params": params, "prune": True}], **kwargs)
@@ -162,64 +167,69 @@ def test_optimizer_wide_keyword_in_a_param_group_is_refused(keyword, value):
 
 # ---- parameters -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
 @pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
-def test_complex_parameters_are_refused(backend, dtype):
+def test_complex_parameters_are_refused(any_backend, dtype):
     with pytest.raises(ValueError, match="complex"):
-        _build([torch.nn.Parameter(torch.zeros(3, dtype=dtype))], backend=backend)
+        _build([torch.nn.Parameter(torch.zeros(3, dtype=dtype, device=any_backend.device))],
+               backend=any_backend)
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
-def test_integer_parameters_are_refused(backend, dtype):
+def test_integer_parameters_are_refused(any_backend, dtype):
+    device = any_backend.device
     with pytest.raises(ValueError, match=re.escape(str(dtype))):
-        _build([torch.nn.Parameter(torch.zeros(2)), torch.zeros(3, dtype=dtype)], backend=backend)
+        _build([torch.nn.Parameter(torch.zeros(2, device=device)),
+                torch.zeros(3, dtype=dtype, device=device)], backend=any_backend)
 
 
-def test_float64_parameters_are_refused_by_the_cpu_backend():
+def test_float64_parameters_are_refused_by_the_kernel_backends(kernel_backend):
+    assert torch.float64 not in kernel_backend.dtypes
     with pytest.raises(ValueError, match="float64"):
-        _build([torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))], backend="cpu")
+        _build([torch.nn.Parameter(torch.zeros(3, dtype=torch.float64,
+                                               device=kernel_backend.device))],
+               backend=kernel_backend)
 
 
-def test_non_contiguous_parameters_are_refused_by_the_cpu_backend():
+def test_non_contiguous_parameters_are_refused_by_the_kernel_backends(kernel_backend):
     with pytest.raises(ValueError, match="contiguous"):
-        _build([torch.nn.Parameter(torch.zeros(4, 6).t())], backend="cpu")
+        _build([torch.nn.Parameter(torch.zeros(4, 6, device=kernel_backend.device).t())],
+               backend=kernel_backend)
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu", "auto"])
+@pytest.mark.parametrize("backend", backends.params() + [pytest.param("auto", id="auto")])
 def test_parameters_on_different_devices_are_refused(backend):
-    on_cpu = torch.nn.Parameter(torch.zeros(3))
+    on_cpu = torch.nn.Parameter(torch.zeros(3, device=device_of(backend)))
     on_meta = torch.nn.Parameter(torch.zeros(3, device="meta"))
     with pytest.raises(ValueError, match="device"):
         _build([on_cpu, on_meta], backend=backend)
     with pytest.raises(ValueError, match="device"):
-        MGPP([{"params": [on_cpu], "prune": True}, {"params": [on_meta]}], backend=backend,
-             **SCHEDULE)
+        MGPP([{"params": [on_cpu], "prune": True}, {"params": [on_meta]}],
+             backend=backend_name(backend), **SCHEDULE)
     optimizer = _build([on_cpu], backend=backend)
     with pytest.raises(ValueError, match="device"):
         optimizer.add_param_group({"params": [on_meta]})
     assert len(optimizer.param_groups) == 1
 
 
-def test_cpu_backend_refuses_parameters_on_another_device():
+def test_kernel_backends_refuse_parameters_on_another_device(kernel_backend):
     with pytest.raises(ValueError, match="meta"):
-        _build([torch.nn.Parameter(torch.zeros(3, device="meta"))], backend="cpu")
+        _build([torch.nn.Parameter(torch.zeros(3, device="meta"))], backend=kernel_backend)
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
-def test_the_same_parameter_twice_in_one_group_is_refused(backend):
-    p = torch.nn.Parameter(torch.zeros(3))
+def test_the_same_parameter_twice_in_one_group_is_refused(any_backend):
+    backend = any_backend
+    p = torch.nn.Parameter(torch.zeros(3, device=backend.device))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch only warns about duplicates within a group
         with pytest.raises(ValueError):
             _build([p, p], backend=backend)
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
-def test_the_same_parameter_in_two_groups_is_refused(backend):
-    p = torch.nn.Parameter(torch.zeros(3))
+def test_the_same_parameter_in_two_groups_is_refused(any_backend):
+    p = torch.nn.Parameter(torch.zeros(3, device=any_backend.device))
     with pytest.raises(ValueError, match="more than one"):
-        MGPP([{"params": [p], "prune": True}, {"params": [p]}], backend=backend, **SCHEDULE)
+        MGPP([{"params": [p], "prune": True}, {"params": [p]}], backend=any_backend.name,
+             **SCHEDULE)
 
 
 def test_backend_that_is_not_built_says_how_to_build_it(monkeypatch):
@@ -247,7 +257,7 @@ def test_auto_picks_the_cpu_backend_for_cpu_tensors():
 # ---- gradients: errors raised before anything changes ------------------------------------------
 
 def _two_steps(backend):
-    params = make_params([(5, 3), (7,)])
+    params = make_params([(5, 3), (7,)], device=backend.device)
     optimizer = build_optimizer(params, backend, [True, False])
     for _ in range(2):
         for p in params:
@@ -257,7 +267,8 @@ def _two_steps(backend):
 
 
 def _snapshot(params, optimizer):
-    copies = clone_params(params)
+    """A reference optimizer over CPU copies holding `optimizer`'s state."""
+    copies = clone_params(params, device="cpu")
     shadow = build_optimizer(copies, "reference", [True, False])
     shadow.load_state_dict(copy.deepcopy(optimizer.state_dict()))
     return copies, shadow
@@ -271,21 +282,21 @@ def _sparse_gradient(p):
 
 def _float64_gradient(p):
     p.grad = torch.randn_like(p)
-    p.grad.data = torch.randn(p.shape, dtype=torch.float64)
+    p.grad.data = torch.randn(p.shape, dtype=torch.float64, device=p.device)
 
 
 def _longer_gradient(p):
     p.grad = torch.randn_like(p)
-    p.grad.data = torch.randn(p.numel() + 1)
+    p.grad.data = torch.randn(p.numel() + 1, device=p.device)
 
 
 BAD_GRADIENTS = {"sparse": (_sparse_gradient, "sparse"), "dtype": (_float64_gradient, "dtype"),
                  "shape": (_longer_gradient, "shape")}
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
 @pytest.mark.parametrize("kind", sorted(BAD_GRADIENTS))
-def test_bad_gradient_raises_before_any_state_changes(backend, kind):
+def test_bad_gradient_raises_before_any_state_changes(any_backend, kind):
+    backend = any_backend
     give_bad_gradient, message = BAD_GRADIENTS[kind]
     params, optimizer = _two_steps(backend)
     expected_params, expected = _snapshot(params, optimizer)
@@ -298,13 +309,14 @@ def test_bad_gradient_raises_before_any_state_changes(backend, kind):
     assert_runs_identical(params, optimizer, expected_params, expected)
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
-def test_sparse_gradient_in_the_first_step_creates_no_state(backend):
-    embedding = torch.nn.Embedding(10, 4, sparse=True)
-    linear = torch.nn.Linear(4, 1)
+def test_sparse_gradient_in_the_first_step_creates_no_state(any_backend):
+    device = any_backend.device
+    embedding = torch.nn.Embedding(10, 4, sparse=True).to(device)
+    linear = torch.nn.Linear(4, 1).to(device)
     optimizer = MGPP([{"params": [linear.weight], "prune": True},
-                      {"params": [linear.bias, embedding.weight]}], backend=backend, **SCHEDULE)
-    linear(embedding(torch.tensor([1, 2, 3]))).sum().backward()
+                      {"params": [linear.bias, embedding.weight]}], backend=any_backend.name,
+                     **SCHEDULE)
+    linear(embedding(torch.tensor([1, 2, 3], device=device))).sum().backward()
     assert embedding.weight.grad.is_sparse
     before = [p.detach().clone() for p in (linear.weight, linear.bias, embedding.weight)]
     with pytest.raises((RuntimeError, ValueError), match="sparse"):

@@ -21,19 +21,37 @@ import sys
 import pytest
 import torch
 
+from mgpp_kernels import masks, schedule
+
 import mgpp_kernels
-from mgpp_kernels import schedule
-from mgpp_kernels.masks import unpack_mask
+from mgpp_kernels.ops.layout import HIGH_BINS, LOW_BINS
 
+import backends
 import distributed_worker as worker
-from reliability_helpers import REPO_ROOT, TESTS_DIR, assert_bitwise_equal
+from compare import assert_bitwise_equal
+from helpers import REPO_ROOT, TESTS_DIR
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available()
-    or "cpu" not in mgpp_kernels.available_backends(),
-    reason="needs torch.distributed with gloo and the cpu backend")
+    or backends.BY_NAME["cpu"].unavailable is not None,
+    reason="needs torch.distributed with gloo and the cpu backend")]
 
-HIGH_BINS, LOW_BINS = 1 << 16, 1 << 15
+
+def ranking_rows():
+    """Every row: those that rank across processes on CPU tensors run (gloo); the others skip
+    with the reason (no ranks_across_processes, or tensors on another device)."""
+    params = []
+    for row in backends.ROWS:
+        marks = row.marks(("ranks_across_processes",))
+        if row.device != "cpu":
+            marks.append(pytest.mark.skip(reason=f"backend {row.name!r}: these ranks run gloo on "
+                                                 f"CPU tensors, its tensors are on {row.device}"))
+        params.append(pytest.param(row.name, id=row.name, marks=marks))
+    return params
+
+
+assert {p.values[0] for p in ranking_rows()
+        if not any(m.name == "skip" for m in p.marks)} == set(worker.BACKENDS)
 
 
 def free_port() -> int:
@@ -93,7 +111,7 @@ def single_process_model_run(backend: str):
 
 
 def unpacked_masks(optimizer):
-    return [unpack_mask(optimizer.state[p]["keep_mask"], p)
+    return [masks.unpack_mask(optimizer.state[p]["keep_mask"], p)
             for p in optimizer.param_groups[0]["params"]]
 
 
@@ -113,7 +131,7 @@ def test_ddp_ranks_identical_and_equal_to_single_process(ranks):
     assert optimizer.stats()["sparsity"] == pytest.approx(0.8, abs=0.01)
 
 
-@pytest.mark.parametrize("backend", worker.BACKENDS)
+@pytest.mark.parametrize("backend", ranking_rows())
 def test_fsdp2_shards_equal_single_process(ranks, backend):
     results = ranks(f"fsdp_{backend}")
     params, optimizer = single_process_model_run(backend)
@@ -123,7 +141,7 @@ def test_fsdp2_shards_equal_single_process(ranks, backend):
         assert_bitwise_equal(whole, p.detach(), f"param {i}: FSDP2 vs one process")
     for i, (p, mask) in enumerate(zip(optimizer.param_groups[0]["params"],
                                       unpacked_masks(optimizer))):
-        shards = [unpack_mask(r["masks"][i], r["params"][2 * i]) for r in results]
+        shards = [masks.unpack_mask(r["masks"][i], r["params"][2 * i]) for r in results]
         assert torch.equal(torch.cat(shards), mask), f"keep mask {i}: FSDP2 vs one process"
     stats = optimizer.stats()
     for rank, result in enumerate(results):
@@ -131,17 +149,17 @@ def test_fsdp2_shards_equal_single_process(ranks, backend):
         assert result["pruned"] == stats["pruned"], f"rank {rank}: pruned count (global)"
 
 
-@pytest.mark.parametrize("backend", worker.BACKENDS)
+@pytest.mark.parametrize("backend", ranking_rows())
 def test_sharded_candidates_with_process_group_equal_single_process(ranks, backend):
     results = ranks(f"shards_{backend}")
     held, other, optimizer = worker.shards_run(None, backend)
-    masks = dict(zip(held, unpacked_masks(optimizer)))
+    keep = dict(zip(held, unpacked_masks(optimizer)))
     for i, p in held.items():
         pieces = [r["held"][i] for r in results if i in r["held"]]
         assert_bitwise_equal(torch.cat(pieces), p.detach(), f"candidate {i}")
-        mask_pieces = [unpack_mask(r["masks"][i], r["held"][i])
+        mask_pieces = [masks.unpack_mask(r["masks"][i], r["held"][i])
                        for r in results if i in r["held"]]
-        assert torch.equal(torch.cat(mask_pieces), masks[i]), f"keep mask {i}"
+        assert torch.equal(torch.cat(mask_pieces), keep[i]), f"keep mask {i}"
     stats = optimizer.stats()
     for rank, result in enumerate(results):
         assert_bitwise_equal(result["other"], other.detach(), f"rank {rank}: non-candidate")
@@ -198,7 +216,7 @@ def test_dtensor_candidates_need_shards_of_one_kind(one_rank_mesh):
         torch.save(optimizer, io.BytesIO())
 
 
-@pytest.mark.parametrize("backend", worker.BACKENDS)
+@pytest.mark.parametrize("backend", ranking_rows())
 def test_one_rank_dtensor_run_equals_plain_run(one_rank_mesh, backend):
     """DTensor parameters (sharded over one rank) train exactly like the plain tensors."""
     from torch.distributed.tensor import Shard, distribute_tensor

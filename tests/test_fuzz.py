@@ -23,14 +23,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mgpp_kernels
-from mgpp_kernels import MGPP, reference, schedule
-from mgpp_kernels.masks import pack_mask
+from mgpp_kernels import MGPP, masks, reference, schedule
 
-from reliability_helpers import (assert_bitwise_equal, assert_fp32_bound,
-                                 assert_mixed_precision_bound, fp32_bound, ulp)
+from compare import (assert_bitwise_equal, assert_fp32_bound, assert_mixed_precision_bound,
+                     fp32_bound, ulp)
 
-# The backends fuzzed against the reference: adding a backend's name here is all it takes.
-FUZZ_BACKENDS = ["cpu", "triton"]
+
+import backends
+
+# Every kernel row of tests/backends.py is fuzzed against the reference.
 EXAMPLES_PER_BACKEND = 200
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -130,22 +131,24 @@ def gradients(case: Case, t: int) -> list[torch.Tensor | None]:
     return grads
 
 
-def build(case: Case, values: list[torch.Tensor], backend: str, as_float64: bool = False):
-    params = [torch.nn.Parameter(v.to(torch.float64) if as_float64 else v.clone())
-              for v in values]
+def build(case: Case, values: list[torch.Tensor], backend, as_float64: bool = False):
+    """The run of `case` on `backend` (a row of tests/backends.py), on its device."""
+    params = [torch.nn.Parameter(v.to(torch.float64) if as_float64
+                                 else v.to(backend.device, copy=True)) for v in values]
     groups = [{"params": [p for p, c in zip(params, case.prune) if c], "prune": True},
               {"params": [p for p, c in zip(params, case.prune) if not c], "prune": False,
                "lr": case.other_lr}]
     kwargs = dict(case.kwargs, state_dtype="param") if as_float64 else case.kwargs
-    return params, MGPP(groups, backend=backend, **kwargs)
+    return params, MGPP(groups, backend=backend.name, **kwargs)
 
 
 def step(optimizer: MGPP, params, grads, case: Case) -> None:
     for p, g in zip(params, grads):
-        p.grad = None if g is None else g.to(p.dtype)
+        p.grad = None if g is None else g.to(device=p.device, dtype=p.dtype)
     if case.grad_scale is not None:
-        optimizer.grad_scale = torch.tensor(case.grad_scale)
-        optimizer.found_inf = torch.tensor(0.0)
+        device = params[0].device if params else "cpu"
+        optimizer.grad_scale = torch.tensor(case.grad_scale, device=device)
+        optimizer.found_inf = torch.tensor(0.0, device=device)
     optimizer.step()
     if case.grad_scale is not None:
         del optimizer.grad_scale, optimizer.found_inf
@@ -160,7 +163,9 @@ def copy_run(source: MGPP, source_params, target: MGPP, target_params) -> None:
                 continue
             for key, value in source.state[s].items():
                 if key not in target.state[t]:
-                    target.state[t][key] = value.clone()
+                    # on the parameter's device: step counts too (the cpu backend's are there,
+                    # and the device backends keep theirs with the parameters)
+                    target.state[t][key] = value.to(t.device, copy=True)
                 else:
                     target.state[t][key].copy_(value)
 
@@ -176,15 +181,16 @@ def check_pruning(params, optimizer: MGPP, prune, k: int, what: str) -> float:
     """A backend's own event is exact: τ is the k-th smallest |θ| of what it left, every kept
     candidate is ≥ τ, and at the freeze its keep mask is exactly the positions it kept."""
     candidates = [p for p, c in zip(params, prune) if c]
+    on_host = [p.detach().cpu() for p in candidates]
     tau = torch.tensor(threshold_of(optimizer), dtype=torch.float32)
-    assert_bitwise_equal(reference.global_threshold(candidates, k), tau, f"{what}: τ")
-    for i, p in enumerate(candidates):
-        magnitude = p.detach().abs().float()
+    assert_bitwise_equal(reference.global_threshold(on_host, k), tau, f"{what}: τ")
+    for i, (p, value) in enumerate(zip(candidates, on_host)):
+        magnitude = value.abs().float()
         assert bool(((magnitude >= tau) | (magnitude == 0) | magnitude.isnan()).all()), \
             f"{what}: candidate {i} keeps a value below τ"
         if "keep_mask" in optimizer.state[p]:
             assert_bitwise_equal(optimizer.state[p]["keep_mask"],
-                                 pack_mask(reference.keep_mask(p, tau)),
+                                 masks.pack_mask(reference.keep_mask(value, tau)),
                                  f"{what}: keep mask of candidate {i}")
     return float(tau)
 
@@ -197,7 +203,7 @@ def element_bound(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def check_disagreements(kernel, ref, dtype, tau_kernel, tau_ref, what) -> torch.Tensor:
     """Positions one backend pruned and the other kept: allowed only within the elementwise
     bound of the pruning backend's τ. Returns the mask of positions where both agree."""
-    kernel, ref = kernel.detach().double(), ref.detach().double()
+    kernel, ref = kernel.detach().cpu().double(), ref.detach().cpu().double()
     only_kernel_kept = (kernel != 0) & (ref == 0)
     only_ref_kept = (ref != 0) & (kernel == 0)
     for kept, values, tau, name in ((only_kernel_kept, kernel, tau_ref, "kernel"),
@@ -242,7 +248,7 @@ def check_step(case, t, before, runs, grads):
         assert ("step" in state) == ("step" in ref_state), f"{what}: state keys"
         if "step" not in ref_state:
             continue
-        assert torch.equal(state["step"], ref_state["step"]), f"{what}: step count"
+        assert_bitwise_equal(state["step"], ref_state["step"], f"{what}: step count")
         grad = grads[i]
         if grad is None:   # no update: the state must not move at all
             assert_bitwise_equal(state["exp_avg"], m_old, f"{what}: m")
@@ -267,12 +273,13 @@ def check_step(case, t, before, runs, grads):
                                              f"{what}: {key}")
 
 
-def run_lockstep(case: Case, backend: str) -> None:
+def run_lockstep(case: Case, backend) -> None:
     values = initial_values(case)
     params, kernel = build(case, values, backend)
-    ref_params, ref = build(case, values, "reference")
+    ref_params, ref = build(case, values, backends.REFERENCE)
     needs_oracle = any(dtype != torch.float32 for dtype in case.dtypes)
-    oracle_run = build(case, values, "reference", as_float64=True) if needs_oracle else None
+    oracle_run = (build(case, values, backends.REFERENCE, as_float64=True) if needs_oracle
+                  else None)
     for t in range(case.steps):
         grads = gradients(case, t)
         before = []   # θ, m, v of each tensor before the step (zeros before its first update)
@@ -291,10 +298,10 @@ def run_lockstep(case: Case, backend: str) -> None:
             copy_run(ref, ref_params, oracle_run[1], oracle_run[0])
 
 
-@pytest.mark.parametrize("backend", FUZZ_BACKENDS)
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:MGPP. no param group has prune=True")  # cases without any
+@pytest.mark.parametrize("backend", backends.params(backends.KERNELS))
 def test_backend_matches_reference_on_random_runs(backend):
-    if backend not in mgpp_kernels.available_backends():
-        pytest.skip(f"backend {backend!r} is not built")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)   # tiny tensors: threads only add barrier waits on shared cores
 

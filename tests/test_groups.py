@@ -7,7 +7,7 @@ import torch
 
 from mgpp_kernels import MGPP, candidate_names, param_groups
 
-from conftest import SCHEDULE
+from helpers import SCHEDULE
 
 HIDDEN, INTERMEDIATE, VOCAB, LAYERS = 8, 16, 11, 2
 

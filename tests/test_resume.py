@@ -13,22 +13,43 @@ from __future__ import annotations
 import pytest
 import torch
 
-import mgpp_kernels
-from mgpp_kernels.masks import unpack_mask
+from mgpp_kernels import masks
 
-from reliability_helpers import assert_bitwise_equal, run_script
+from compare import assert_bitwise_equal
+from helpers import run_script
 from resume_worker import STOPS
 
-BACKENDS = [b for b in ("cpu", "reference") if b in mgpp_kernels.available_backends()]
+import backends
+
+pytestmark = pytest.mark.slow   # two fresh processes, 60 steps per run and stop
+
 CANDIDATES = ("fc1.weight", "fc2.weight", "gate.weight")
 VARIANTS = ("loss", "fixed")
-# (variant, backend, stops): the Triton interpreter is slow, so it resumes at four stops
-# (before t_i, right before and after a cubic event, after the freeze).
-SAME = [(variant, backend, STOPS) for variant in VARIANTS for backend in BACKENDS]
-if "triton" in mgpp_kernels.available_backends():
-    SAME.append(("loss", "triton", (6, 21, 22, 50)))
-CROSS = [("fixed", saved, resumed) for saved in BACKENDS for resumed in BACKENDS
-         if saved != resumed]
+# A slow row (the Triton interpreter) resumes the loss variant at four stops (before t_i, right
+# before and after a cubic event, after the freeze).
+SMALL_STOPS = (6, 21, 22, 50)
+
+
+def same_backend_runs(row) -> list[tuple[str, tuple[int, ...]]]:
+    return row.pick([(variant, STOPS) for variant in VARIANTS], [("loss", SMALL_STOPS)])
+
+
+# Same-backend resumes of every row (skipped with its reason where it cannot run or does not
+# resume exactly), and other-backend resumes between the rows that are not slow.
+SAME_PARAMS = [pytest.param(row, variant, stop, id=f"{row.name}-{variant}-stop{stop}",
+                            marks=row.marks(("exact_resume",)))
+               for row in backends.ROWS for variant, stops in same_backend_runs(row)
+               for stop in stops]
+CROSS_ROWS = [(saved, resumed) for saved in backends.ROWS for resumed in backends.ROWS
+              if saved != resumed and not saved.slow and not resumed.slow]
+CROSS_PARAMS = [pytest.param("fixed", saved, resumed, id=f"fixed-{saved.name}-to-{resumed.name}",
+                             marks=saved.marks() + resumed.marks())
+                for saved, resumed in CROSS_ROWS]
+RUNNABLE = [row for row in backends.ROWS if row.unavailable is None]
+SAME = [(variant, row.name, stops) for row in RUNNABLE if row.exact_resume
+        for variant, stops in same_backend_runs(row)]
+CROSS = [("fixed", saved.name, resumed.name) for saved, resumed in CROSS_ROWS
+         if saved in RUNNABLE and resumed in RUNNABLE]
 
 
 @pytest.fixture(scope="module")
@@ -67,13 +88,13 @@ def keep_masks(checkpoint: dict) -> list[torch.Tensor]:
     """The frozen masks of the candidates (the first param group), unpacked."""
     state = checkpoint["optimizer"]["state"]
     indices = checkpoint["optimizer"]["param_groups"][0]["params"]
-    return [unpack_mask(state[i]["keep_mask"], checkpoint["model"][name])
+    return [masks.unpack_mask(state[i]["keep_mask"], checkpoint["model"][name]).cpu()
             for i, name in zip(indices, CANDIDATES)]
 
 
-@pytest.mark.parametrize("variant,backend,stop",
-                         [(v, b, stop) for v, b, stops in SAME for stop in stops])
+@pytest.mark.parametrize("backend,variant,stop", SAME_PARAMS)
 def test_resume_in_fresh_process_is_bit_identical(runs, variant, backend, stop):
+    backend = backend.name
     uninterrupted = runs(f"{variant}_{backend}_final")
     assert uninterrupted["optimizer"]["mgpp"]["schedule_step"] == 60
     assert_checkpoints_identical(runs(f"{variant}_{backend}_to_{backend}_stop{stop}"),
@@ -81,16 +102,16 @@ def test_resume_in_fresh_process_is_bit_identical(runs, variant, backend, stop):
 
 
 @pytest.mark.parametrize("stop", STOPS)
-@pytest.mark.parametrize("variant,saved,resumed", CROSS)
+@pytest.mark.parametrize("variant,saved,resumed", CROSS_PARAMS)
 def test_resume_on_other_backend_within_spec(runs, variant, saved, resumed, stop):
-    expected = runs(f"{variant}_{saved}_final")
-    actual = runs(f"{variant}_{saved}_to_{resumed}_stop{stop}")
+    expected = runs(f"{variant}_{saved.name}_final")
+    actual = runs(f"{variant}_{saved.name}_to_{resumed.name}_stop{stop}")
     for name, value in actual["model"].items():
-        target = expected["model"][name].double()
-        error = (value.double() - target).norm()
+        target = expected["model"][name].cpu().double()
+        error = (value.cpu().double() - target).norm()
         assert error <= 1e-4 * target.norm(), f"{name}: relative error {error / target.norm():.2e}"
-    masks, expected_masks = keep_masks(actual), keep_masks(expected)
-    differing = sum(int((a != e).sum()) for a, e in zip(masks, expected_masks))
-    candidates = sum(m.numel() for m in masks)
+    kept, expected_kept = keep_masks(actual), keep_masks(expected)
+    differing = sum(int((a != e).sum()) for a, e in zip(kept, expected_kept))
+    candidates = sum(m.numel() for m in kept)
     assert differing <= 0.001 * candidates, f"{differing} of {candidates} mask positions differ"
-    assert 0.75 <= 1 - sum(int(m.sum()) for m in masks) / candidates <= 0.85   # s_f = 0.8
+    assert 0.75 <= 1 - sum(int(m.sum()) for m in kept) / candidates <= 0.85   # s_f = 0.8

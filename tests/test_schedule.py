@@ -1,15 +1,14 @@
 """The schedule of SPEC §2 at its boundaries, against values computed by hand.
 
-SCHEDULE (conftest): t_i = 4, T = 30, t_f = 5 so t_end = 24, ΔT = 7, s_i = 0.3, s_f = 0.9,
+SCHEDULE (tests/helpers.py): t_i = 4, T = 30, t_f = 5 so t_end = 24, ΔT = 7, s_i = 0.3, s_f = 0.9,
 λ = 0.1, α_f = 1e-3; t_end - t_i = 20.
 """
 import pytest
 import torch
 
-from mgpp_kernels import MGPPConfig, reference, schedule
-from mgpp_kernels.masks import unpack_mask
+from mgpp_kernels import MGPPConfig, masks, reference, schedule
 
-from conftest import SCHEDULE, build_optimizer, make_params, run_steps
+from helpers import SCHEDULE, build_optimizer, make_params, run_steps
 
 CONFIG = MGPPConfig(**SCHEDULE)
 
@@ -107,15 +106,15 @@ def test_optimizer_follows_the_schedule(any_backend):
     step's prior gradient: the optimizer's events, λ_t, prior on/off and frozen mask are read off
     the state after every step."""
     values = _distinct_magnitudes(1000, seed=1)
-    params = [torch.nn.Parameter(values[:600].clone().view(20, 30)),
-              torch.nn.Parameter(values[600:].clone())]
+    params = [torch.nn.Parameter(values[:600].clone().view(20, 30).to(any_backend.device)),
+              torch.nn.Parameter(values[600:].clone().to(any_backend.device))]
     optimizer = build_optimizer(params, any_backend, [True, True], lr=0.0, betas=(0.0, 0.999))
     numel = 1000
     zeros_before = 0
     for t in range(30):
         point = schedule.schedule_at(CONFIG, t)  # checked against EXPECTED above
         lambda_t = EXPECTED[t][2] if t in EXPECTED else point.lambda_t
-        before = [p.detach().clone() for p in params]
+        before = [p.detach().cpu().clone() for p in params]
         for p in params:
             p.grad = torch.zeros_like(p)
         optimizer.step()
@@ -128,11 +127,12 @@ def test_optimizer_follows_the_schedule(any_backend):
             assert zeros == zeros_before, f"t={t}: pruned without an event"
         zeros_before = zeros
         for b, p in zip(before, params):
+            p = p.detach().cpu()
             kept = p != 0
             assert torch.equal(p[kept], b[kept]), f"t={t}: lr=0 moved a weight"
 
         for b, p in zip(before, params):
-            exp_avg = optimizer.state[p]["exp_avg"]
+            exp_avg = optimizer.state[p]["exp_avg"].cpu()
             if point.prior_on:
                 expected = reference.prior_gradient(b, lambda_t, 1e-10, 0.05, 1000)
                 torch.testing.assert_close(exp_avg, expected, rtol=1e-5, atol=0,
@@ -159,15 +159,15 @@ def test_optimizer_follows_the_schedule(any_backend):
 def test_frozen_mask_is_reapplied_after_every_update(any_backend):
     """After t_end the positions pruned at the freeze stay zero although their gradients push
     them, and the others keep moving."""
-    params = make_params([(500,)], scale=0.05)
+    params = make_params([(500,)], scale=0.05, device=any_backend.device)
     optimizer = build_optimizer(params, any_backend, [True], lr=1e-2)
     run_steps(optimizer, params, 0, 25)
-    keep = unpack_mask(optimizer.state[params[0]]["keep_mask"], params[0])
+    keep = masks.unpack_mask(optimizer.state[params[0]]["keep_mask"], params[0])
     assert torch.equal(keep, params[0] != 0)
     # k = 450 of 500 at s_f = 0.9: τ itself and its ties (weights regrown from 0 alike) are kept.
     assert 400 <= int((~keep).sum()) == optimizer.stats()["pruned"] <= 449
     for t in range(25, 30):
         before = params[0].detach().clone()
         run_steps(optimizer, params, t, t + 1)
-        assert torch.equal(params[0][~keep], torch.zeros(int((~keep).sum()))), f"t={t}"
+        assert torch.equal(params[0][~keep].cpu(), torch.zeros(int((~keep).sum()))), f"t={t}"
         assert (params[0][keep] != before[keep]).all(), f"t={t}"

@@ -1,13 +1,17 @@
-"""The exact global threshold (SPEC §2-4): τ bit-identical to torch.kthvalue over torch.cat of
-|θ|, and identical masks, on the cases that break radix selection."""
+"""The exact global threshold (SPEC §2-4) on every backend: τ bit-identical to torch.kthvalue
+over torch.cat of |θ|, and identical masks, on the cases that break radix selection; through
+Backend.global_threshold, Backend.step with a PruneEvent, and the optimizer."""
 import pytest
 import torch
 
-from mgpp_kernels import MGPP, reference
-from mgpp_kernels.masks import pack_mask
-from mgpp_kernels.backends import load_backend
+from mgpp_kernels import MGPP, masks, reference
 
-from conftest import assert_bitwise_equal, bits, gradient
+from compare import assert_bitwise_equal, bits
+from helpers import gradient
+from step_inputs import StepTensors, prune_event
+
+import backends
+from backends import REFERENCE
 
 
 def _from_bits(int_bits):
@@ -101,6 +105,71 @@ def _with_infinities():
     return [values]
 
 
+# ---- smaller cases (the Triton interpreter's row takes these) -----------------------------------
+
+def _f32(values):
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def _small_generator():
+    generator = torch.Generator().manual_seed(11)
+    return generator, (lambda *shape: torch.randn(*shape, generator=generator))  # noqa: E731
+
+
+def _small_ties():
+    generator, _ = _small_generator()
+    choice = torch.randint(0, 5, (600,), generator=generator)
+    values = torch.tensor([0.1, -0.2, 0.3, 0.2, -0.1])[choice]
+    return [values[:400].clone(), values[400:].reshape(20, 10).clone()]
+
+
+def _small_many_zeros():
+    generator, randn = _small_generator()
+    a = randn(5000)
+    a[torch.rand(5000, generator=generator) < 0.7] = 0.0
+    a[::13] = -0.0
+    return [a, torch.zeros(9), _f32([-0.0, 1e-3])]
+
+
+def _small_denormals():
+    generator, randn = _small_generator()
+    tiny = torch.randint(1, 1 << 23, (700,), generator=generator,
+                         dtype=torch.int32).view(torch.float32)
+    return [tiny * torch.sign(randn(700)), _f32([1e-38, -1e-45, 0.0, 1.0]),
+            torch.tensor([1e-7, 6e-8, 3e-5], dtype=torch.float16)]
+
+
+def _small_all_equal():
+    return [torch.full((300,), 0.25), -torch.full((17,), 0.25)]
+
+
+def _small_one_element():
+    return [_f32([0.5]), _f32([-0.25]), _f32([0.75]), _f32([0.25])]
+
+
+def _small_empty_among():
+    _, randn = _small_generator()
+    return [torch.empty(0), randn(7), torch.empty(0, 3), randn(4097), torch.empty(0)]
+
+
+def _small_mixed_dtypes():
+    _, randn = _small_generator()
+    base = randn(3000) * 0.05
+    # The same values in three formats collide in key space after conversion.
+    return [base[:1000], base[1000:2000].to(torch.bfloat16), base[2000:].to(torch.float16),
+            base[:500].to(torch.bfloat16), _f32([0.0, -0.0])]
+
+
+def _small_bfloat16_only():
+    _, randn = _small_generator()
+    return [(randn(2000) * 0.05).to(torch.bfloat16), (randn(33) * 0.05).to(torch.bfloat16)]
+
+
+def _small_infinities():
+    _, randn = _small_generator()
+    return [_f32([float("inf"), 1.0, -float("inf"), 2.0, 3.0]), randn(50)]
+
+
 CASES = {
     "ties": _ties, "many_zeros": _many_zeros, "denormals_fp32": _denormals_fp32,
     "denormals_16bit": _denormals_16bit, "all_equal": _all_equal, "distinct": _distinct,
@@ -108,34 +177,124 @@ CASES = {
     "mixed_dtypes": _mixed_dtypes, "negative_zeros": _negative_zeros, "all_bf16": _all_bf16,
     "one_high_bin": _one_high_bin, "several_chunks": _several_chunks,
     "infinities": _with_infinities,
+    "small_ties": _small_ties, "small_many_zeros": _small_many_zeros,
+    "small_denormals": _small_denormals, "small_all_equal": _small_all_equal,
+    "small_one_element": _small_one_element, "small_empty_among": _small_empty_among,
+    "small_mixed_dtypes": _small_mixed_dtypes, "small_bfloat16_only": _small_bfloat16_only,
+    "small_infinities": _small_infinities,
 }
+SMALL_CASES = sorted(name for name in CASES if name.startswith("small_")) + ["one_high_bin"]
+# Cases with infinities go through the optimizer without gradients only.
+NONFINITE_CASES = {"infinities", "small_infinities"}
 
 
-def _ranks(tensors):
-    """k = 1, 2, N/3, N/2, N - 1, N, the count of exact zeros and one past it."""
+def _ranks(tensors, few=False):
+    """k = 1, 2, N/3, N/2, N - 1, N, the count of exact zeros and one past it (`few`: 1, N/4,
+    N - 1 and one past the zeros, for the slow row's runs through the optimizer)."""
     magnitudes = torch.cat([t.abs().flatten().float() for t in tensors])
     numel = magnitudes.numel()
     zeros = int((magnitudes == 0).sum())
-    ranks = {1, 2, numel // 3, numel // 2, numel - 1, numel, zeros, zeros + 1}
+    if few:
+        ranks = {1, max(numel // 4, 1), numel - 1, zeros + 1}
+    else:
+        ranks = {1, 2, numel // 3, numel // 2, numel - 1, numel, zeros, zeros + 1}
     return sorted(k for k in ranks if 1 <= k <= numel)
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
-def test_global_threshold_is_kthvalue(backend, case, request):
-    if backend == "cpu" and case == "several_chunks":
+def _on(tensors, device):
+    return [t.to(device) for t in tensors]
+
+
+def _use_threads(row, case, request):
+    if row.name == "cpu" and case in ("several_chunks",):
         request.getfixturevalue("all_threads")  # threads count chunks into merged histograms
+
+
+@pytest.mark.parametrize("backend,case", backends.over(backends.ROWS, sorted(CASES),
+                                                       small_cases=SMALL_CASES))
+def test_global_threshold_is_kthvalue(backend, case, request):
+    _use_threads(backend, case, request)
     tensors = CASES[case]()
-    snapshot = [t.clone() for t in tensors]
-    select = load_backend(backend).global_threshold
+    on_device = _on(tensors, backend.device)
+    snapshot = [t.clone() for t in on_device]
+    select = backend.load().global_threshold
     for k in _ranks(tensors):
         expected = torch.kthvalue(torch.cat([t.abs().flatten().float() for t in tensors]), k).values
-        tau = select(tensors, k)
+        tau = select(on_device, k)
         assert tau.dtype == torch.float32 and tau.dim() == 0
         assert bits(tau) == bits(expected), f"k={k}: τ {tau.item()!r} != {expected.item()!r}"
-    for before, after in zip(snapshot, tensors):
+        assert_bitwise_equal(tau, reference.global_threshold(tensors, k), f"{case}, k={k}")
+    for before, after in zip(snapshot, on_device):
         assert_bitwise_equal(after, before, "global_threshold changed its input")
 
+
+# ---- Backend.step with a PruneEvent --------------------------------------------------------------
+
+EVENT_CASES = ["small_ties", "small_many_zeros", "small_denormals", "small_empty_among",
+               "small_mixed_dtypes", "small_bfloat16_only"]
+
+
+@pytest.mark.parametrize("case", EVENT_CASES)
+def test_pruning_event_without_update_matches_reference(kernel_backend, case):
+    """An event whose candidates have no gradient: τ, the pruned values, the count below τ and
+    the packed masks equal the reference's."""
+    device = kernel_backend.device
+    ours, theirs = _on(CASES[case](), device), CASES[case]()
+    k = sum(t.numel() for t in ours) // 2
+    keep_masks = [torch.full(((t.numel() + 7) // 8,), 0xAA, dtype=torch.uint8) for t in theirs]
+    ref_masks = [m.clone() for m in keep_masks]
+    keep_masks = _on(keep_masks, device)
+    threshold = kernel_backend.load().step([], prune_event(ours, k, keep_masks), None)
+    expected = REFERENCE.load().step([], prune_event(theirs, k, ref_masks), None)
+    assert_bitwise_equal(threshold.tau, expected.tau, "tau")
+    assert threshold.below.item() == expected.below.item()
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        assert_bitwise_equal(a, b, f"tensor {i}")
+        assert_bitwise_equal(keep_masks[i], ref_masks[i], f"mask {i}")
+
+
+def _event_step_inputs(device):
+    """Candidates of three dtypes, with a gradient (counted by the update pass) and without
+    (counted by a histogram of their own), and non-candidates that must not be ranked."""
+    fp32 = StepTensors.make([(4097,), (7,), (0,)], torch.float32, torch.float32, seed=3,
+                            device=device)
+    half = StepTensors.make([(33, 17), (1,)], torch.float16, torch.float32, seed=4, device=device)
+    others = StepTensors.make([(50,)], torch.float32, torch.float32, seed=5, device=device)
+    no_grad = StepTensors.make([(300,)], torch.bfloat16, torch.float32, seed=6,
+                               device=device).params
+    groups = [fp32.group(), half.group(), others.group(prior=None, count=False)]
+    return groups, fp32.params + half.params + no_grad, no_grad, others.params
+
+
+def test_event_step_prunes_at_the_exact_threshold_of_the_updated_values(kernel_backend):
+    device = kernel_backend.device
+    backend = kernel_backend.load()
+    groups, candidates, no_grad, others = _event_step_inputs(device)
+    numel = sum(p.numel() for p in candidates)
+    keep_masks = [torch.empty((p.numel() + 7) // 8, dtype=torch.uint8, device=device)
+                  for p in candidates]
+    event = prune_event(candidates, int(numel * 0.6), keep_masks)
+    threshold = backend.step(groups, event, None)
+
+    # The same update without an event gives θ_new before pruning (the update does not depend
+    # on the counting): τ must be its k-th smallest |θ_new|, bit for bit.
+    groups_u, candidates_u, _, others_u = _event_step_inputs(device)
+    backend.step(groups_u, None, None)
+    candidates_u = [p.cpu() for p in candidates_u]
+    tau = reference.global_threshold(candidates_u, event.k)
+    assert_bitwise_equal(threshold.tau, tau, "tau")
+    below = 0
+    for i, (pruned, updated, mask) in enumerate(zip(candidates, candidates_u, keep_masks)):
+        keep = reference.keep_mask(updated, tau)
+        below += int((~keep).sum())
+        assert_bitwise_equal(pruned, updated.masked_fill(~keep, 0), f"candidate {i}")
+        assert_bitwise_equal(mask, masks.pack_mask(keep), f"keep mask {i}")
+    assert threshold.below.item() == below
+    for i, (a, b) in enumerate(zip(others, others_u)):
+        assert_bitwise_equal(a, b, f"non-candidate {i}")
+
+
+# ---- through the optimizer -----------------------------------------------------------------------
 
 def _optimizer(params, backend, k, **overrides):
     """t_i = 0 and t_end = 1: step 0 prunes to s_i, step 1 prunes to s_f = s_i and freezes;
@@ -145,11 +304,11 @@ def _optimizer(params, backend, k, **overrides):
     kwargs = dict(lr=0.0, weight_decay=0.0, num_train_examples=1000, initial_warmup_steps=0,
                   total_steps=2, initial_sparsity=sparsity, final_sparsity=sparsity)
     kwargs.update(overrides)
-    return MGPP([{"params": params, "prune": True}], backend=backend, **kwargs)
+    return MGPP([{"params": params, "prune": True}], backend=backend.name, **kwargs)
 
 
 def _prune_twice(tensors, backend, k, with_gradients):
-    params = [torch.nn.Parameter(t.clone()) for t in tensors]
+    params = [torch.nn.Parameter(t.clone().to(backend.device)) for t in tensors]
     optimizer = _optimizer(params, backend, k)
     taus, after = [], []
     for step in range(2):
@@ -158,79 +317,89 @@ def _prune_twice(tensors, backend, k, with_gradients):
         optimizer.step()
         stats = optimizer.stats()
         taus.append((stats["tau"], stats["pruned"]))
-        after.append([p.detach().clone() for p in params])
-    masks = [optimizer.state[p]["keep_mask"].clone() for p in params]
-    return taus, after, masks
+        after.append([p.detach().cpu().clone() for p in params])
+    keep_masks = [optimizer.state[p]["keep_mask"].cpu().clone() for p in params]
+    return taus, after, keep_masks
 
 
-FINITE_CASES = sorted(set(CASES) - {"infinities", "several_chunks"})
+FINITE_CASES = sorted(set(CASES) - NONFINITE_CASES - {"several_chunks"})
+SMALL_FINITE_CASES = ["small_ties", "small_many_zeros", "small_denormals", "small_mixed_dtypes",
+                      "small_empty_among", "small_one_element", "one_high_bin"]
 
 
-@pytest.mark.parametrize("case", FINITE_CASES)
-@pytest.mark.parametrize("with_gradients", [True, False], ids=["updated", "no_grad"])
-def test_pruning_steps_match_the_reference(case, with_gradients):
+@pytest.mark.parametrize("backend,case,with_gradients", backends.over(
+    backends.KERNELS, [(c, g) for c in FINITE_CASES for g in (True, False)],
+    small_cases=[(c, g) for c in SMALL_FINITE_CASES for g in (True, False)],
+    ids=lambda case: f"{case[0]}-{'updated' if case[1] else 'no_grad'}"))
+def test_pruning_steps_match_the_reference(backend, case, with_gradients):
     """Through the optimizer with lr = 0, so θ is the same in both backends: τ, the pruned
     weights and the packed keep masks of the freeze are identical, and equal kthvalue's."""
     tensors = CASES[case]()
     numel = sum(t.numel() for t in tensors)
-    for k in sorted({k for k in _ranks(tensors) if k < numel} | {max(numel // 4, 1)}):
+    for k in sorted({k for k in _ranks(tensors, few=backend.slow) if k < numel}
+                    | {max(numel // 4, 1)}):
         expected_tau = reference.global_threshold(tensors, k)
-        cpu = _prune_twice(tensors, "cpu", k, with_gradients)
-        ref = _prune_twice(tensors, "reference", k, with_gradients)
-        cpu_taus, cpu_after, cpu_masks = cpu
-        ref_taus, ref_after, ref_masks = ref
-        assert cpu_taus == ref_taus, f"k={k}"
-        assert bits(torch.tensor(cpu_taus[0][0], dtype=torch.float32)) == bits(expected_tau), \
+        kernel_taus, kernel_after, kernel_masks = _prune_twice(tensors, backend, k, with_gradients)
+        ref_taus, ref_after, ref_masks = _prune_twice(tensors, REFERENCE, k, with_gradients)
+        assert kernel_taus == ref_taus, f"k={k}"
+        assert bits(torch.tensor(kernel_taus[0][0], dtype=torch.float32)) == bits(expected_tau), \
             f"k={k}"
-        for i, (t, c, r) in enumerate(zip(tensors, cpu_after[0], ref_after[0])):
+        for i, (t, c, r) in enumerate(zip(tensors, kernel_after[0], ref_after[0])):
             pruned = t.abs().float() < expected_tau
             expected = t.masked_fill(pruned, 0)
             assert torch.equal(c, expected), f"k={k}, tensor {i}: pruned weights"
             assert_bitwise_equal(c, r, f"k={k}, tensor {i}")
-        assert cpu_taus[0][1] == sum(int((t.abs().float() < expected_tau).sum()) for t in tensors)
-        for i, (c, r) in enumerate(zip(cpu_after[1], ref_after[1])):
+        assert kernel_taus[0][1] == sum(int((t.abs().float() < expected_tau).sum())
+                                        for t in tensors)
+        for i, (c, r) in enumerate(zip(kernel_after[1], ref_after[1])):
             assert_bitwise_equal(c, r, f"k={k}, tensor {i} after the freeze")
         tau_at_freeze = reference.global_threshold(ref_after[0], k)
-        for i, (p, c, r) in enumerate(zip(ref_after[0], cpu_masks, ref_masks)):
-            expected_mask = pack_mask(reference.keep_mask(p, tau_at_freeze))
+        for i, (p, c, r) in enumerate(zip(ref_after[0], kernel_masks, ref_masks)):
+            expected_mask = masks.pack_mask(reference.keep_mask(p, tau_at_freeze))
             assert c.dtype == torch.uint8 and c.numel() == (p.numel() + 7) // 8
-            assert torch.equal(c, expected_mask), f"k={k}, tensor {i}: cpu keep mask"
+            assert torch.equal(c, expected_mask), f"k={k}, tensor {i}: {backend} keep mask"
             assert torch.equal(r, expected_mask), f"k={k}, tensor {i}: reference keep mask"
 
 
-@pytest.mark.parametrize("case", ["infinities", "several_chunks"])
-def test_pruning_without_gradients_on_large_and_infinite_values(case, all_threads):
+@pytest.mark.parametrize("backend,case", backends.over(
+    backends.KERNELS, ["infinities", "several_chunks"], small_cases=["small_infinities"]))
+def test_pruning_without_gradients_on_large_and_infinite_values(backend, case, all_threads):
     tensors = CASES[case]()
     numel = sum(t.numel() for t in tensors)
     for k in (1, numel // 2, numel - 1):
-        cpu_taus, cpu_after, cpu_masks = _prune_twice(tensors, "cpu", k, with_gradients=False)
-        ref_taus, ref_after, ref_masks = _prune_twice(tensors, "reference", k,
+        kernel_taus, kernel_after, kernel_masks = _prune_twice(tensors, backend, k,
+                                                               with_gradients=False)
+        ref_taus, ref_after, ref_masks = _prune_twice(tensors, REFERENCE, k,
                                                       with_gradients=False)
-        assert cpu_taus == ref_taus
-        assert cpu_taus[0][0] == reference.global_threshold(tensors, k).item()
-        for c, r in zip(cpu_after[1] + cpu_masks, ref_after[1] + ref_masks):
+        assert kernel_taus == ref_taus
+        assert kernel_taus[0][0] == reference.global_threshold(tensors, k).item()
+        for c, r in zip(kernel_after[1] + kernel_masks, ref_after[1] + ref_masks):
             assert_bitwise_equal(c, r, f"k={k}")
 
 
-@pytest.mark.parametrize("dtypes", [
-    (torch.float32,), (torch.bfloat16,), (torch.float16,),
-    (torch.float32, torch.bfloat16, torch.float16)], ids=lambda d: "+".join(map(str, d)))
-def test_threshold_of_the_fused_update_is_exact(dtypes, all_threads):
+FUSED_DTYPES = [(torch.float32,), (torch.bfloat16,), (torch.float16,),
+                (torch.float32, torch.bfloat16, torch.float16)]
+
+
+@pytest.mark.parametrize("backend,dtypes", backends.over(
+    backends.KERNELS, [(d,) for d in FUSED_DTYPES], small_cases=[(FUSED_DTYPES[3],)],
+    ids=lambda case: "+".join(backends._id(d) for d in case[0])))
+def test_threshold_of_the_fused_update_is_exact(backend, dtypes, all_threads):
     """With lr > 0 the event step ranks the updated θ from the histogram counted in the update
     pass: afterwards τ is still the k-th smallest |θ| (counting the zeros it made), nothing
     below τ survives and exactly `pruned` weights were zeroed."""
     shapes = [(64, 650), (7,), (1,), (0,), (30000,)]  # several chunks, so both threads count
     params = [torch.nn.Parameter(_random(torch.Size(s).numel(), seed=30 + i,
-                                         dtype=dtypes[i % len(dtypes)]).view(s))
+                                         dtype=dtypes[i % len(dtypes)]).view(s).to(backend.device))
               for i, s in enumerate(shapes)]
     numel = sum(p.numel() for p in params)
-    optimizer = _optimizer(params, "cpu", numel // 2, lr=1e-2, final_sparsity=0.9)
+    optimizer = _optimizer(params, backend, numel // 2, lr=1e-2, final_sparsity=0.9)
     for i, p in enumerate(params):
         p.grad = gradient(0, i, p, scale=1.0)
     optimizer.step()
     stats = optimizer.stats()
     tau, pruned = stats["tau"], stats["pruned"]
-    magnitudes = torch.cat([p.detach().abs().flatten().float() for p in params])
+    magnitudes = torch.cat([p.detach().abs().flatten().float().cpu() for p in params])
     assert tau > 0
     assert int((magnitudes == 0).sum()) == pruned
     assert int((magnitudes < tau).sum()) == pruned

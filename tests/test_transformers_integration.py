@@ -19,14 +19,16 @@ from safetensors.torch import save_file  # noqa: E402
 from transformers import (BertConfig, BertForSequenceClassification, Trainer,  # noqa: E402
                           TrainerCallback, TrainingArguments)
 
-from mgpp_kernels import MGPP, available_backends, candidate_names  # noqa: E402
+from mgpp_kernels import MGPP, candidate_names  # noqa: E402
 from mgpp_kernels.integrations.export import (format_sparsity_table, load_sparse,  # noqa: E402
                                               load_sparse_state_dict, save_sparse,
                                               sparsity_report)
 from mgpp_kernels.integrations.transformers import (MGPPCallback,  # noqa: E402
                                                     add_mgpp_callback, create_mgpp,
                                                     mgpp_optimizer_cls_and_kwargs, unwrap_mgpp)
-from mgpp_kernels.masks import unpack_mask  # noqa: E402
+from mgpp_kernels import masks  # noqa: E402
+
+import backends  # noqa: E402
 
 # The SST-2 loader is the example's, beside it in examples/ (not part of the package).
 EXAMPLES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
@@ -79,14 +81,14 @@ class LogRecorder(TrainerCallback):
         self.logs.append(dict(logs))
 
 
-@pytest.mark.parametrize("backend", available_backends())
+@pytest.mark.parametrize("backend", backends.params())
 def test_trainer_prunes_to_target_and_freezes_the_mask(tmp_path, backend):
-    model = tiny_bert()
+    model = tiny_bert().to(backend.device)
     # Epochs, not max_steps: total_steps is unknown until the callback reads the Trainer's.
-    args = training_args(tmp_path, num_train_epochs=3)
+    args = training_args(tmp_path, num_train_epochs=3, use_cpu=backend.device == "cpu")
     optimizer = create_mgpp(model, args, num_train_examples=NUM_EXAMPLES, initial_warmup_steps=2,
                             final_warmup_steps=3, pruning_interval=2, initial_sparsity=0.3,
-                            final_sparsity=0.75, backend=backend)
+                            final_sparsity=0.75, backend=backend.name)
     assert optimizer.config.total_steps is None
     others = [p for p in model.parameters() if all(p is not c for c in candidates_of(model))]
     nonzero_before = [p.detach() != 0 for p in others]
@@ -104,7 +106,7 @@ def test_trainer_prunes_to_target_and_freezes_the_mask(tmp_path, backend):
     assert abs(candidate_sparsity(model) - 0.75) <= 1e-3
     # The frozen mask is the zero pattern, and it held through the final fixed-mask steps.
     for p in candidates_of(model):
-        keep = unpack_mask(optimizer.state[p]["keep_mask"], p)
+        keep = masks.unpack_mask(optimizer.state[p]["keep_mask"], p)
         assert torch.equal(keep, p.detach() != 0)
     # Non-candidates are never pruned.
     assert all(bool((p[was_nonzero] != 0).all()) for p, was_nonzero in zip(others, nonzero_before))

@@ -1,19 +1,22 @@
-"""Determinism of the cpu backend: the same inputs give bit-identical parameters, moments, masks
-and τ at 1 and 2 threads, and from one run to the next. The tensors span several 32768-element
-chunks, so that with 2 threads both threads update, count their own histograms (merged for τ) and
-apply the masks."""
+"""The cpu backend's threads: the same inputs give bit-identical parameters, moments, masks and τ
+at 1 and 2 threads, and from one run to the next, and a multi-threaded step stays within SPEC §4
+of the reference. The tensors span several 32768-element chunks, so that with 2 threads both
+threads update, count their own histograms (merged for τ) and apply the masks."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-import mgpp_kernels
 from mgpp_kernels import MGPP
 
-from reliability_helpers import assert_bitwise_equal
+from compare import assert_bitwise_equal
+from test_step_bounds import POINTS, assert_one_step_bounds, one_step
 
-pytestmark = pytest.mark.skipif("cpu" not in mgpp_kernels.available_backends(),
-                                reason="the cpu backend is not built")
+from backends import BY_NAME
+
+CPU = BY_NAME["cpu"]
+pytestmark = pytest.mark.skipif(CPU.unavailable is not None,
+                                reason=f"the cpu backend does not run here: {CPU.unavailable}")
 
 SHAPES = [(100_003,), (300, 257), (40_000,), (7,), (0,), (1,), (5_000,)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float32, torch.float32,
@@ -65,3 +68,13 @@ def test_one_and_two_threads_are_bit_identical():
 
 def test_two_threads_are_bit_identical_run_to_run():
     assert_identical(run(2), run(2))
+
+
+@pytest.mark.parametrize("point", ["dense", "first_event", "frozen"])
+def test_one_step_multithreaded(point, all_threads):
+    """Tensors of several chunks, so every thread updates, counts its own histogram (merged for
+    τ) and applies masks."""
+    shapes, prune = [(70000,), (257, 130), (7,), (40000,)], [True, True, True, False]
+    t = POINTS[point]
+    before, runs = one_step(shapes, prune, CPU, t, kernel_threads=all_threads)
+    assert_one_step_bounds(before, runs, CPU, prune, t)
