@@ -114,7 +114,7 @@ def _rows() -> tuple[Row, ...]:
             ranks_across_processes=True, exact_resume=True, slow=False, unavailable=None),
         Row("cpu", device="cpu", dtypes=KERNEL_DTYPES, ranks_across_processes=True,
             exact_resume=True, slow=False, unavailable=_unavailable("cpu")),
-        Row("triton", device=triton_device, dtypes=KERNEL_DTYPES, ranks_across_processes=False,
+        Row("triton", device=triton_device, dtypes=KERNEL_DTYPES, ranks_across_processes=True,
             exact_resume=True, slow=triton_device == "cpu", unavailable=triton_unavailable),
         Row("cuda", device="cuda", dtypes=KERNEL_DTYPES, ranks_across_processes=False,
             exact_resume=True, slow=False, unavailable=_unavailable("cuda")),

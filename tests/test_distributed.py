@@ -169,18 +169,24 @@ def test_sharded_candidates_with_process_group_equal_single_process(ranks, backe
     assert {results[1]["held"][i].dtype for i in results[1]["held"]} == {torch.bfloat16}
 
 
-def test_cpu_backend_sends_histograms_never_weights(ranks):
-    """Per event: N (1 count), the level-0 histogram (65536 counters), whether any rank needs
-    the second level (1), the level-1 histogram (32768 counters). No all_gather."""
+# The collectives of one event. cpu: N (1 count), the level-0 histogram (65536 counters), whether
+# any rank needs the second level (1), the level-1 histogram (32768 counters). triton: N and both
+# histograms (a process group always takes the second level, so no flag is exchanged).
+EVENT_COLLECTIVES = {"cpu": [1, HIGH_BINS, 1, LOW_BINS], "triton": [1, HIGH_BINS, LOW_BINS]}
+
+
+@pytest.mark.parametrize("backend", sorted(EVENT_COLLECTIVES))
+def test_kernel_backends_send_histograms_never_weights(ranks, backend):
+    if backend not in worker.BACKENDS:
+        pytest.skip(f"backend {backend!r} does not rank across processes here")
     events = sum(1 for t in range(worker.SCHEDULE["total_steps"])
                  if schedule.target_sparsity(mgpp_kernels.MGPPConfig(
                      **{k: v for k, v in worker.SCHEDULE.items()}), t) is not None)
-    for rank, result in enumerate(ranks("shards_cpu")):
+    for rank, result in enumerate(ranks(f"shards_{backend}")):
         collectives = result["collectives"]
         assert [name for name, _ in collectives] == ["all_reduce"] * len(collectives)
-        assert sorted(collectives) == sorted([("all_reduce", 1), ("all_reduce", HIGH_BINS),
-                                              ("all_reduce", 1), ("all_reduce", LOW_BINS)]
-                                             * events), f"rank {rank}"
+        assert sorted(collectives) == sorted(
+            [("all_reduce", size) for size in EVENT_COLLECTIVES[backend]] * events), f"rank {rank}"
 
 
 # ---- checks in this process, on a one-rank group --------------------------------------------
