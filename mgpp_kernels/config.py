@@ -1,4 +1,4 @@
-"""The optimizer-wide MGPP settings of SPEC §1, AdamW's arguments, and their validation."""
+"""The optimizer-wide MGPP settings of docs/spec.md §1, AdamW's arguments, and their validation."""
 from __future__ import annotations
 
 import dataclasses
@@ -23,7 +23,7 @@ def _require_finite(name: str, value) -> None:
 
 @dataclass(frozen=True)
 class MGPPConfig:
-    """Prior and schedule settings (SPEC §1). Every value is checked when the config is built."""
+    """Prior and schedule settings (docs/spec.md §1). Every value is checked when the config is built."""
 
     num_train_examples: int
     initial_warmup_steps: int

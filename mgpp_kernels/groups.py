@@ -6,7 +6,7 @@ from typing import Any, Iterable
 
 import torch
 
-# The attention and MLP weight matrices of every block, by architecture (SPEC §1): embeddings,
+# The attention and MLP weight matrices of every block, by architecture (docs/spec.md §1): embeddings,
 # LayerNorm, biases, pooler and classifier never match.
 DEFAULT_PATTERNS: dict[str, str] = {
     # BERT, RoBERTa, MiniLM, ELECTRA: layer.N.attention.self.{query,key,value},

@@ -1,4 +1,4 @@
-"""The packed keep masks of the frozen stage (SPEC §2): one bit per element, element i is bit
+"""The packed keep masks of the frozen stage (docs/spec.md §2): one bit per element, element i is bit
 i % 8 of byte i // 8, a set bit keeps the element. The kernels read and write this layout; the
 sparse export stores its bitmasks the same way."""
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """MGPP: AdamW with a spike-and-slab prior on the pruning candidates and global magnitude pruning
-on a cubic schedule (SPEC §1-2), as a torch.optim.Optimizer.
+on a cubic schedule (docs/spec.md §1-2), as a torch.optim.Optimizer.
 
 The optimizer orchestrates: it validates its arguments (config), asks the schedule what step t
 does (schedule), gathers the step's tensors (backends.types) and hands them to the backend bound
@@ -31,7 +31,7 @@ def _check_adamw_switches(amsgrad, maximize, foreach, fused, capturable, differe
     """torch.optim.AdamW's implementation switches: accepted where they mean what MGPP does (one
     fused pass over all tensors of a dtype), a ValueError where they ask for something else."""
     if amsgrad:
-        raise ValueError("amsgrad=True is not supported by MGPP (SPEC §2 is AdamW with "
+        raise ValueError("amsgrad=True is not supported by MGPP (docs/spec.md §2 is AdamW with "
                          "amsgrad=False)")
     if maximize:
         raise ValueError("maximize=True is not supported by MGPP")
@@ -80,7 +80,7 @@ def _bind_backend(name: Any, device: torch.device | None) -> Backend | None:
 class MGPP(Optimizer):
     """Mixture Gaussian prior pruning on top of AdamW.
 
-    Takes torch.optim.AdamW's arguments plus the keywords of SPEC §1. Param groups with
+    Takes torch.optim.AdamW's arguments plus the keywords of docs/spec.md §1. Param groups with
     ``prune=True`` hold the pruning candidates (see :func:`mgpp_kernels.param_groups`); every
     other parameter gets plain AdamW with its group's hyperparameters. ``use_prior=False`` keeps
     the schedule and the pruning but drops the prior: gradual magnitude pruning (GMP).

@@ -1,8 +1,8 @@
-"""MGPP in plain PyTorch, SPEC §2 formula by formula: the oracle every backend is tested against.
+"""MGPP in plain PyTorch, docs/spec.md §2 formula by formula: the oracle every backend is tested against.
 
 Written to be read, not to be fast: it allocates freely and ranks by concatenating every candidate
 and calling kthvalue. Math runs in float32 for float32/bfloat16/float16 storage and in float64 for
-float64 tensors (the oracle of the mixed-precision bounds in SPEC §4).
+float64 tensors (the oracle of the mixed-precision bounds in docs/spec.md §4).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 
 
 def prior_constants(lambda_t: float, sigma0_sq: float, sigma1_sq: float) -> tuple[float, float]:
-    """c1 and c2 of SPEC §2, in float64 on the host."""
+    """c1 and c2 of docs/spec.md §2, in float64 on the host."""
     c1 = math.log(lambda_t) - math.log(1 - lambda_t) + 0.5 * math.log(sigma0_sq) - 0.5 * math.log(sigma1_sq)
     c2 = 1 / (2 * sigma0_sq) - 1 / (2 * sigma1_sq)
     return c1, c2

@@ -1,4 +1,4 @@
-"""The pruning schedule of SPEC §2: a pure function of the schedule position t.
+"""The pruning schedule of docs/spec.md §2: a pure function of the schedule position t.
 
 The optimizer asks :func:`schedule_at` where step t stands (stage, λ_t, whether it prunes) and
 :func:`plan_event` how many of the N candidate elements that step's event ranks below τ.

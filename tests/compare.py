@@ -1,5 +1,5 @@
 """The one set of comparison helpers of the tests: bit equality, the elementwise bounds of
-SPEC §4 (fp32, and 16-bit storage against a float64 oracle), and "the same non-finite values".
+docs/spec.md §4 (fp32, and 16-bit storage against a float64 oracle), and "the same non-finite values".
 
 All of them are NaN-safe: a NaN or an infinity where the reference is finite fails, and so does a
 NaN bound. (`diff > bound` is False for a NaN diff, so `assert not (diff > bound).any()` passes a
@@ -73,7 +73,7 @@ def _assert_within(actual: torch.Tensor, target: torch.Tensor, bound: torch.Tens
 
 
 def fp32_bound(scale: torch.Tensor) -> torch.Tensor:
-    """SPEC §4, kernel vs reference, fp32, one step: 1e-6 + 1e-5·s (float64, on the CPU)."""
+    """docs/spec.md §4, kernel vs reference, fp32, one step: 1e-6 + 1e-5·s (float64, on the CPU)."""
     return 1e-6 + 1e-5 * _host(scale).double()
 
 
@@ -102,7 +102,7 @@ def ulp(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def assert_mixed_precision_bound(actual, reference_same_dtype, oracle, what: str = "",
                                  where=None) -> None:
-    """SPEC §4, 16-bit storage: the error against the float64 oracle is at most 2x the error of
+    """docs/spec.md §4, 16-bit storage: the error against the float64 oracle is at most 2x the error of
     the reference run in the same storage dtype, or 1 ulp of the storage dtype. Non-finite values
     where the same-dtype reference has them; where it is finite, the oracle must be too."""
     assert actual.dtype == reference_same_dtype.dtype, (

@@ -13,7 +13,7 @@
 
 Variants: "loss" trains a model with a bfloat16 candidate among float32 ones on a loss, so a
 step's gradients depend on the parameters; "fixed" is all float32 with gradients that are a fixed
-function of the step: SPEC §4's bound for 50+ steps on another backend bounds the optimizer, and a
+function of the step: docs/spec.md §4's bound for 50+ steps on another backend bounds the optimizer, and a
 loss would amplify the backends' rounding differences through the model.
 """
 from __future__ import annotations

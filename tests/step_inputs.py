@@ -1,6 +1,6 @@
 """The inputs of one backend step (Backend.step(groups, event, grad_scale)) for the tests that
 call a backend directly, without the optimizer: θ, g, m, v, step counts and keep masks of a list
-of shapes, and the SPEC §4 bound of one step."""
+of shapes, and the docs/spec.md §4 bound of one step."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -89,7 +89,7 @@ def total_gradient(before: StepTensors, i, prior, grad_scale):
 
 def assert_fp32_step_bound(actual: StepTensors, expected: StepTensors, before: StepTensors,
                            prior, grad_scale):
-    """SPEC §4, fp32, one step: |diff| <= 1e-6 + 1e-5·s, s the largest magnitude entering."""
+    """docs/spec.md §4, fp32, one step: |diff| <= 1e-6 + 1e-5·s, s the largest magnitude entering."""
     for i in range(len(before.params)):
         g = total_gradient(before, i, prior, grad_scale)
         theta_old, m_old, v_old = (t[i].cpu() for t in (before.params, before.exp_avgs,

@@ -1,5 +1,5 @@
 """With the prior off and no pruning (prune=False groups), MGPP is torch.optim.AdamW: 100 steps,
-fp32, max abs diff <= 1e-6 (SPEC §4)."""
+fp32, max abs diff <= 1e-6 (docs/spec.md §4)."""
 import pytest
 import torch
 

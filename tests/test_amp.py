@@ -3,7 +3,7 @@ sets them, and torch.autocast (bfloat16) with a real GradScaler on the backend's
 
 - A power-of-two loss scale changes nothing: the scaled run equals the unscaled one bit for bit.
 - A scale that is not a power of two stays within the fp32 bound of the reference.
-- An inf or NaN gradient skips the step exactly (SPEC §2): no parameter, moment, step count or
+- An inf or NaN gradient skips the step exactly (docs/spec.md §2): no parameter, moment, step count or
   schedule position moves, at every stage; the run then equals one that never saw that batch.
 - bfloat16 parameters keep float32 moments and stay bfloat16.
 """

@@ -1,4 +1,4 @@
-"""Validation (SPEC §1): a ValueError naming the parameter for every value outside its range,
+"""Validation (docs/spec.md §1): a ValueError naming the parameter for every value outside its range,
 raised when the optimizer is built, and clear errors for inputs MGPP cannot take, raised before
 anything changes."""
 import copy

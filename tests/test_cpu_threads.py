@@ -1,5 +1,5 @@
 """The cpu backend's threads: the same inputs give bit-identical parameters, moments, masks and τ
-at 1 and 2 threads, and from one run to the next, and a multi-threaded step stays within SPEC §4
+at 1 and 2 threads, and from one run to the next, and a multi-threaded step stays within docs/spec.md §4
 of the reference. The tensors span several 32768-element chunks, so that with 2 threads both
 threads update, count their own histograms (merged for τ) and apply the masks."""
 from __future__ import annotations

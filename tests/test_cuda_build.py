@@ -1,6 +1,6 @@
 """The CUDA backend: the extension is built with its CUDA kernels and registers one for every
 torch.ops.mgpp op; on a machine with a GPU, the kernels match the CPU kernel bit for bit and the
-reference within SPEC §4, and step() never waits for the GPU."""
+reference within docs/spec.md §4, and step() never waits for the GPU."""
 from __future__ import annotations
 
 import os

@@ -1,5 +1,5 @@
 """Whole runs of every kernel backend through every stage of the schedule against the reference
-(SPEC §4: 50+ steps, fp32, θ within 1e-4 relative in norm, masks differ in ≤ 0.1% of the
+(docs/spec.md §4: 50+ steps, fp32, θ within 1e-4 relative in norm, masks differ in ≤ 0.1% of the
 candidates; 16-bit runs as close to a float64 oracle as the reference in the same dtype), and
 candidates without a gradient, which are still ranked."""
 from __future__ import annotations

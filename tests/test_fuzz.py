@@ -1,7 +1,7 @@
 """Property-based tests (hypothesis): random shapes (empty and one-element included), dtypes,
 hyperparameters across their valid ranges and schedules short enough that every run crosses t_i,
 the cubic events, t_end and the frozen stage. Each kernel backend runs in lockstep with the
-reference and is checked after every step against SPEC §4:
+reference and is checked after every step against docs/spec.md §4:
 
 - θ, m, v within the fp32 bound (float32 storage) or against a float64 oracle (16-bit storage);
 - on a pruning event, the kernel's τ is exactly the k-th smallest |θ| of what it left (which holds

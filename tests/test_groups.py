@@ -1,5 +1,5 @@
 """param_groups(): the candidates are exactly the attention and MLP weight matrices of every block
-(SPEC §1), on tiny modules named like the transformers implementations of each architecture."""
+(docs/spec.md §1), on tiny modules named like the transformers implementations of each architecture."""
 import re
 
 import pytest
@@ -94,7 +94,7 @@ def deberta_v3():
 
 def deberta_v1():
     """DeBERTa v1: one in_proj for q, k, v with separate q/v biases, relative-position
-    projections (not among SPEC §1's matrices)."""
+    projections (not among docs/spec.md §1's matrices)."""
     parameters = {"deberta.embeddings.word_embeddings.weight": (VOCAB, HIDDEN),
                   **_layer_norm("deberta.embeddings.LayerNorm")}
     candidates = []

@@ -1,6 +1,6 @@
 """Exact resume: a run stopped anywhere (before t_i, around an event, around the freeze, in the
 frozen stage), saved with torch.save and resumed in a fresh process ends bit-identical to the
-uninterrupted run on the same backend, and within SPEC §4 (50+ steps through every stage: θ within
+uninterrupted run on the same backend, and within docs/spec.md §4 (50+ steps through every stage: θ within
 1e-4 relative in norm, masks differ in ≤ 0.1% of the candidates) when resumed on another backend.
 
 tests/resume_worker.py runs the uninterrupted runs (saving at every stop) in one process and all

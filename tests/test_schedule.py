@@ -1,4 +1,4 @@
-"""The schedule of SPEC §2 at its boundaries, against values computed by hand.
+"""The schedule of docs/spec.md §2 at its boundaries, against values computed by hand.
 
 SCHEDULE (tests/helpers.py): t_i = 4, T = 30, t_f = 5 so t_end = 24, ΔT = 7, s_i = 0.3, s_f = 0.9,
 λ = 0.1, α_f = 1e-3; t_end - t_i = 20.
@@ -12,7 +12,7 @@ from helpers import SCHEDULE, build_optimizer, make_params, run_steps
 
 CONFIG = MGPPConfig(**SCHEDULE)
 
-# t: (stage, prior_on, lambda_t, prune_to, freeze, frozen), by hand from SPEC §2:
+# t: (stage, prior_on, lambda_t, prune_to, freeze, frozen), by hand from docs/spec.md §2:
 #   α(t) = α_f + (1 - α_f)·(1 - (t - 4)/20) for 4 < t < 24, s(t) = 0.9 - 0.6·(1 - (t - 4)/20)³.
 EXPECTED = {
     0: ("dense", True, 0.1, None, False, False),            # a multiple of ΔT before t_i

@@ -1,6 +1,6 @@
 """state_dict() / load_state_dict() mid-run continue bit-identically on the same backend (every
 row of tests/backends.py), at every stage of the schedule, in memory and through torch.save /
-torch.load; a state saved on one backend continues on another within SPEC §4."""
+torch.load; a state saved on one backend continues on another within docs/spec.md §4."""
 import copy
 import functools
 import io

@@ -1,5 +1,5 @@
 """One step of every kernel backend against the reference from the same state, within the
-elementwise bounds of SPEC §4: fp32 at every stage (through the optimizer and through the
+elementwise bounds of docs/spec.md §4: fp32 at every stage (through the optimizer and through the
 backend's step() directly), and 16-bit storage against a float64 oracle."""
 from __future__ import annotations
 
@@ -189,7 +189,7 @@ def test_backend_step_16bit_storage_bound(kernel_backend, dtype, state_dtype):
                 assert_fp32_bound(actual, ref, torch.maximum(ref.abs().double(), exact.abs()),
                                   f"{name}[{i}]")
             else:
-                # SPEC §4: error against the float64 oracle <= 2x the reference's error in the
+                # docs/spec.md §4: error against the float64 oracle <= 2x the reference's error in the
                 # same storage dtype, or 1 ulp of the storage dtype.
                 assert_mixed_precision_bound(actual, ref, exact, f"{name}[{i}]")
 

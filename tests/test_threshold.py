@@ -1,4 +1,4 @@
-"""The exact global threshold (SPEC §2-4) on every backend: τ bit-identical to torch.kthvalue
+"""The exact global threshold (docs/spec.md §2-4) on every backend: τ bit-identical to torch.kthvalue
 over torch.cat of |θ|, and identical masks, on the cases that break radix selection; through
 Backend.global_threshold, Backend.step with a PruneEvent, and the optimizer."""
 import pytest

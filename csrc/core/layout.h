@@ -8,7 +8,7 @@
 
 // The float64 scalars tensor of one fused step, in this order: X(enumerator, name in layout()).
 // It lives on the parameters' device so that GPU kernels read lr and λ_t's constants from memory.
-// prior_on is 1 while the prior is on, else 0; c1, c2, 1/n, 1/σ0², 1/σ1² are SPEC §2's.
+// prior_on is 1 while the prior is on, else 0; c1, c2, 1/n, 1/σ0², 1/σ1² are docs/spec.md §2's.
 #define MGPP_STEP_SCALARS(X)          \
   X(kLr, lr)                          \
   X(kBeta1, beta1)                    \

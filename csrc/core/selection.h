@@ -1,4 +1,4 @@
-// The exact global threshold τ (SPEC §3): ranking keys and the radix selection of the k-th
+// The exact global threshold τ (docs/spec.md §3): ranking keys and the radix selection of the k-th
 // smallest one from histograms, shared by the CPU and CUDA kernels.
 #pragma once
 

@@ -1,4 +1,4 @@
-// The per-element math of one MGPP step (SPEC §2), shared by the CPU and CUDA kernels, and the
+// The per-element math of one MGPP step (docs/spec.md §2), shared by the CPU and CUDA kernels, and the
 // order of operations that mgpp_kernels/backends/triton/kernels.py follows.
 //
 // One rounding recipe on every target: each float32 operation below rounds once, in the order
@@ -53,7 +53,7 @@ MGPP_HD float exp_for_logistic(float x) {
   return x > kExpMaxFinite ? bits_to_float(0x7F800000u) : (x == x ? result : x);
 }
 
-// Host-computed constants of the prior gradient at one schedule position (SPEC §2): c1 and c2 in
+// Host-computed constants of the prior gradient at one schedule position (docs/spec.md §2): c1 and c2 in
 // float64 on the host, then rounded to float32.
 struct PriorConstants {
   float c1;             // ln λ_t − ln(1 − λ_t) + ½ ln σ0² − ½ ln σ1²
@@ -120,7 +120,7 @@ MGPP_HD void adamw_update(float& theta, float& exp_avg, float& exp_avg_sq, float
 // slab's alone (equal to it where prior_uses_spike is false: the CPU kernel's fast path).
 enum class PriorTerm { kNone, kSpikeAndSlab, kSlab };
 
-// One element of a fused step (SPEC §2) on its values loaded as float32: the gradient unscaled,
+// One element of a fused step (docs/spec.md §2) on its values loaded as float32: the gradient unscaled,
 // the prior gradient added, AdamW, then the frozen mask (keep false: θ = 0). The CPU and CUDA
 // kernels both call this; they differ only in how they load, store and count.
 template <PriorTerm kPrior>

@@ -124,7 +124,7 @@ void test_adamw_update() {
                         std::fabs(v - dv) / (1e-6 + 1e-5 * dv)});
     }
   }
-  CHECK(worst <= 1.0, "adamw_update worst error %.3g of the SPEC §4 bound", worst);
+  CHECK(worst <= 1.0, "adamw_update worst error %.3g of the docs/spec.md §4 bound", worst);
 }
 
 // step_element is the prior term, AdamW and the mask in that order; the slab's term where the

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from ..backends.types import UpdateGroup
 
 # The float64 scalars of one update group, in the order of csrc's StepScalar. prior_on is 1.0 or
-# 0.0; c1, c2 are SPEC §2's constants for λ_t; inv_* are reciprocals computed in float64.
+# 0.0; c1, c2 are docs/spec.md §2's constants for λ_t; inv_* are reciprocals computed in float64.
 STEP_SCALARS = ("lr", "beta1", "beta2", "eps", "weight_decay", "prior_on", "c1", "c2", "inv_n",
                 "inv_sigma0_sq", "inv_sigma1_sq")
 NUM_STEP_SCALARS = len(STEP_SCALARS)
@@ -36,7 +36,7 @@ def describe() -> str:
 
 
 def prior_constants(lambda_t: float, sigma0_sq: float, sigma1_sq: float) -> tuple[float, float]:
-    """c1 and c2 of SPEC §2, in float64."""
+    """c1 and c2 of docs/spec.md §2, in float64."""
     c1 = (math.log(lambda_t) - math.log(1 - lambda_t)
           + 0.5 * math.log(sigma0_sq) - 0.5 * math.log(sigma1_sq))
     c2 = 1 / (2 * sigma0_sq) - 1 / (2 * sigma1_sq)

@@ -1,4 +1,4 @@
-"""Triton kernels of one MGPP step (SPEC §2-3), the Triton twin of csrc/core (step.h, formats.h,
+"""Triton kernels of one MGPP step (docs/spec.md §2-3), the Triton twin of csrc/core (step.h, formats.h,
 selection.h, layout.h).
 
 Every kernel covers many tensors in one launch: it reads a device-side int64 table with one row
@@ -205,7 +205,7 @@ def prepare_kernel(prepare_table, scalars, host_steps_offset, grad_scale, rows, 
     AdamW update and its group's prior. As torch.optim.AdamW, every constant derived from the
     hyperparameters (1 − lr·wd, 1 − β1, 1 − β2, lr / (1 − β1^k), 1/√(1 − β2^k)) is computed in
     float64 and rounded once to float32, as csrc/core/step.h's adamw_scalars: 1 − β2 rounded from
-    β2's float32 value would be off by 1.3e-5 relative for β2 = 0.999, beyond SPEC §4's bound on
+    β2's float32 value would be off by 1.3e-5 relative for β2 = 0.999, beyond docs/spec.md §4's bound on
     v when g² dominates it.
 
     STEPS_ON_DEVICE: k lives in a float32 tensor addressed by the table and is incremented here;
@@ -295,7 +295,7 @@ def _update_block(param, grad, exp_avg, exp_avg_sq, keep_mask_address, offsets, 
 def update_kernel(update_table, block_table, rows, histogram, PARAM_DTYPE: tl.constexpr,
                   STATE_DTYPE: tl.constexpr, COUNT: tl.constexpr, ALIGNED: tl.constexpr,
                   BLOCK: tl.constexpr):
-    """One BLOCK of one tensor per program: the fused MGPP update (SPEC §2) of the tensors of one
+    """One BLOCK of one tensor per program: the fused MGPP update (docs/spec.md §2) of the tensors of one
     (parameter dtype, state dtype) pair. COUNT: this is an event step; tensors whose table row
     has U_COUNT set add the level-0 histogram of their updated values."""
     pid = tl.program_id(0)
