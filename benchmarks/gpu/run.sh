@@ -28,9 +28,11 @@ export TORCH_CUDA_ARCH_LIST CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TRITON_INTER
 "$PYTHON" -m mgpp_kernels info | tee "$OUT/info.txt"
 
 status=0
-step "tests on the GPU"
+step "tests on the GPU: every suite's cuda and triton rows, the CUDA build, the rounding"
 "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu tests/ --junitxml="$OUT/tests_gpu.xml" \
   2>&1 | tail -40 | tee "$OUT/tests_gpu.txt" || status=1
+"$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda_build.py tests/test_rounding.py \
+  --junitxml="$OUT/tests_build.xml" 2>&1 | tail -20 | tee "$OUT/tests_build.txt" || status=1
 
 step "verify, 12 BERT-base layers, cuda and triton"
 "$PYTHON" -m mgpp_kernels verify --backend cuda --backend triton --layers 12 \

@@ -16,7 +16,6 @@ from . import layout
 from .checks import check_histogram, check_selection, check_step_lists
 
 
-
 class LayoutMismatchError(ImportError):
     """The compiled kernels were built from headers with another layout than this package's."""
 
@@ -27,7 +26,8 @@ def _load() -> ImportError | None:
         from .. import _C  # noqa: F401  (registers torch.ops.mgpp)
     except ImportError as error:
         return error
-    compiled = torch.ops.mgpp.layout() if hasattr(torch.ops.mgpp, "layout") else "none"
+    # A build older than mgpp::layout has no layout to compare: it is stale all the same.
+    compiled = torch.ops.mgpp.layout() if hasattr(torch.ops.mgpp, "layout") else None
     if compiled != layout.describe():
         return LayoutMismatchError(
             f"mgpp_kernels._C was built with the layout {compiled!r}, but this package has "
