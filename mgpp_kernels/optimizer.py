@@ -164,7 +164,7 @@ class MGPP(Optimizer):
         sharding = self._sharding.with_candidates(params) if prune else self._sharding
         if sharding.group is not None and not self._backend.ranks_across_processes:
             raise ValueError(f"the {self._backend.name} backend cannot rank candidates across "
-                             f"processes (process_group=); use 'cpu' or 'reference'")
+                             f"processes (process_group=)")
         super().add_param_group(param_group)
         self._sharding = sharding
 

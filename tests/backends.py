@@ -116,7 +116,7 @@ def _rows() -> tuple[Row, ...]:
             exact_resume=True, slow=False, unavailable=_unavailable("cpu")),
         Row("triton", device=triton_device, dtypes=KERNEL_DTYPES, ranks_across_processes=True,
             exact_resume=True, slow=triton_device == "cpu", unavailable=triton_unavailable),
-        Row("cuda", device="cuda", dtypes=KERNEL_DTYPES, ranks_across_processes=False,
+        Row("cuda", device="cuda", dtypes=KERNEL_DTYPES, ranks_across_processes=True,
             exact_resume=True, slow=False, unavailable=_unavailable("cuda")),
     )
 

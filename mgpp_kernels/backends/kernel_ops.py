@@ -31,15 +31,14 @@ def select_threshold(tensors: list[torch.Tensor], k: int, high_histogram: torch.
     uncounted = [t for t in tensors if id(t) not in counted_ids]
     if uncounted:
         ops.abs_histogram_(uncounted, high_histogram, selection, level=0)
-    # bfloat16 keys have no bits below the first level: τ is already exact.
-    needs_low_level = any(t.dtype != torch.bfloat16 for t in tensors)
+    # bfloat16 keys have no bits below the first level: τ is already exact. Another rank's shards
+    # may have other dtypes, so a process group always takes the second level (on bfloat16 keys
+    # it selects low bits 0, the same τ): asking the others would be a collective read on the
+    # host.
     if process_group is not None:
         torch.distributed.all_reduce(high_histogram, group=process_group)
-        flag = torch.tensor([int(needs_low_level)])
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=process_group)
-        needs_low_level = bool(flag.item())
     ops.radix_select_(high_histogram, selection, level=0)
-    if needs_low_level:
+    if process_group is not None or any(t.dtype != torch.bfloat16 for t in tensors):
         low_histogram = torch.zeros(LOW_BINS, dtype=torch.int64, device=device)
         ops.abs_histogram_(tensors, low_histogram, selection, level=1)
         if process_group is not None:
