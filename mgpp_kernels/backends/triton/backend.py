@@ -9,9 +9,10 @@ A step is a fixed, short sequence of launches whatever the number of tensors:
    histogram of the candidates' |θ_new|.
 3. On an event: ``histogram_kernel`` level 0 for candidates without a gradient (1 per dtype, only
    when there are any), ``select_kernel`` level 0, ``histogram_kernel`` level 1 (1 per dtype;
-   skipped when every candidate is bfloat16, whose keys have no low bits) and ``select_kernel``
-   level 1, then ``threshold_kernel`` (1 per dtype), which also writes the keep masks at the
-   freeze.
+   skipped when every candidate is bfloat16, whose keys have no low bits, and there is no process
+   group) and ``select_kernel`` level 1, then ``threshold_kernel`` (1 per dtype), which also
+   writes the keep masks at the freeze. With ``process_group=``, each level's histogram is
+   all-reduced on the device before its selection (weights never leave the rank).
 
 The kernels find their tensors through device-side tables of addresses and sizes (one int64 row
 per tensor, one int32 row per block). A table is built on the host once and cached while the
@@ -26,7 +27,8 @@ launches depends on a value computed on the device.
 - Every value that changes from step to step reaches the kernels through device memory, not as
   a launch argument: lr, betas, eps, weight decay and λ_t's prior constants (the float64
   step-scalars tensor, built from host values and copied asynchronously from pinned memory, a
-  stream-ordered copy that capture records), the step counts (incremented on the device, in the
+  stream-ordered copy that capture records; a tensor lr is copied into it on the device), the
+  step counts (incremented on the device, in the
   optimizer's state tensors), the GradScaler's scale (its own tensor) and the rank k.
 - Launch arguments are addresses (cached tables, workspaces, the step's tensors) and sizes and
   compile-time constants; which kernels are launched depends only on host-side facts (which
