@@ -234,6 +234,7 @@ def save_compressed_pretrained(model, save_directory: str, names: Iterable[str] 
     config_path = os.path.join(save_directory, "config.json")
     with open(config_path) as handle:
         config = json.load(handle)
+    config["architectures"] = [type(model).__name__]  # as save_pretrained records it
     config["quantization_config"] = {"quant_method": "compressed-tensors",
                                      "sparsity_config": sparsity_config.model_dump(),
                                      "version": compressed_tensors.__version__}
@@ -262,7 +263,8 @@ def load_compressed_state_dict(path: str) -> dict[str, torch.Tensor]:
 def load_compressed_pretrained(save_directory: str, model_class=None, **config_kwargs):
     """The model that :func:`save_compressed_pretrained` wrote to ``save_directory`` (or any
     sparse-bitmask folder of one safetensors file), dense, in eval mode, bit for bit.
-    ``model_class`` defaults to the ``AutoModel`` class named by the config's architecture."""
+    ``model_class`` (an ``AutoModel...`` or a model class) defaults to the class the config's
+    ``architectures`` names."""
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(save_directory, **config_kwargs)
@@ -274,7 +276,10 @@ def load_compressed_pretrained(save_directory: str, model_class=None, **config_k
     del config.quantization_config
     if model_class is None:
         model_class = getattr(transformers, config.architectures[0])
-    model = model_class.from_config(config)
+    dtype = getattr(config, "dtype", None)
+    # Auto classes build from a config with from_config, model classes with _from_config.
+    build = getattr(model_class, "from_config", None) or model_class._from_config
+    model = build(config, **({} if dtype is None else {"dtype": dtype}))
     state = load_compressed_state_dict(os.path.join(save_directory, "model.safetensors"))
     result = model.load_state_dict(state, strict=False)
     loaded = {tensor.data_ptr() for name, tensor in model.state_dict().items() if name in state}
