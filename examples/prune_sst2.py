@@ -3,12 +3,16 @@
 
 For each final sparsity (50%, 80% and 90% by default) the script runs MGPP and the identical run
 with the prior off (GMP: same seed, data order, schedule and steps), plus one dense fine-tune
-with torch AdamW, all through the transformers Trainer. It prints the dev accuracies as a table,
-plots accuracy against sparsity, exports the sparsest MGPP model as nonzero values plus a bitmask
-(with a per-layer sparsity report and the sizes on disk), and times the training loop with torch
+with torch AdamW, all through the transformers Trainer; ``--runs`` adds GMP and MGPP distilled
+from the dense run (or ``--teacher``). It prints the dev accuracies as a table, plots accuracy
+against sparsity, exports every run as a folder that ``from_pretrained`` loads (a pruned run also
+in the compressed-tensors sparse-bitmask format and as values plus a bitmask, with a per-layer
+sparsity report and the sizes on disk), and times the training loop with torch
 AdamW(fused=True), MGPP on the reference backend and MGPP on the fastest built backend.
 
     python examples/prune_sst2.py --quick --data-dir ../shared/data/sst2   # ~12 min on 2 cores
+    python examples/prune_sst2.py --medium --sparsities 0.9 --skip-timing \
+        --runs dense gmp mgpp gmp_kd mgpp_kd --data-dir ../shared/data/sst2  # 3,000 steps a run
     python examples/prune_sst2.py --data-dir ../shared/data/sst2           # the paper's length
 
 Without --data-dir (or $MGPP_SST2_DIR) the data comes from the hub's glue/sst2. The model is
