@@ -182,6 +182,9 @@ class DistillationTrainer(Trainer):
     checkpoints or the student's state. Everything else is the Trainer's (with MGPP from
     :func:`create_mgpp` and :class:`MGPPCallback` as usual); evaluation reports the same mixed
     loss. For a language model the KL is averaged over the tokens the ``attention_mask`` keeps.
+    The KL is a mean over each batch the Trainer passes, as a classifier's task loss is; with
+    gradient accumulation a causal LM's task loss is normalised over the whole accumulated batch
+    instead, so there the KL weighs more than ``distillation_weight`` says.
     """
 
     def __init__(self, *args, teacher_model: torch.nn.Module,
