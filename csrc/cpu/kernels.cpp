@@ -1,7 +1,8 @@
 // CPU kernels: OpenMP over fixed-size chunks of all tensors together, and inside a chunk a
-// `#pragma omp simd` loop over the shared per-element step of csrc/core/step.h. Histogram counting
-// would stop the compiler from vectorising the update, so the update loop writes bin indices to
-// a small block buffer and a scalar loop counts them while the block is still in L1.
+// `#pragma omp simd` loop over the shared per-element step of csrc/core/step.h on float32 blocks
+// (16-bit arrays are widened into L1 buffers and narrowed back, csrc/cpu/convert.h). Histogram
+// counting would stop the compiler from vectorising the update, so the update loop writes bin
+// indices to a small block buffer and a scalar loop counts them while the block is still in L1.
 #include "kernels.h"
 
 #include <algorithm>
@@ -11,6 +12,8 @@
 #include <vector>
 
 #include <omp.h>
+
+#include "convert.h"
 
 // The -march value this file is compiled for, which build_info reports; setup.py and
 // CMakeLists.txt pass it with the flags of csrc/compile_flags.txt.
@@ -97,64 +100,93 @@ void parallel_chunks(const std::vector<Chunk>& chunks, int num_threads, uint32_t
 template <PriorTerm kTerm>
 using Term = std::integral_constant<PriorTerm, kTerm>;
 
+// One array's block as float32: the array itself when it is stored in float32, else `buffer`
+// holding its values widened (csrc/cpu/convert.h).
+template <typename F>
+float* float32_block(typename F::T* data, float* buffer, int64_t n) {
+  if constexpr (std::is_same_v<F, F32>) {
+    return data;
+  } else {
+    widen(F{}, data, buffer, n);
+    return buffer;
+  }
+}
+
+template <typename F>
+const float* float32_block(const typename F::T* data, float* buffer, int64_t n) {
+  return float32_block<F>(const_cast<typename F::T*>(data), buffer, n);
+}
+
+// Stores a block computed in float32 back to its array (nothing to do for float32 storage).
+template <typename F>
+void store_block(const float* values, typename F::T* data, int64_t n) {
+  if constexpr (!std::is_same_v<F, F32>) narrow(F{}, values, data, n);
+}
+
 template <typename P, typename S, bool kPrior, bool kHist, bool kMask>
 void update_chunk(const StepTensor& t, const Chunk& chunk, const StepOptions& options,
                   uint32_t* histogram) {
-  auto* __restrict param = static_cast<typename P::T*>(t.param);
-  const auto* __restrict grad = static_cast<const typename P::T*>(t.grad);
-  auto* __restrict exp_avg = static_cast<typename S::T*>(t.exp_avg);
-  auto* __restrict exp_avg_sq = static_cast<typename S::T*>(t.exp_avg_sq);
+  auto* param = static_cast<typename P::T*>(t.param);
+  const auto* grad = static_cast<const typename P::T*>(t.grad);
+  auto* exp_avg = static_cast<typename S::T*>(t.exp_avg);
+  auto* exp_avg_sq = static_cast<typename S::T*>(t.exp_avg_sq);
   const uint8_t* __restrict keep_mask = t.keep_mask;
   const AdamWScalars adamw = t.adamw;
   const PriorConstants prior = options.prior;
   const float inv_grad_scale = options.inv_grad_scale;
   // The slab-only path is exact only where 0·(1/σ0² − 1/σ1²) is 0 (see slab_prior_gradient).
   const bool slab_path_exact = std::isfinite(prior.inv_sigma0_sq - prior.inv_sigma1_sq);
+  // 16-bit arrays are widened block by block into these L1-resident buffers, so that the math
+  // runs on float32 exactly as it does for float32 storage.
+  alignas(64) float theta_buffer[kBlock], grad_buffer[kBlock], m_buffer[kBlock], v_buffer[kBlock];
   uint32_t bins[kBlock];
   uint8_t keep[kBlock];
-  // Updates [begin, end) of the current block with the given prior term.
-  auto update = [&](int64_t block, int64_t begin, int64_t end, auto prior_term) {
-    constexpr PriorTerm kTerm = decltype(prior_term)::value;
-#pragma omp simd
-    for (int64_t i = begin; i < end; ++i) {
-      float theta = P::load(param[i]);
-      float m = S::load(exp_avg[i]);
-      float v = S::load(exp_avg_sq[i]);
-      step_element<kTerm>(theta, m, v, P::load(grad[i]), !kMask || keep[i - block] != 0,
-                          inv_grad_scale, prior, adamw);
-      const typename P::T stored = P::store(theta);
-      param[i] = stored;
-      exp_avg[i] = S::store(m);
-      exp_avg_sq[i] = S::store(v);
-      if (kHist) bins[i - block] = key_high_bin(abs_key(P::load(stored)));
-    }
-  };
   constexpr auto kFullTerm = kPrior ? PriorTerm::kSpikeAndSlab : PriorTerm::kNone;
   for (int64_t block = chunk.begin; block < chunk.end; block += kBlock) {
-    const int64_t end = std::min(block + kBlock, chunk.end);
+    const int64_t n = std::min(block + kBlock, chunk.end) - block;
+    float* __restrict theta = float32_block<P>(param + block, theta_buffer, n);
+    const float* __restrict g = float32_block<P>(grad + block, grad_buffer, n);
+    float* __restrict m = float32_block<S>(exp_avg + block, m_buffer, n);
+    float* __restrict v = float32_block<S>(exp_avg_sq + block, v_buffer, n);
+    // Updates [begin, end) of the block with the given prior term.
+    auto update = [&, theta, g, m, v](int64_t begin, int64_t end, auto prior_term) {
+      constexpr PriorTerm kTerm = decltype(prior_term)::value;
+#pragma omp simd
+      for (int64_t i = begin; i < end; ++i) {
+        step_element<kTerm>(theta[i], m[i], v[i], g[i], !kMask || keep[i] != 0, inv_grad_scale,
+                            prior, adamw);
+      }
+    };
     if (kMask) {
-      for (int64_t byte = 0; byte * 8 < end - block; ++byte) {
+      for (int64_t byte = 0; byte * 8 < n; ++byte) {
         memcpy(&keep[8 * byte], &kMaskByteExpansion.bytes[keep_mask[block / 8 + byte]], 8);
       }
     }
     if (kPrior && slab_path_exact) {
-      int64_t span = block;
+      int64_t span = 0;
       // Whole spans: a constant trip count, so each check and update is a few full vectors.
-      for (; span + kSpikeSpan <= end; span += kSpikeSpan) {
+      for (; span + kSpikeSpan <= n; span += kSpikeSpan) {
         int spike_lanes = 0;
 #pragma omp simd reduction(+ : spike_lanes)
         for (int64_t j = 0; j < kSpikeSpan; ++j) {
-          spike_lanes += prior_uses_spike(P::load(param[span + j]), prior) ? 1 : 0;
+          spike_lanes += prior_uses_spike(theta[span + j], prior) ? 1 : 0;
         }
-        spike_lanes ? update(block, span, span + kSpikeSpan, Term<kFullTerm>{})
-                    : update(block, span, span + kSpikeSpan, Term<PriorTerm::kSlab>{});
+        spike_lanes ? update(span, span + kSpikeSpan, Term<kFullTerm>{})
+                    : update(span, span + kSpikeSpan, Term<PriorTerm::kSlab>{});
       }
-      update(block, span, end, Term<kFullTerm>{});
+      update(span, n, Term<kFullTerm>{});
     } else {
-      update(block, block, end, Term<kFullTerm>{});
+      update(0, n, Term<kFullTerm>{});
     }
+    store_block<P>(theta, param + block, n);
+    store_block<S>(m, exp_avg + block, n);
+    store_block<S>(v, exp_avg_sq + block, n);
     if (kHist) {
-      for (int64_t i = 0; i < end - block; ++i) ++histogram[bins[i]];
+      // The histogram counts |θ| as stored: widen the rounded values back.
+      const float* __restrict stored = float32_block<P>(param + block, theta_buffer, n);
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) bins[i] = key_high_bin(abs_key(stored[i]));
+      for (int64_t i = 0; i < n; ++i) ++histogram[bins[i]];
     }
   }
 }
@@ -299,7 +331,7 @@ std::string build_info() {
   isa += " F16C";
 #endif
   return std::string("cpu kernels: -march=") + MGPP_EXPAND_AND_STRINGIFY(MGPP_CPU_ARCH) + " (" +
-         isa + "), OpenMP " + std::to_string(_OPENMP) + ", compiler " + __VERSION__;
+         isa + "; conversions " + kConversionPaths + "), OpenMP " + std::to_string(_OPENMP) + ", compiler " + __VERSION__;
 }
 
 }  // namespace cpu
