@@ -18,6 +18,7 @@ pytestmark = pytest.mark.skipif("cpu" not in mgpp_kernels.available_backends(),
                                 reason="the cpu backend is not built")
 
 HIGH_BINS = 1 << 16
+LOW_BITS = 15
 SCALARS = [1e-2, 0.9, 0.999, 1e-8, 0.01, 1.0, -5.0, 1e3, 1e-2, 1e4, 20.0]   # StepScalar order
 
 
@@ -57,6 +58,13 @@ def test_opcheck():
     histogram = torch.zeros(HIGH_BINS, dtype=torch.int64)
     params = step_inputs()[0]
     torch.ops.mgpp.abs_histogram_(params, histogram, selection, 0)
+    chosen = selection.clone()   # τ's high bin chosen, for the one-pass event's ops
+    torch.ops.mgpp.radix_select_(histogram.clone(), chosen, 0)
+    in_bin = int(histogram[int(chosen[1]) >> LOW_BITS])
+
+    def masks():
+        return [torch.zeros((p.numel() + 7) // 8, dtype=torch.uint8) for p in params]
+
     cases = {
         "fused_step_": step_inputs(),
         "abs_histogram_": (params, torch.zeros(HIGH_BINS, dtype=torch.int64), selection, 0),
@@ -64,6 +72,11 @@ def test_opcheck():
         "apply_threshold_": ([p.clone() for p in params],
                              [torch.zeros((p.numel() + 7) // 8, dtype=torch.uint8)
                               for p in params],
+                             torch.tensor([20, 0x3C000000, 0])),
+        "partition_at_bin_": ([p.clone() for p in params], masks(), chosen,
+                              torch.zeros(1 << LOW_BITS, dtype=torch.int64),
+                              torch.empty(in_bin, dtype=torch.int32)),
+        "prune_collected_": ([p.clone() for p in params], masks(), torch.tensor([3, 40]).int(),
                              torch.tensor([20, 0x3C000000, 0])),
     }
     for name, args in cases.items():

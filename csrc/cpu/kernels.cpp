@@ -6,8 +6,10 @@
 #include "kernels.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
+#include <stdexcept>
 #include <type_traits>
 #include <vector>
 
@@ -258,23 +260,113 @@ void low_histogram_chunk(const ValueTensor& t, const Chunk& chunk, uint32_t high
   }
 }
 
+// The raw storage bits of +0 in a format (all zero in every format).
 template <typename P>
-void threshold_chunk(const ValueTensor& t, uint8_t* keep_mask, const Chunk& chunk,
-                     uint32_t tau_key) {
-  auto* __restrict data = static_cast<typename P::T*>(t.data);
-#pragma omp simd
-  for (int64_t i = chunk.begin; i < chunk.end; ++i) {
-    if (below_threshold(abs_key(P::load(data[i])), tau_key)) data[i] = P::store(0.0f);
+bool is_positive_zero(typename P::T x) {
+  if constexpr (std::is_same_v<P, F32>) {
+    return float_to_bits(x) == 0u;
+  } else {
+    return x == 0u;
   }
-  if (keep_mask == nullptr) return;
-  for (int64_t byte = chunk.begin / 8; byte * 8 < chunk.end; ++byte) {
+}
+
+// Writes the packed keep bits of elements [begin, end) of a chunk (begin a multiple of 8) from
+// their kept flags.
+void write_mask_bytes(const uint8_t* kept, int64_t begin, int64_t end, uint8_t* keep_mask) {
+  for (int64_t byte = begin / 8; byte * 8 < end; ++byte) {
     uint32_t bits = 0;
-    for (int64_t bit = 0; bit < 8 && byte * 8 + bit < chunk.end; ++bit) {
-      const bool keep = !below_threshold(abs_key(P::load(data[byte * 8 + bit])), tau_key);
-      bits |= static_cast<uint32_t>(keep) << bit;
+    for (int64_t bit = 0; bit < 8 && byte * 8 + bit < end; ++bit) {
+      bits |= static_cast<uint32_t>(kept[byte * 8 + bit - begin]) << bit;
     }
     keep_mask[byte] = static_cast<uint8_t>(bits);
   }
+}
+
+template <typename P>
+void threshold_chunk(const ValueTensor& t, uint8_t* keep_mask, const Chunk& chunk,
+                     uint32_t tau_key) {
+  auto* data = static_cast<typename P::T*>(t.data);
+  alignas(64) float value_buffer[kBlock];
+  uint8_t kept[kBlock];
+  for (int64_t block = chunk.begin; block < chunk.end; block += kBlock) {
+    const int64_t n = std::min(block + kBlock, chunk.end) - block;
+    const float* x = float32_block<P>(data + block, value_buffer, n);
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const bool below = below_threshold(abs_key(x[i]), tau_key);
+      kept[i] = !below;
+      if (below && !is_positive_zero<P>(data[block + i])) data[block + i] = P::store(0.0f);
+    }
+    if (keep_mask != nullptr) write_mask_bytes(kept, block, block + n, keep_mask);
+  }
+}
+
+// Where partition_chunk puts the positions it collects, from every thread.
+struct Collection {
+  uint32_t* positions;
+  int64_t capacity;
+  std::atomic<int64_t> collected{0};
+};
+
+template <typename P>
+void partition_chunk(const ValueTensor& t, int64_t flat_offset, uint8_t* keep_mask,
+                     const Chunk& chunk, uint32_t high_bin, Collection& collection,
+                     uint32_t* low_histogram) {
+  constexpr int64_t kGroup = 64;
+  auto* data = static_cast<typename P::T*>(t.data);
+  alignas(64) float value_buffer[kBlock];
+  uint32_t keys[kBlock];
+  uint8_t kept[kBlock];
+  uint32_t found[kBlock];
+  for (int64_t block = chunk.begin; block < chunk.end; block += kBlock) {
+    const int64_t n = std::min(block + kBlock, chunk.end) - block;
+    const float* x = float32_block<P>(data + block, value_buffer, n);
+    // Below τ's bin means below τ (τ is finite or +inf): zeroed. The bin and above: kept for now.
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const uint32_t key = abs_key(x[i]);
+      const bool below = key_high_bin(key) < high_bin;
+      keys[i] = key;
+      kept[i] = !below;
+      if (below && !is_positive_zero<P>(data[block + i])) data[block + i] = P::store(0.0f);
+    }
+    if (keep_mask != nullptr) write_mask_bytes(kept, block, block + n, keep_mask);
+    // The bin's elements are few: find the groups that hold one with vector code first.
+    int64_t n_found = 0;
+    for (int64_t group = 0; group < n; group += kGroup) {
+      const int64_t end = std::min(group + kGroup, n);
+      int matches = 0;
+#pragma omp simd reduction(+ : matches)
+      for (int64_t i = group; i < end; ++i) matches += key_high_bin(keys[i]) == high_bin;
+      if (matches == 0) continue;
+      for (int64_t i = group; i < end; ++i) {
+        if (key_high_bin(keys[i]) != high_bin) continue;
+        found[n_found++] = static_cast<uint32_t>(flat_offset + block + i);
+        ++low_histogram[key_low_bin(keys[i])];
+      }
+    }
+    if (n_found == 0) continue;
+    const int64_t at = collection.collected.fetch_add(n_found, std::memory_order_relaxed);
+    if (at + n_found > collection.capacity) continue;  // reported by partition_at_bin
+    memcpy(collection.positions + at, found, static_cast<size_t>(n_found) * sizeof(uint32_t));
+  }
+}
+
+// |x| of element `index` of a tensor of any dtype, as a key.
+uint32_t key_of(const PrunedTensor& t, int64_t index) {
+  uint32_t key = 0;
+  dispatch_dtype(t.dtype, [&](auto format) {
+    using P = decltype(format);
+    key = abs_key(P::load(static_cast<const typename P::T*>(t.data)[index]));
+  });
+  return key;
+}
+
+void zero_element(const PrunedTensor& t, int64_t index) {
+  dispatch_dtype(t.dtype, [&](auto format) {
+    using P = decltype(format);
+    static_cast<typename P::T*>(t.data)[index] = P::store(0.0f);
+  });
 }
 
 }  // namespace
@@ -313,6 +405,53 @@ void apply_threshold(const ValueTensor* tensors, uint8_t* const* keep_masks, int
       threshold_chunk<P>(tensors[chunk.tensor], mask, chunk, tau_key);
     });
   });
+}
+
+int64_t partition_at_bin(const ValueTensor* tensors, const int64_t* flat_offsets,
+                         uint8_t* const* keep_masks, int64_t count, DType dtype, uint32_t high_bin,
+                         uint32_t* positions, int64_t capacity, int64_t* low_histogram,
+                         int num_threads) {
+  const auto chunks = make_chunks(count, [&](int64_t t) { return tensors[t].numel; });
+  Collection collection{positions, capacity};
+  dispatch_dtype(dtype, [&](auto tag) {
+    using P = decltype(tag);
+    parallel_chunks(chunks, num_threads, kHistLowBins, low_histogram,
+                    [&](const Chunk& chunk, uint32_t* local) {
+      uint8_t* mask = keep_masks == nullptr ? nullptr : keep_masks[chunk.tensor];
+      partition_chunk<P>(tensors[chunk.tensor], flat_offsets[chunk.tensor], mask, chunk, high_bin,
+                         collection, local);
+    });
+  });
+  const int64_t collected = collection.collected.load();
+  if (collected > capacity) {
+    throw std::length_error("mgpp: τ's bin holds " + std::to_string(collected) +
+                            " elements, more than the " + std::to_string(capacity) +
+                            " positions given");
+  }
+  return collected;
+}
+
+void prune_collected(const PrunedTensor* tensors, int64_t count, const uint32_t* positions,
+                     int64_t num_positions, uint32_t tau_key, int num_threads) {
+  if (num_positions == 0) return;
+  const int threads = static_cast<int>(
+      std::max<int64_t>(1, std::min<int64_t>(num_threads, num_positions / 4096 + 1)));
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t p = 0; p < num_positions; ++p) {
+    const int64_t position = positions[p];
+    // The last tensor starting at or before the position (empty tensors start where the next does).
+    const PrunedTensor* t =
+        std::upper_bound(tensors, tensors + count, position,
+                         [](int64_t at, const PrunedTensor& x) { return at < x.flat_offset; }) - 1;
+    const int64_t index = position - t->flat_offset;
+    if (!below_threshold(key_of(*t, index), tau_key)) continue;
+    zero_element(*t, index);
+    // Two positions of one mask byte may belong to two threads.
+    if (t->keep_mask != nullptr) {
+      __atomic_fetch_and(&t->keep_mask[index / 8], static_cast<uint8_t>(~(1u << (index % 8))),
+                         __ATOMIC_RELAXED);
+    }
+  }
 }
 
 std::string build_info() {
