@@ -176,6 +176,7 @@ void update_chunk(const StepTensor& t, const Chunk& chunk, const StepOptions& op
   alignas(64) float theta_buffer[kBlock], grad_buffer[kBlock], m_buffer[kBlock], v_buffer[kBlock];
   uint32_t bins[kBlock];
   uint8_t keep[kBlock];
+  bool uses_spike[kBlock / kSpikeSpan];
   constexpr auto kFullTerm = kPrior ? PriorTerm::kSpikeAndSlab : PriorTerm::kNone;
   for (int64_t block = chunk.begin; block < chunk.end; block += kBlock) {
     const int64_t n = std::min(block + kBlock, chunk.end) - block;
@@ -194,15 +195,18 @@ void update_chunk(const StepTensor& t, const Chunk& chunk, const StepOptions& op
     auto* __restrict v = loop_view<S>(exp_avg_sq + block, v_buffer);
     // Updates [begin, end) of the block with the given prior term. Never inlined: GCC vectorises
     // the outlined loop, but left some inlined copies scalar (bf16 parameters with float32 state).
-    auto update = [&, theta, g, m, v](int64_t begin, int64_t end, auto prior_term)
-                      __attribute__((noinline)) {
+    // Everything by value: float stores through theta, m and v could otherwise alias captured
+    // references and reload the scalars every iteration.
+    const uint8_t* __restrict keep_flags = keep;
+    auto update = [theta, g, m, v, keep_flags, inv_grad_scale, prior, adamw](
+                      int64_t begin, int64_t end, auto prior_term) __attribute__((noinline)) {
       constexpr PriorTerm kTerm = decltype(prior_term)::value;
 #pragma omp simd
       for (int64_t i = begin; i < end; ++i) {
         float theta_i = PL::load(theta[i]);
         float m_i = SL::load(m[i]);
         float v_i = SL::load(v[i]);
-        step_element<kTerm>(theta_i, m_i, v_i, PL::load(g[i]), !kMask || keep[i] != 0,
+        step_element<kTerm>(theta_i, m_i, v_i, PL::load(g[i]), !kMask || keep_flags[i] != 0,
                             inv_grad_scale, prior, adamw);
         theta[i] = PL::store(theta_i);
         m[i] = SL::store(m_i);
@@ -215,18 +219,25 @@ void update_chunk(const StepTensor& t, const Chunk& chunk, const StepOptions& op
       }
     }
     if (kPrior && slab_path_exact) {
-      int64_t span = 0;
-      // Whole spans: a constant trip count, so each check and update is a few full vectors.
-      for (; span + kSpikeSpan <= n; span += kSpikeSpan) {
+      // Which whole spans have a weight where the spike matters (a constant trip count, so each
+      // check is a few full vectors), then one update call per run of spans of one kind.
+      const int64_t spans = n / kSpikeSpan;
+      for (int64_t span = 0; span < spans; ++span) {
         int spike_lanes = 0;
 #pragma omp simd reduction(+ : spike_lanes)
         for (int64_t j = 0; j < kSpikeSpan; ++j) {
-          spike_lanes += prior_uses_spike(PL::load(theta[span + j]), prior) ? 1 : 0;
+          spike_lanes += prior_uses_spike(PL::load(theta[span * kSpikeSpan + j]), prior) ? 1 : 0;
         }
-        spike_lanes ? update(span, span + kSpikeSpan, Term<kFullTerm>{})
-                    : update(span, span + kSpikeSpan, Term<PriorTerm::kSlab>{});
+        uses_spike[span] = spike_lanes != 0;
       }
-      update(span, n, Term<kFullTerm>{});
+      for (int64_t run = 0; run < spans;) {
+        int64_t run_end = run + 1;
+        while (run_end < spans && uses_spike[run_end] == uses_spike[run]) ++run_end;
+        uses_spike[run] ? update(run * kSpikeSpan, run_end * kSpikeSpan, Term<kFullTerm>{})
+                        : update(run * kSpikeSpan, run_end * kSpikeSpan, Term<PriorTerm::kSlab>{});
+        run = run_end;
+      }
+      update(spans * kSpikeSpan, n, Term<kFullTerm>{});
     } else {
       update(0, n, Term<kFullTerm>{});
     }
