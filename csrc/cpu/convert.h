@@ -1,16 +1,18 @@
-// Block conversions between the storage formats and float32 for the CPU kernels: the kernels
-// widen a block of 16-bit values into an L1-resident float32 buffer, run the shared per-element
-// math on float32 as they do for float32 storage, and narrow the results back.
+// Block conversions between the 16-bit storage formats and float32 for the CPU kernels: the
+// update loop widens float16 blocks into an L1-resident float32 buffer, runs the shared math and
+// narrows the results back; the histogram, threshold and partition passes widen bfloat16 and
+// float16 blocks. (bfloat16 is rounded in the update loop itself: its scalar recipe vectorises
+// into a few integer operations, and staging it through a buffer, with vcvtneps2bf16, measured
+// 1.3-1.7x slower on tensors larger than the caches.)
 //
 // Each conversion gives the bits of csrc/core/formats.h's scalar functions (round to nearest
-// even, overflow to inf, denormals kept, bfloat16 NaN as 0x7FC0 and float16 NaN as sign | 0x7E00)
-// whatever the target. Where the build target has conversion instructions, they do the work as in
-// ATen's Vectorized: vcvtneps2bf16 (AVX-512 BF16) and vcvtph2ps / vcvtps2ph (F16C, AVX-512F).
-// The instructions differ from the scalar recipe in rare lanes only (vcvtneps2bf16 flushes
-// denormal inputs to zero and keeps NaN payloads, vcvtps2ph keeps NaN payloads), so those lanes
-// are patched, behind a branch that the data almost never takes. The portable path is a
-// `#pragma omp simd` loop over the scalar functions. csrc/tests/test_convert.cpp checks every
-// path against the scalar functions over all 65,536 16-bit patterns and float32 edge cases.
+// even, overflow to inf, denormals kept, float16 NaN as sign | 0x7E00) whatever the target. Where
+// the build target has them, the conversion instructions do the work as in ATen's Vectorized:
+// vcvtph2ps / vcvtps2ph (AVX-512F, or F16C). vcvtps2ph keeps NaN payload bits that the scalar
+// recipe drops, so NaN lanes are patched, behind a branch that the data almost never takes. The
+// portable path is a `#pragma omp simd` loop over the scalar functions. csrc/tests/test_convert.cpp
+// checks every path against the scalar functions over all 65,536 16-bit patterns and float32
+// edge cases.
 #pragma once
 
 #include <stdint.h>
@@ -41,11 +43,6 @@ namespace cpu {
 #else
 #define MGPP_BF16_WIDEN_PATH "portable"
 #endif
-#if defined(MGPP_CPU_AVX512) && defined(__AVX512BF16__)
-#define MGPP_BF16_NARROW_PATH "AVX-512 BF16 vcvtneps2bf16"
-#else
-#define MGPP_BF16_NARROW_PATH "portable"
-#endif
 #if defined(MGPP_CPU_AVX512)
 #define MGPP_F16_PATH "AVX-512F vcvtph2ps/vcvtps2ph"
 #elif defined(__F16C__)
@@ -53,9 +50,9 @@ namespace cpu {
 #else
 #define MGPP_F16_PATH "portable"
 #endif
+// bfloat16 is rounded inside the update loop by the scalar recipe, which the compiler vectorises.
 constexpr const char* kConversionPaths = "bf16->f32 " MGPP_BF16_WIDEN_PATH
-                                         ", f32->bf16 " MGPP_BF16_NARROW_PATH
-                                         ", f16<->f32 " MGPP_F16_PATH;
+                                         ", f32->bf16 in-loop recipe, f16<->f32 " MGPP_F16_PATH;
 
 // The portable paths, also the tails of the vector ones.
 template <typename F>
@@ -101,30 +98,7 @@ inline void widen(F16, const uint16_t* __restrict src, float* __restrict dst, in
   widen_portable<F16>(src + i, dst + i, n - i);
 }
 
-// dst[0, n) = src[0, n) rounded to the format.
-inline void narrow(BF16, const float* __restrict src, uint16_t* __restrict dst, int64_t n) {
-  int64_t i = 0;
-#if defined(MGPP_CPU_AVX512) && defined(__AVX512BF16__)
-  for (; i + 16 <= n; i += 16) {
-    const __m512 x = _mm512_loadu_ps(src + i);
-    __m256i h = (__m256i)_mm512_cvtneps_pbh(x);
-    // Denormal inputs (the instruction flushes them) and NaN (it keeps their payload), in one
-    // vfpclassps: quiet NaN 0x01, denormal 0x20, signalling NaN 0x80.
-    const __mmask16 patch = _mm512_fpclass_ps_mask(x, 0x01 | 0x20 | 0x80);
-    if (patch != 0) {
-      alignas(32) uint16_t patched[16];
-      _mm256_store_si256(reinterpret_cast<__m256i*>(patched), h);
-      for (int lane = 0; lane < 16; ++lane) {
-        if ((patch >> lane) & 1) patched[lane] = float_to_bf16_bits(src[i + lane]);
-      }
-      h = _mm256_load_si256(reinterpret_cast<const __m256i*>(patched));
-    }
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), h);
-  }
-#endif
-  narrow_portable<BF16>(src + i, dst + i, n - i);
-}
-
+// dst[0, n) = src[0, n) rounded to float16.
 inline void narrow(F16, const float* __restrict src, uint16_t* __restrict dst, int64_t n) {
   int64_t i = 0;
 #if defined(MGPP_CPU_AVX512) || defined(__F16C__)
