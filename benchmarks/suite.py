@@ -9,18 +9,19 @@ Everything runs in one process on the same tensors, in three sections:
   written), triad 16 B, in-place add 12 B. The roofline is the best of them all: counting the
   read-for-ownership can only raise it, so fractions of it are never flattered.
 - step: one optimizer step over a candidate set. On the peers model (BERT-base's 84.9M candidate
-  elements) every peer runs: MGPP on every built backend (without and with a pruning event, fp32 and
-  bf16), the reference, the reference's per-tensor step math under torch.compile,
-  torch.optim.AdamW default / foreach / fused, and the unfused recipe a user would write. On every
+  elements) every peer runs: MGPP on every built backend (without and with a pruning event), the reference, the reference's per-tensor step math under torch.compile,
+  torch.optim.AdamW default / foreach / fused, and the unfused recipe a user would write. There and
+  on one tensor of its size, every storage combination (bf16 + bf16 state, bf16 + fp32 state,
+  fp16 + fp16 state) runs without and with an event beside fused AdamW in the same dtype, with
+  1 thread and with all threads. On every
   model of the size ladder (1.6M to 354M elements) the kernel backends and fused AdamW run with
   1 thread and with all threads.
 - selection: τ, the k-th smallest |θ| (k = 0.9 N), by radix histograms against torch.cat + kthvalue,
   topk and sort (those two only up to sizes where they take seconds, not minutes, on a CPU).
 
 Bytes per step are what docs/spec.md §3 says a step must move, per element: θ, g, m, v read and
-θ, m, v written once (fp32: 28 B; bf16 parameters with bf16 state: 14 B; bf16 with fp32 state:
-22 B); an event adds one read of θ for the radix refinement (not for bf16, whose keys need one
-level) and one for the zeroing pass. Achieved GB/s = those bytes / step time; the fraction is of the roofline.
+θ, m, v written once (fp32: 28 B; bf16 or fp16 parameters with 16-bit state: 14 B; bf16 with fp32
+state: 22 B); an event adds one read and one write of θ (the pass that zeroes below τ's bin). Achieved GB/s = those bytes / step time; the fraction is of the roofline.
 
 Peak memory is how far the process's peak grows above what it holds before the timed steps
 (parameters, gradients, the optimizer's state): resident set on a CPU,
@@ -42,7 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from benchmarks.common.models import BERT_BASE, FULL_LADDER, QUICK_LADDER  # noqa: E402
+from benchmarks.common.models import BERT_BASE, FULL_LADDER, QUICK_LADDER, one_tensor  # noqa: E402
 from benchmarks.common.peers import RECIPE  # noqa: E402
 from benchmarks.common.report import report  # noqa: E402
 from benchmarks.common.results import read_csv  # noqa: E402
@@ -94,8 +95,9 @@ def main(argv=None) -> int:
                    if args.max_elements is None or m.elements <= args.max_elements)
     if not ladder:
         parser.error(f"--max-elements {args.max_elements:g} leaves no model to run")
-    suite = Suite(platform=suite_platform, ladder=ladder,
-                  peers_model=BERT_BASE if BERT_BASE in ladder else ladder[0],
+    peers_model = BERT_BASE if BERT_BASE in ladder else ladder[0]
+    suite = Suite(platform=suite_platform, ladder=ladder + (one_tensor(peers_model),),
+                  peers_model=peers_model,
                   budget=args.budget if args.budget is not None else (
                       0.02 if args.quick else 1.0 if args.device == "cuda" else 3.0),
                   max_repeats=args.max_repeats or (2 if args.quick else 5),

@@ -2,13 +2,21 @@
 torch.optim.AdamW on a BERT-base-shaped model, side by side in one process.
 
 Every time is the median of several steps after a warm-up. Effective GB/s counts the bytes
-docs/spec.md §3 says a step must move: θ, g, m, v read and θ, m, v written once per element. The
-benchmark suite with every peer, scaling and plots is benchmarks/suite.py in the repository.
+docs/spec.md §3 says a step must move: θ, g, m, v read and θ, m, v written once per element
+(3 × the parameter's bytes + 4 × the state's). The storage section times every storage
+combination (fp32; bf16 + bf16 state; bf16 + fp32 state; fp16 + fp16 state) on the BERT-base
+tensor list and on one tensor of its candidates' size, beside torch.optim.AdamW(fused=True) in the
+same parameter dtype, without and with a pruning event, with all threads and with one. Each is
+also given against the bandwidth of a copy measured in the same run and against its roofline: the
+time its bytes need at the fp32 MGPP step's measured bandwidth. The benchmark suite with every
+peer, scaling and plots is benchmarks/suite.py in the repository.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import platform
 import statistics
 import time
@@ -73,6 +81,141 @@ def mgpp_optimizer(candidates, others, backend, pruning_interval, state_dtype=to
 
 NO_EVENTS, EVERY_STEP = 1_000_000, 1
 
+# (label, parameter dtype, MGPP's state_dtype) of each storage combination.
+STORAGE = (("fp32", torch.float32, torch.float32),
+           ("bf16 + bf16 state", torch.bfloat16, "param"),
+           ("bf16 + fp32 state", torch.bfloat16, torch.float32),
+           ("fp16 + fp16 state", torch.float16, "param"))
+
+
+def bytes_per_element(param_dtype: torch.dtype, state_dtype) -> int:
+    """θ read and written, g read; m and v read and written."""
+    param_bytes = torch.finfo(param_dtype).bits // 8
+    state_bytes = param_bytes if state_dtype == "param" else torch.finfo(state_dtype).bits // 8
+    return 3 * param_bytes + 4 * state_bytes
+
+
+def copy_bandwidth(repeats: int, elements: int = 1 << 26) -> float:
+    """GB/s of `a.copy_(b)` on float32 arrays far larger than the caches, counting 12 B per
+    element (b read, a read for ownership and written)."""
+    source = torch.ones(elements)
+    target = torch.empty(elements)
+    seconds = median_time(lambda: target.copy_(source), repeats)
+    return 12 * elements / seconds / 1e9
+
+
+def with_threads(threads: int, fn):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(previous)
+
+
+def storage_rows(layers: int, repeats: int) -> list[dict]:
+    """The storage section: a row per (layout, storage, threads, implementation, event)."""
+    shapes = bert_base(layers)
+    candidate_numel = sum(math.prod(s) for s in shapes.candidate_shapes())
+    layouts = (("BERT-base lists", shapes.candidate_shapes(), shapes.other_shapes()),
+               ("one tensor", [(candidate_numel,)], []))
+    all_threads = torch.get_num_threads()
+    thread_counts = [all_threads] + ([1] if all_threads > 1 else [])
+    rows = []
+    for threads in thread_counts:
+        bandwidth = with_threads(threads, lambda: copy_bandwidth(repeats))
+        print(f"  copy bandwidth, {threads} thread(s): {bandwidth:.1f} GB/s", flush=True)
+        for layout, candidate_shapes, other_shapes in layouts:
+            for label, param_dtype, state_dtype in STORAGE:
+                generator = torch.Generator().manual_seed(0)
+                candidates = random_parameters(candidate_shapes, generator, std=0.04,
+                                               grad_std=1e-3, dtype=param_dtype)
+                others = random_parameters(other_shapes, generator, std=0.04, grad_std=1e-3,
+                                           dtype=param_dtype)
+                elements = sum(p.numel() for p in candidates + others)
+                step_bytes = bytes_per_element(param_dtype, state_dtype) * elements
+
+                def record(implementation, event, step):
+                    seconds = with_threads(threads, lambda: median_time(step, repeats))
+                    row = dict(section="storage", layout=layout, storage=label, threads=threads,
+                               implementation=implementation, event=event, seconds=seconds,
+                               elements=elements, bytes=step_bytes,
+                               gbps=step_bytes / seconds / 1e9, copy_gbps=bandwidth)
+                    if implementation.startswith("MGPP"):
+                        row["peak_extra_bytes"] = with_threads(threads,
+                                                               lambda: peak_rss_growth(step))
+                    rows.append(row)
+                    print(f"  {layout:<16} {label:<18} {threads:>2} thr  {implementation:<22}"
+                          f" {'event' if event else '':<5} {seconds * 1e3:9.2f} ms"
+                          f" {row['gbps']:6.1f} GB/s", flush=True)
+
+                if label != "bf16 + fp32 state":   # AdamW keeps its state in the parameter dtype
+                    adamw = torch.optim.AdamW(candidates + others, lr=1e-5, weight_decay=0.0,
+                                              fused=True)
+                    record("torch AdamW fused", False, adamw.step)
+                    del adamw
+                for interval, event in ((NO_EVENTS, False), (EVERY_STEP, True)):
+                    optimizer = mgpp_optimizer(candidates, others, "cpu", interval, state_dtype)
+                    optimizer.step()  # the first step prunes to s_i and allocates the state
+                    record("MGPP cpu", event, optimizer.step)
+                    del optimizer
+                del candidates, others
+    add_storage_ratios(rows)
+    return rows
+
+
+def add_storage_ratios(rows: list[dict]) -> None:
+    """Each row against fused AdamW of the same parameter dtype and against its roofline (its
+    bytes at the bandwidth of the fp32 MGPP step without an event, same layout and threads)."""
+    def find(layout, storage, threads, implementation, event):
+        for r in rows:
+            if (r["layout"], r["storage"], r["threads"], r["implementation"], r["event"]) == (
+                    layout, storage, threads, implementation, event):
+                return r
+        return None
+
+    for r in rows:
+        fp32 = find(r["layout"], "fp32", r["threads"], "MGPP cpu", False)
+        r["vs_roofline"] = r["seconds"] / (r["bytes"] / (fp32["gbps"] * 1e9))
+        r["vs_copy_bandwidth"] = r["gbps"] / r["copy_gbps"]
+        adamw_storage = {"bf16 + fp32 state": "bf16 + bf16 state"}.get(r["storage"], r["storage"])
+        adamw = find(r["layout"], adamw_storage, r["threads"], "torch AdamW fused", False)
+        r["vs_fused_adamw"] = r["seconds"] / adamw["seconds"]
+        r["vs_fp32_mgpp"] = r["seconds"] / fp32["seconds"]
+        no_event = find(r["layout"], r["storage"], r["threads"], "MGPP cpu", False)
+        r["vs_no_event"] = r["seconds"] / no_event["seconds"]
+
+
+def format_storage_table(rows: list[dict]) -> str:
+    """Markdown: the storage section, with its ratios."""
+    lines = ["| layout | storage | threads | step | ms | GB/s | of copy GB/s | vs roofline "
+             "| vs fused AdamW | vs fp32 MGPP | vs no event |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        step = r["implementation"] + (" + event" if r["event"] else "")
+        lines.append(f"| {r['layout']} | {r['storage']} | {r['threads']} | {step} "
+                     f"| {r['seconds'] * 1e3:.2f} | {r['gbps']:.1f} | {r['vs_copy_bandwidth']:.0%} "
+                     f"| {r['vs_roofline']:.2f}x | {r['vs_fused_adamw']:.2f}x "
+                     f"| {r['vs_fp32_mgpp']:.2f}x | {r['vs_no_event']:.2f}x |")
+    return "\n".join(lines)
+
+
+def storage_bars(rows: list[dict]) -> dict:
+    """The issue's bars on the BERT-base lists with all threads, as ratios."""
+    threads = max(r["threads"] for r in rows)
+    by_key = {(r["storage"], r["implementation"], r["event"]): r for r in rows
+              if r["layout"] == "BERT-base lists" and r["threads"] == threads}
+    mgpp = {storage: by_key[(storage, "MGPP cpu", False)] for storage, _, _ in STORAGE}
+    return {
+        "fp32_vs_fused_adamw": mgpp["fp32"]["vs_fused_adamw"],
+        "bf16_bf16_vs_fp32": mgpp["bf16 + bf16 state"]["vs_fp32_mgpp"],
+        "fp16_fp16_vs_fp32": mgpp["fp16 + fp16 state"]["vs_fp32_mgpp"],
+        "bf16_fp32_vs_fp32": mgpp["bf16 + fp32 state"]["vs_fp32_mgpp"],
+        "bf16_vs_fused_adamw_bf16": mgpp["bf16 + bf16 state"]["vs_fused_adamw"],
+        "event_vs_no_event_fp32": by_key[("fp32", "MGPP cpu", True)]["vs_no_event"],
+        "event_vs_no_event_bf16": by_key[("bf16 + bf16 state", "MGPP cpu", True)]["vs_no_event"],
+    }
+
 
 def run(quick: bool = False, repeats: int = 5, output: str = "bench_results.json") -> dict:
     layers = 2 if quick else 12
@@ -93,6 +236,7 @@ def run(quick: bool = False, repeats: int = 5, output: str = "bench_results.json
         record(name, median_time(step, repeats), bytes_moved)
         rows[-1]["peak_extra_bytes"] = peak_rss_growth(step)
 
+    print("load average (1, 5, 15 min): " + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
     print(f"BERT-base shape, {layers} layers: {candidate_numel:,} candidate + "
           f"{numel - candidate_numel:,} other elements, fp32, {torch.get_num_threads()} threads")
     for options in ({}, {"foreach": True}, {"fused": True}):
@@ -130,11 +274,6 @@ def run(quick: bool = False, repeats: int = 5, output: str = "bench_results.json
         assert same, "radix selection and kthvalue disagree on tau"
 
         del candidates, others, params
-        bf16_candidates, bf16_others = bert_base_parameters(layers, torch.bfloat16)
-        optimizer = mgpp_optimizer(bf16_candidates, bf16_others, "cpu", NO_EVENTS, state_dtype="param")
-        optimizer.step()
-        record_step("MGPP cpu step without event, bf16 + bf16 state", optimizer.step, repeats,
-                    step_bytes // 2)
 
     summary = {
         "no_event_vs_fused_adamw": mgpp_steps.get("cpu", float("nan")) / fused_adamw,
@@ -145,19 +284,26 @@ def run(quick: bool = False, repeats: int = 5, output: str = "bench_results.json
             reference_vs_cpu=by_name["MGPP reference step without event"] / mgpp_steps["cpu"],
             event_vs_no_event=by_name["MGPP cpu step with pruning event"] / mgpp_steps["cpu"],
             kthvalue_vs_radix=by_name["tau selection, torch.cat + torch.kthvalue"]
-            / by_name["tau selection, radix histograms (cpu)"],
-            bf16_vs_fp32=by_name["MGPP cpu step without event, bf16 + bf16 state"] / mgpp_steps["cpu"])
+            / by_name["tau selection, radix histograms (cpu)"])
     for row in rows:
         row["vs_fused_adamw"] = row["seconds"] / fused_adamw
+    storage = []
+    if "cpu" in built:
+        print("storage combinations (cpu):")
+        storage = storage_rows(layers, repeats)
+        summary.update(storage_bars(storage))
     print()
     print(format_table(rows))
+    if storage:
+        print()
+        print(format_storage_table(storage))
     print()
     for key, value in summary.items():
         print(f"{key}: {value:.2f}x")
     result = dict(machine=platform.processor() or platform.machine(), cpu=cpu_model(),
                   threads=torch.get_num_threads(), torch=torch.__version__, mgpp_kernels=__version__,
                   layers=layers, elements=numel, candidate_elements=candidate_numel, rows=rows,
-                  summary=summary)
+                  storage_rows=storage, summary=summary, load_average=os.getloadavg())
     with open(output, "w") as f:
         json.dump(result, f, indent=2)
     print(f"\nwrote {output}")

@@ -38,8 +38,13 @@ def test_quick_suite_writes_consistent_results(tmp_path):
     assert {"MGPP cpu", "MGPP reference", peers.FUSED_ADAMW, "torch AdamW default",
             "torch AdamW foreach", peers.RECIPE} <= implementations
     assert {(r["precision"], r["event"]) for r in steps if r["implementation"] == "MGPP cpu"} == {
-        ("fp32", "False"), ("fp32", "True"), ("bf16", "False"), ("bf16", "True"),
-        ("bf16, fp32 state", "False")}
+        (precision, event) for precision in ("fp32", "bf16", "bf16, fp32 state", "fp16")
+        for event in ("False", "True")}
+    # Every storage combination also on one tensor of the peers model's size, beside fused AdamW
+    # in its dtype.
+    one_tensor = models.one_tensor(models.QUICK_LADDER[0]).name
+    assert {r["precision"] for r in steps if r["model"] == one_tensor
+            and r["implementation"] == peers.FUSED_ADAMW} == {"fp32", "bf16", "fp16"}
     for r in steps:
         expected = models.step_bytes(r["precision"], r["event"] == "True")
         assert int(r["bytes_per_element"]) == expected
@@ -67,7 +72,9 @@ def test_step_bytes_follow_spec():
     assert models.step_bytes("fp32", False) == 28
     assert models.step_bytes("bf16", False) == 14
     assert models.step_bytes("bf16, fp32 state", False) == 22
+    assert models.step_bytes("fp16", False) == 14
     assert models.step_bytes("fp32", True) == 36
+    assert models.step_bytes("bf16", True) == 18
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from mgpp_kernels import MGPP
-from mgpp_kernels.ops.layout import HIGH_BINS, NUM_STEP_SCALARS
+from mgpp_kernels.ops.layout import HIGH_BINS, LOW_BITS, NUM_STEP_SCALARS
 
 from compare import assert_bitwise_equal
 
@@ -63,6 +63,13 @@ def test_opcheck():
     histogram = torch.zeros(HIGH_BINS, dtype=torch.int64)
     params = step_inputs()[0]
     torch.ops.mgpp.abs_histogram_(params, histogram, selection, 0)
+    chosen = selection.clone()   # τ's high bin chosen, for the one-pass event's ops
+    torch.ops.mgpp.radix_select_(histogram.clone(), chosen, 0)
+    in_bin = int(histogram[int(chosen[1]) >> LOW_BITS])
+
+    def masks():
+        return [torch.zeros((p.numel() + 7) // 8, dtype=torch.uint8) for p in params]
+
     cases = {
         "fused_step_": step_inputs(),
         "abs_histogram_": (params, torch.zeros(HIGH_BINS, dtype=torch.int64), selection, 0),
@@ -70,6 +77,11 @@ def test_opcheck():
         "apply_threshold_": ([p.clone() for p in params],
                              [torch.zeros((p.numel() + 7) // 8, dtype=torch.uint8)
                               for p in params],
+                             torch.tensor([20, 0x3C000000, 0])),
+        "partition_at_bin_": ([p.clone() for p in params], masks(), chosen,
+                              torch.zeros(1 << LOW_BITS, dtype=torch.int64),
+                              torch.empty(in_bin, dtype=torch.int32)),
+        "prune_collected_": ([p.clone() for p in params], masks(), torch.tensor([3, 40]).int(),
                              torch.tensor([20, 0x3C000000, 0])),
     }
     for name, args in cases.items():

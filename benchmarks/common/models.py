@@ -30,6 +30,12 @@ def llama(name: str, blocks: int, hidden: int, intermediate: int) -> Model:
     return Model(name, block * blocks)
 
 
+def one_tensor(model: Model) -> Model:
+    """A model's candidate elements as one tensor: the layout against which a tensor list is
+    judged (the same bytes, no per-tensor work)."""
+    return Model(f"one tensor of {model.name}'s size", ((model.elements, 1),))
+
+
 BERT_BASE = bert("BERT-base L12/H768", 12, 768)
 FULL_LADDER = (
     bert("BERT L2/H256", 2, 256),
@@ -40,35 +46,44 @@ FULL_LADDER = (
     llama("LLaMA-style 7 blocks H2048/F5504", 7, 2048, 5504),
 )
 QUICK_LADDER = (bert("BERT-tiny L2/H128", 2, 128), llama("LLaMA-style 1 block H128/F344", 1, 128, 344))
+# Where every storage combination runs, beside fused AdamW in its dtype, with all threads and one:
+# the peers model and one tensor of its size.
+STORAGE_COMBINATIONS = ("bf16", "bf16, fp32 state", "fp16")
+# Each precision's parameter dtype and MGPP state_dtype.
+PRECISIONS = {"fp32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, "param"),
+              "bf16, fp32 state": (torch.bfloat16, torch.float32),
+              "fp16": (torch.float16, "param")}
 
 
 class Workload:
-    """A model's candidate parameters with gradients, fp32, and a bf16 copy made on first use."""
+    """A model's candidate parameters with gradients, fp32, and 16-bit copies made on first use."""
 
     def __init__(self, model: Model, device: torch.device, seed: int = 0):
         self.model = model
         # Drawn on the device itself: on a GPU, no model-sized draw on the host and copy.
         generator = torch.Generator(device=device).manual_seed(seed)
         self.fp32 = random_parameters(model.shapes, generator, std=0.04, grad_std=1e-3)
-        self._bf16: list[torch.nn.Parameter] | None = None
+        self._copies: dict[torch.dtype, list[torch.nn.Parameter]] = {}
 
     def params(self, precision: str) -> list[torch.nn.Parameter]:
-        if precision == "fp32":
+        dtype = PRECISIONS[precision][0]
+        if dtype == torch.float32:
             return self.fp32
-        if self._bf16 is None:
-            self._bf16 = []
+        if dtype not in self._copies:
+            self._copies.clear()   # one 16-bit copy at a time
+            copies = []
             for p in self.fp32:
-                copy = torch.nn.Parameter(p.detach().to(torch.bfloat16))
-                copy.grad = p.grad.to(torch.bfloat16)
-                self._bf16.append(copy)
-        return self._bf16
+                copy = torch.nn.Parameter(p.detach().to(dtype))
+                copy.grad = p.grad.to(dtype)
+                copies.append(copy)
+            self._copies[dtype] = copies
+        return self._copies[dtype]
 
 
 def step_bytes(precision: str, event: bool) -> int:
     """Bytes per element docs/spec.md §3 says a step must move (see benchmarks/suite.py)."""
-    param_bytes, state_bytes = {"fp32": (4, 4), "bf16": (2, 2), "bf16, fp32 state": (2, 4)}[precision]
+    param_bytes, state_bytes = {"fp32": (4, 4), "bf16": (2, 2), "bf16, fp32 state": (2, 4),
+                                 "fp16": (2, 2)}[precision]
     update = 3 * param_bytes + 4 * state_bytes   # θ read and written, g read; m, v read and written
-    if not event:
-        return update
-    refinement = param_bytes if param_bytes == 4 else 0
-    return update + refinement + param_bytes
+    # An event: one more read and write of θ (the pass that zeroes below τ's bin).
+    return update + 2 * param_bytes if event else update

@@ -14,6 +14,8 @@ from mgpp_kernels.schedule import prune_count
 from mgpp_kernels.backends import BackendUnavailableError, available_backends, load_backend
 from mgpp_kernels.optimizer import MGPP
 
+from .models import PRECISIONS, STORAGE_COMBINATIONS
+
 LR, BETAS, EPS, WEIGHT_DECAY = 1e-5, (0.9, 0.999), 1e-8, 0.01
 LAMBDA_MIX, SIGMA0_SQ, SIGMA1_SQ, NUM_TRAIN_EXAMPLES = 0.1, 1e-10, 0.05, 67349
 FINAL_SPARSITY = 0.9
@@ -145,7 +147,7 @@ def recipe_stepper(params, event: bool) -> Stepper:
 @dataclass(frozen=True)
 class StepCase:
     implementation: str
-    precision: str             # "fp32", "bf16" (bf16 state), "bf16, fp32 state"
+    precision: str             # "fp32", "bf16" (bf16 state), "bf16, fp32 state", "fp16" (fp16 state)
     event: bool
     threads: int | None
     build: Callable[[list[torch.nn.Parameter]], Stepper]
@@ -167,9 +169,11 @@ def kernel_backends(device: torch.device) -> list[str]:
     return sorted(names, key=lambda name: name == "reference")
 
 
-def step_cases(device: torch.device, thread_counts: list, peers: bool, compile_reference: bool
-               ) -> list[StepCase]:
-    """In run order: no-event fp32 steps first, since event steps prune the shared tensors."""
+def step_cases(device: torch.device, thread_counts: list, peers: bool, compile_reference: bool,
+               storage: bool = False) -> list[StepCase]:
+    """In run order: no-event fp32 steps first, since event steps prune the shared tensors. With
+    `storage`, every 16-bit storage combination with and without an event beside fused AdamW in
+    its dtype, at every thread count."""
     backends = kernel_backends(device)
     kernels = [b for b in backends if b != "reference"]
     all_threads = thread_counts[-1]
@@ -199,17 +203,25 @@ def step_cases(device: torch.device, thread_counts: list, peers: bool, compile_r
                               lambda p, b=backend: mgpp_stepper(p, b, True, torch.float32)))
     if peers:
         cases.append(StepCase(RECIPE, "fp32", True, all_threads, lambda p: recipe_stepper(p, True)))
-    for backend in shown:
-        cases.append(StepCase(f"MGPP {backend}", "bf16", False, all_threads,
-                              lambda p, b=backend: mgpp_stepper(p, b, False, "param")))
-    if peers:
-        cases.append(StepCase(FUSED_ADAMW, "bf16", False, all_threads,
-                              lambda p: adamw_stepper(p, fused=True)))
-        for backend in shown:
-            cases.append(StepCase(f"MGPP {backend}", "bf16", True, all_threads,
-                                  lambda p, b=backend: mgpp_stepper(p, b, True, "param")))
-            cases.append(StepCase(f"MGPP {backend}", "bf16, fp32 state", False, all_threads,
-                                  lambda p, b=backend: mgpp_stepper(p, b, False, torch.float32)))
+    if not storage:   # the size ladder's bf16 series
+        for backend in kernels:
+            cases.append(StepCase(f"MGPP {backend}", "bf16", False, all_threads,
+                                  lambda p, b=backend: mgpp_stepper(p, b, False, "param")))
+    else:
+        for threads in reversed(thread_counts):
+            for precision in STORAGE_COMBINATIONS:
+                state_dtype = PRECISIONS[precision][1]
+                for backend in kernels:
+                    for event in (False, True):
+                        cases.append(StepCase(
+                            f"MGPP {backend}", precision, event, threads,
+                            lambda p, b=backend, e=event, s=state_dtype: mgpp_stepper(p, b, e, s)))
+                if state_dtype == "param":   # torch's AdamW keeps its state in the param dtype
+                    cases.append(StepCase(FUSED_ADAMW, precision, False, threads,
+                                          lambda p: adamw_stepper(p, fused=True)))
+    if peers and "reference" in shown:
+        cases.append(StepCase("MGPP reference", "bf16", False, all_threads,
+                              lambda p: mgpp_stepper(p, "reference", False, "param")))
     return cases
 
 

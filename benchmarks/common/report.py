@@ -188,8 +188,8 @@ def write_markdown(path: str, rows: list[dict], peers_model: str, bars: list[Bar
         "",
         "One optimizer step over the candidate matrices only. \"event\": a step with a pruning event "
         "(τ selection and zeroing). GB/s counts the bytes docs/spec.md §3 says the step must move "
-        "(fp32 28 B per element, +8 B with an event; bf16 with bf16 state 14 B, +2 B; bf16 with "
-        "fp32 state 22 B), whatever the implementation really moves. Peak extra: growth of the peak "
+        "(fp32 28 B per element, +8 B with an event; bf16 or fp16 with 16-bit state 14 B, +4 B; "
+        "bf16 with fp32 state 22 B, +4 B), whatever the implementation really moves. Peak extra: growth of the peak "
         + ("resident set" if context["device"] == "cpu" else "allocated CUDA memory")
         + " above parameters, gradients and optimizer state during the timed steps.",
         "",

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from mgpp_kernels import __version__
 from mgpp_kernels.schedule import prune_count
 
-from .models import Model, Workload, step_bytes
+from .models import Model, Workload, one_tensor, step_bytes
 from .peers import (COMPILED_REFERENCE, FINAL_SPARSITY, FUSED_ADAMW, SELECTION_METHODS, StepCase,
                     compiled_reference_math, kernel_backends, selection_function, step_cases)
 from .results import COLUMNS, roofline_gbps
@@ -75,11 +75,16 @@ class Suite:
         del a, b, c
         self.platform.empty_cache()
 
+    def runs_storage(self, model: Model) -> bool:
+        """Whether every storage combination runs on the model: the peers model and one tensor
+        of its size."""
+        return model in (self.peers_model, one_tensor(self.peers_model))
+
     def measure_model(self, progress, model: Model) -> None:
         workload = Workload(model, self.platform.device)
         peers = model == self.peers_model
         for case in step_cases(self.platform.device, self.platform.thread_counts, peers,
-                               self.compile_reference):
+                               self.compile_reference, self.runs_storage(model)):
             self.measure_step(progress, workload, case)
         self.measure_selection(progress, workload)
         del workload
@@ -135,7 +140,8 @@ class Suite:
     def run(self) -> list[dict]:
         total = 2 * 3 * len(self.platform.thread_counts) + len(self.ladder) * len(SELECTION_METHODS) + sum(
             len(step_cases(self.platform.device, self.platform.thread_counts,
-                           model == self.peers_model, self.compile_reference))
+                           model == self.peers_model, self.compile_reference,
+                           self.runs_storage(model)))
             for model in self.ladder)
         # Bandwidth, selection and the peers run with the most threads asked for.
         with num_threads(self.platform.thread_counts[-1]), tqdm(

@@ -16,6 +16,10 @@
 
 #if defined(__CUDACC__)
 #define MGPP_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__) || defined(__clang__)
+// Always inlined on the host too: a call left inside a `#pragma omp simd` loop (GCC stops
+// inlining in large kernels) keeps the loop from vectorising.
+#define MGPP_HD inline __attribute__((always_inline))
 #else
 #define MGPP_HD inline
 #endif

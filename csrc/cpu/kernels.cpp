@@ -1,16 +1,21 @@
 // CPU kernels: OpenMP over fixed-size chunks of all tensors together, and inside a chunk a
-// `#pragma omp simd` loop over the shared per-element step of csrc/core/step.h. Histogram counting
-// would stop the compiler from vectorising the update, so the update loop writes bin indices to
-// a small block buffer and a scalar loop counts them while the block is still in L1.
+// `#pragma omp simd` loop over the shared per-element step of csrc/core/step.h (float16 arrays
+// are widened into L1 buffers and narrowed back by csrc/cpu/convert.h first). Histogram
+// counting would stop the compiler from vectorising the update, so the update loop writes bin
+// indices to a small block buffer and a scalar loop counts them while the block is still in L1.
 #include "kernels.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
+#include <stdexcept>
 #include <type_traits>
 #include <vector>
 
 #include <omp.h>
+
+#include "convert.h"
 
 // The -march value this file is compiled for, which build_info reports; setup.py and
 // CMakeLists.txt pass it with the flags of csrc/compile_flags.txt.
@@ -27,6 +32,8 @@ namespace {
 // Chunks are multiples of 8 elements so that one byte of a packed mask belongs to one chunk.
 constexpr int64_t kChunk = 1 << 15;
 constexpr int64_t kBlock = 1024;
+// Elements of each staged array widened or narrowed in turn inside a block (two cache lines).
+constexpr int64_t kPiece = 64;
 // Weights checked together for the spike: long enough for a few vectors, short enough that a
 // span of a dense model usually has no weight near zero.
 constexpr int64_t kSpikeSpan = 32;
@@ -97,64 +104,155 @@ void parallel_chunks(const std::vector<Chunk>& chunks, int num_threads, uint32_t
 template <PriorTerm kTerm>
 using Term = std::integral_constant<PriorTerm, kTerm>;
 
+// One array's block as float32: the array itself when it is stored in float32, else `buffer`
+// holding its values widened (csrc/cpu/convert.h).
+template <typename F>
+float* float32_block(typename F::T* data, float* buffer, int64_t n) {
+  if constexpr (std::is_same_v<F, F32>) {
+    return data;
+  } else {
+    widen(F{}, data, buffer, n);
+    return buffer;
+  }
+}
+
+template <typename F>
+const float* float32_block(const typename F::T* data, float* buffer, int64_t n) {
+  return float32_block<F>(const_cast<typename F::T*>(data), buffer, n);
+}
+
+// The update loop converts bfloat16 and float32 itself: bfloat16's recipe is a shift and a
+// rounding add that the compiler vectorises, and staging bfloat16 through a buffer measured 1.3x
+// slower on tensors larger than the caches. float16 is staged: widened into a float32 buffer and
+// narrowed back by csrc/cpu/convert.h's vcvtph2ps / vcvtps2ph (its scalar recipe vectorises into
+// code twice as slow as the step).
+template <typename F>
+constexpr bool kStaged = std::is_same_v<F, F16>;
+
+// The format the update loop reads and writes an array in.
+template <typename F>
+using LoopFormat = std::conditional_t<kStaged<F>, F32, F>;
+
+template <typename F>
+typename LoopFormat<F>::T* loop_view(typename F::T* data, float* buffer) {
+  if constexpr (kStaged<F>) {
+    return buffer;
+  } else {
+    return data;
+  }
+}
+
+template <typename F>
+const typename LoopFormat<F>::T* loop_view(const typename F::T* data, float* buffer) {
+  return loop_view<F>(const_cast<typename F::T*>(data), buffer);
+}
+
+template <typename F>
+void stage_in(const typename F::T* data, float* buffer, int64_t n) {
+  if constexpr (kStaged<F>) widen(F{}, data, buffer, n);
+}
+
+template <typename F>
+void stage_out(const float* buffer, typename F::T* data, int64_t n) {
+  if constexpr (kStaged<F>) narrow(F{}, buffer, data, n);
+}
+
 template <typename P, typename S, bool kPrior, bool kHist, bool kMask>
 void update_chunk(const StepTensor& t, const Chunk& chunk, const StepOptions& options,
                   uint32_t* histogram) {
-  auto* __restrict param = static_cast<typename P::T*>(t.param);
-  const auto* __restrict grad = static_cast<const typename P::T*>(t.grad);
-  auto* __restrict exp_avg = static_cast<typename S::T*>(t.exp_avg);
-  auto* __restrict exp_avg_sq = static_cast<typename S::T*>(t.exp_avg_sq);
+  auto* param = static_cast<typename P::T*>(t.param);
+  const auto* grad = static_cast<const typename P::T*>(t.grad);
+  auto* exp_avg = static_cast<typename S::T*>(t.exp_avg);
+  auto* exp_avg_sq = static_cast<typename S::T*>(t.exp_avg_sq);
   const uint8_t* __restrict keep_mask = t.keep_mask;
   const AdamWScalars adamw = t.adamw;
   const PriorConstants prior = options.prior;
   const float inv_grad_scale = options.inv_grad_scale;
   // The slab-only path is exact only where 0·(1/σ0² − 1/σ1²) is 0 (see slab_prior_gradient).
   const bool slab_path_exact = std::isfinite(prior.inv_sigma0_sq - prior.inv_sigma1_sq);
+  using PL = LoopFormat<P>;
+  using SL = LoopFormat<S>;
+  // The L1-resident buffers of staged arrays (kStaged).
+  alignas(64) float theta_buffer[kBlock], grad_buffer[kBlock], m_buffer[kBlock], v_buffer[kBlock];
   uint32_t bins[kBlock];
   uint8_t keep[kBlock];
-  // Updates [begin, end) of the current block with the given prior term.
-  auto update = [&](int64_t block, int64_t begin, int64_t end, auto prior_term) {
-    constexpr PriorTerm kTerm = decltype(prior_term)::value;
-#pragma omp simd
-    for (int64_t i = begin; i < end; ++i) {
-      float theta = P::load(param[i]);
-      float m = S::load(exp_avg[i]);
-      float v = S::load(exp_avg_sq[i]);
-      step_element<kTerm>(theta, m, v, P::load(grad[i]), !kMask || keep[i - block] != 0,
-                          inv_grad_scale, prior, adamw);
-      const typename P::T stored = P::store(theta);
-      param[i] = stored;
-      exp_avg[i] = S::store(m);
-      exp_avg_sq[i] = S::store(v);
-      if (kHist) bins[i - block] = key_high_bin(abs_key(P::load(stored)));
-    }
-  };
+  bool uses_spike[kBlock / kSpikeSpan];
   constexpr auto kFullTerm = kPrior ? PriorTerm::kSpikeAndSlab : PriorTerm::kNone;
   for (int64_t block = chunk.begin; block < chunk.end; block += kBlock) {
-    const int64_t end = std::min(block + kBlock, chunk.end);
+    const int64_t n = std::min(block + kBlock, chunk.end) - block;
+    // Staged arrays are widened, and narrowed below, in interleaved pieces, so that all their
+    // DRAM streams stay in flight together.
+    for (int64_t piece = 0; piece < n; piece += kPiece) {
+      const int64_t length = std::min(kPiece, n - piece);
+      stage_in<P>(param + block + piece, theta_buffer + piece, length);
+      stage_in<P>(grad + block + piece, grad_buffer + piece, length);
+      stage_in<S>(exp_avg + block + piece, m_buffer + piece, length);
+      stage_in<S>(exp_avg_sq + block + piece, v_buffer + piece, length);
+    }
+    auto* __restrict theta = loop_view<P>(param + block, theta_buffer);
+    const auto* __restrict g = loop_view<P>(grad + block, grad_buffer);
+    auto* __restrict m = loop_view<S>(exp_avg + block, m_buffer);
+    auto* __restrict v = loop_view<S>(exp_avg_sq + block, v_buffer);
+    // Updates [begin, end) of the block with the given prior term. Never inlined: GCC vectorises
+    // the outlined loop, but left some inlined copies scalar (bf16 parameters with float32 state).
+    // Everything by value: float stores through theta, m and v could otherwise alias captured
+    // references and reload the scalars every iteration.
+    const uint8_t* __restrict keep_flags = keep;
+    auto update = [theta, g, m, v, keep_flags, inv_grad_scale, prior, adamw](
+                      int64_t begin, int64_t end, auto prior_term) __attribute__((noinline)) {
+      constexpr PriorTerm kTerm = decltype(prior_term)::value;
+#pragma omp simd
+      for (int64_t i = begin; i < end; ++i) {
+        float theta_i = PL::load(theta[i]);
+        float m_i = SL::load(m[i]);
+        float v_i = SL::load(v[i]);
+        step_element<kTerm>(theta_i, m_i, v_i, PL::load(g[i]), !kMask || keep_flags[i] != 0,
+                            inv_grad_scale, prior, adamw);
+        theta[i] = PL::store(theta_i);
+        m[i] = SL::store(m_i);
+        v[i] = SL::store(v_i);
+      }
+    };
     if (kMask) {
-      for (int64_t byte = 0; byte * 8 < end - block; ++byte) {
+      for (int64_t byte = 0; byte * 8 < n; ++byte) {
         memcpy(&keep[8 * byte], &kMaskByteExpansion.bytes[keep_mask[block / 8 + byte]], 8);
       }
     }
     if (kPrior && slab_path_exact) {
-      int64_t span = block;
-      // Whole spans: a constant trip count, so each check and update is a few full vectors.
-      for (; span + kSpikeSpan <= end; span += kSpikeSpan) {
+      // Which whole spans have a weight where the spike matters (a constant trip count, so each
+      // check is a few full vectors), then one update call per run of spans of one kind.
+      const int64_t spans = n / kSpikeSpan;
+      for (int64_t span = 0; span < spans; ++span) {
         int spike_lanes = 0;
 #pragma omp simd reduction(+ : spike_lanes)
         for (int64_t j = 0; j < kSpikeSpan; ++j) {
-          spike_lanes += prior_uses_spike(P::load(param[span + j]), prior) ? 1 : 0;
+          spike_lanes += prior_uses_spike(PL::load(theta[span * kSpikeSpan + j]), prior) ? 1 : 0;
         }
-        spike_lanes ? update(block, span, span + kSpikeSpan, Term<kFullTerm>{})
-                    : update(block, span, span + kSpikeSpan, Term<PriorTerm::kSlab>{});
+        uses_spike[span] = spike_lanes != 0;
       }
-      update(block, span, end, Term<kFullTerm>{});
+      for (int64_t run = 0; run < spans;) {
+        int64_t run_end = run + 1;
+        while (run_end < spans && uses_spike[run_end] == uses_spike[run]) ++run_end;
+        uses_spike[run] ? update(run * kSpikeSpan, run_end * kSpikeSpan, Term<kFullTerm>{})
+                        : update(run * kSpikeSpan, run_end * kSpikeSpan, Term<PriorTerm::kSlab>{});
+        run = run_end;
+      }
+      update(spans * kSpikeSpan, n, Term<kFullTerm>{});
     } else {
-      update(block, block, end, Term<kFullTerm>{});
+      update(0, n, Term<kFullTerm>{});
+    }
+    for (int64_t piece = 0; piece < n; piece += kPiece) {
+      const int64_t length = std::min(kPiece, n - piece);
+      stage_out<P>(theta_buffer + piece, param + block + piece, length);
+      stage_out<S>(m_buffer + piece, exp_avg + block + piece, length);
+      stage_out<S>(v_buffer + piece, exp_avg_sq + block + piece, length);
     }
     if (kHist) {
-      for (int64_t i = 0; i < end - block; ++i) ++histogram[bins[i]];
+      // The histogram counts |θ| as stored: widen the rounded values back.
+      const float* __restrict stored = float32_block<P>(param + block, theta_buffer, n);
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) bins[i] = key_high_bin(abs_key(stored[i]));
+      for (int64_t i = 0; i < n; ++i) ++histogram[bins[i]];
     }
   }
 }
@@ -226,23 +324,113 @@ void low_histogram_chunk(const ValueTensor& t, const Chunk& chunk, uint32_t high
   }
 }
 
+// The raw storage bits of +0 in a format (all zero in every format).
 template <typename P>
-void threshold_chunk(const ValueTensor& t, uint8_t* keep_mask, const Chunk& chunk,
-                     uint32_t tau_key) {
-  auto* __restrict data = static_cast<typename P::T*>(t.data);
-#pragma omp simd
-  for (int64_t i = chunk.begin; i < chunk.end; ++i) {
-    if (below_threshold(abs_key(P::load(data[i])), tau_key)) data[i] = P::store(0.0f);
+bool is_positive_zero(typename P::T x) {
+  if constexpr (std::is_same_v<P, F32>) {
+    return float_to_bits(x) == 0u;
+  } else {
+    return x == 0u;
   }
-  if (keep_mask == nullptr) return;
-  for (int64_t byte = chunk.begin / 8; byte * 8 < chunk.end; ++byte) {
+}
+
+// Writes the packed keep bits of elements [begin, end) of a chunk (begin a multiple of 8) from
+// their kept flags.
+void write_mask_bytes(const uint8_t* kept, int64_t begin, int64_t end, uint8_t* keep_mask) {
+  for (int64_t byte = begin / 8; byte * 8 < end; ++byte) {
     uint32_t bits = 0;
-    for (int64_t bit = 0; bit < 8 && byte * 8 + bit < chunk.end; ++bit) {
-      const bool keep = !below_threshold(abs_key(P::load(data[byte * 8 + bit])), tau_key);
-      bits |= static_cast<uint32_t>(keep) << bit;
+    for (int64_t bit = 0; bit < 8 && byte * 8 + bit < end; ++bit) {
+      bits |= static_cast<uint32_t>(kept[byte * 8 + bit - begin]) << bit;
     }
     keep_mask[byte] = static_cast<uint8_t>(bits);
   }
+}
+
+template <typename P>
+void threshold_chunk(const ValueTensor& t, uint8_t* keep_mask, const Chunk& chunk,
+                     uint32_t tau_key) {
+  auto* data = static_cast<typename P::T*>(t.data);
+  alignas(64) float value_buffer[kBlock];
+  uint8_t kept[kBlock];
+  for (int64_t block = chunk.begin; block < chunk.end; block += kBlock) {
+    const int64_t n = std::min(block + kBlock, chunk.end) - block;
+    const float* x = float32_block<P>(data + block, value_buffer, n);
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const bool below = below_threshold(abs_key(x[i]), tau_key);
+      kept[i] = !below;
+      if (below && !is_positive_zero<P>(data[block + i])) data[block + i] = P::store(0.0f);
+    }
+    if (keep_mask != nullptr) write_mask_bytes(kept, block, block + n, keep_mask);
+  }
+}
+
+// Where partition_chunk puts the positions it collects, from every thread.
+struct Collection {
+  uint32_t* positions;
+  int64_t capacity;
+  std::atomic<int64_t> collected{0};
+};
+
+template <typename P>
+void partition_chunk(const ValueTensor& t, int64_t flat_offset, uint8_t* keep_mask,
+                     const Chunk& chunk, uint32_t high_bin, Collection& collection,
+                     uint32_t* low_histogram) {
+  constexpr int64_t kGroup = 64;
+  auto* data = static_cast<typename P::T*>(t.data);
+  alignas(64) float value_buffer[kBlock];
+  uint32_t keys[kBlock];
+  uint8_t kept[kBlock];
+  uint32_t found[kBlock];
+  for (int64_t block = chunk.begin; block < chunk.end; block += kBlock) {
+    const int64_t n = std::min(block + kBlock, chunk.end) - block;
+    const float* x = float32_block<P>(data + block, value_buffer, n);
+    // Below τ's bin means below τ (τ is finite or +inf): zeroed. The bin and above: kept for now.
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const uint32_t key = abs_key(x[i]);
+      const bool below = key_high_bin(key) < high_bin;
+      keys[i] = key;
+      kept[i] = !below;
+      if (below && !is_positive_zero<P>(data[block + i])) data[block + i] = P::store(0.0f);
+    }
+    if (keep_mask != nullptr) write_mask_bytes(kept, block, block + n, keep_mask);
+    // The bin's elements are few: find the groups that hold one with vector code first.
+    int64_t n_found = 0;
+    for (int64_t group = 0; group < n; group += kGroup) {
+      const int64_t end = std::min(group + kGroup, n);
+      int matches = 0;
+#pragma omp simd reduction(+ : matches)
+      for (int64_t i = group; i < end; ++i) matches += key_high_bin(keys[i]) == high_bin;
+      if (matches == 0) continue;
+      for (int64_t i = group; i < end; ++i) {
+        if (key_high_bin(keys[i]) != high_bin) continue;
+        found[n_found++] = static_cast<uint32_t>(flat_offset + block + i);
+        ++low_histogram[key_low_bin(keys[i])];
+      }
+    }
+    if (n_found == 0) continue;
+    const int64_t at = collection.collected.fetch_add(n_found, std::memory_order_relaxed);
+    if (at + n_found > collection.capacity) continue;  // reported by partition_at_bin
+    memcpy(collection.positions + at, found, static_cast<size_t>(n_found) * sizeof(uint32_t));
+  }
+}
+
+// |x| of element `index` of a tensor of any dtype, as a key.
+uint32_t key_of(const PrunedTensor& t, int64_t index) {
+  uint32_t key = 0;
+  dispatch_dtype(t.dtype, [&](auto format) {
+    using P = decltype(format);
+    key = abs_key(P::load(static_cast<const typename P::T*>(t.data)[index]));
+  });
+  return key;
+}
+
+void zero_element(const PrunedTensor& t, int64_t index) {
+  dispatch_dtype(t.dtype, [&](auto format) {
+    using P = decltype(format);
+    static_cast<typename P::T*>(t.data)[index] = P::store(0.0f);
+  });
 }
 
 }  // namespace
@@ -283,6 +471,53 @@ void apply_threshold(const ValueTensor* tensors, uint8_t* const* keep_masks, int
   });
 }
 
+int64_t partition_at_bin(const ValueTensor* tensors, const int64_t* flat_offsets,
+                         uint8_t* const* keep_masks, int64_t count, DType dtype, uint32_t high_bin,
+                         uint32_t* positions, int64_t capacity, int64_t* low_histogram,
+                         int num_threads) {
+  const auto chunks = make_chunks(count, [&](int64_t t) { return tensors[t].numel; });
+  Collection collection{positions, capacity};
+  dispatch_dtype(dtype, [&](auto tag) {
+    using P = decltype(tag);
+    parallel_chunks(chunks, num_threads, kHistLowBins, low_histogram,
+                    [&](const Chunk& chunk, uint32_t* local) {
+      uint8_t* mask = keep_masks == nullptr ? nullptr : keep_masks[chunk.tensor];
+      partition_chunk<P>(tensors[chunk.tensor], flat_offsets[chunk.tensor], mask, chunk, high_bin,
+                         collection, local);
+    });
+  });
+  const int64_t collected = collection.collected.load();
+  if (collected > capacity) {
+    throw std::length_error("mgpp: τ's bin holds " + std::to_string(collected) +
+                            " elements, more than the " + std::to_string(capacity) +
+                            " positions given");
+  }
+  return collected;
+}
+
+void prune_collected(const PrunedTensor* tensors, int64_t count, const uint32_t* positions,
+                     int64_t num_positions, uint32_t tau_key, int num_threads) {
+  if (num_positions == 0) return;
+  const int threads = static_cast<int>(
+      std::max<int64_t>(1, std::min<int64_t>(num_threads, num_positions / 4096 + 1)));
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t p = 0; p < num_positions; ++p) {
+    const int64_t position = positions[p];
+    // The last tensor starting at or before the position (empty tensors start where the next does).
+    const PrunedTensor* t =
+        std::upper_bound(tensors, tensors + count, position,
+                         [](int64_t at, const PrunedTensor& x) { return at < x.flat_offset; }) - 1;
+    const int64_t index = position - t->flat_offset;
+    if (!below_threshold(key_of(*t, index), tau_key)) continue;
+    zero_element(*t, index);
+    // Two positions of one mask byte may belong to two threads.
+    if (t->keep_mask != nullptr) {
+      __atomic_fetch_and(&t->keep_mask[index / 8], static_cast<uint8_t>(~(1u << (index % 8))),
+                         __ATOMIC_RELAXED);
+    }
+  }
+}
+
 std::string build_info() {
   std::string isa = "SSE2";
 #if defined(__AVX512F__)
@@ -299,7 +534,7 @@ std::string build_info() {
   isa += " F16C";
 #endif
   return std::string("cpu kernels: -march=") + MGPP_EXPAND_AND_STRINGIFY(MGPP_CPU_ARCH) + " (" +
-         isa + "), OpenMP " + std::to_string(_OPENMP) + ", compiler " + __VERSION__;
+         isa + "; conversions " + kConversionPaths + "), OpenMP " + std::to_string(_OPENMP) + ", compiler " + __VERSION__;
 }
 
 }  // namespace cpu

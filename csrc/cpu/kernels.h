@@ -48,10 +48,37 @@ void fused_step(const StepTensor* tensors, int64_t count, const StepOptions& opt
 void count_histogram(const ValueTensor* tensors, int64_t count, DType dtype, int level,
                      uint32_t high_bin, int64_t* histogram, int num_threads);
 
-// Sets every element with |x| < τ to zero. When `keep_masks` is not null, also writes each
+// Sets every element with |x| < τ to zero (elements already +0 are not written, so that the
+// cache lines of weights pruned before stay clean). When `keep_masks` is not null, also writes each
 // tensor's packed mask of the elements that stay (ceil(numel/8) bytes each).
 void apply_threshold(const ValueTensor* tensors, uint8_t* const* keep_masks, int64_t count,
                      DType dtype, uint32_t tau_key, int num_threads);
+
+// The one-pass pruning of an event (SPEC §3), once the level-0 histogram has chosen τ's high bin
+// `high_bin` (< key_high_bin of +inf, so that τ is not NaN): zeroes every element of a lower
+// bin, keeps every element of a higher one and collects the elements of the bin itself. It writes
+// each collected element's position, its tensor's `flat_offsets` entry plus its index, to
+// `positions` (room for `capacity`) and counts its key_low_bin into `low_histogram`
+// (kHistLowBins counters). With `keep_masks`, writes each tensor's packed mask with the bin's
+// elements kept. Returns how many elements it collected; throws std::length_error past capacity.
+int64_t partition_at_bin(const ValueTensor* tensors, const int64_t* flat_offsets,
+                         uint8_t* const* keep_masks, int64_t count, DType dtype, uint32_t high_bin,
+                         uint32_t* positions, int64_t capacity, int64_t* low_histogram,
+                         int num_threads);
+
+// One tensor of a pruning event, in any dtype, for prune_collected.
+struct PrunedTensor {
+  void* data;
+  int64_t numel;
+  DType dtype;
+  uint8_t* keep_mask;   // null without masks
+  int64_t flat_offset;  // the position of its first element (ascending over the tensors)
+};
+
+// Completes partition_at_bin once τ is exact: zeroes the collected elements with |x| < τ and
+// clears their keep-mask bits.
+void prune_collected(const PrunedTensor* tensors, int64_t count, const uint32_t* positions,
+                     int64_t num_positions, uint32_t tau_key, int num_threads);
 
 // "cpu kernels: -march=<target> (<vector ISA>), OpenMP <version>, compiler <version>".
 std::string build_info();

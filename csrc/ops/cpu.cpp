@@ -1,6 +1,7 @@
 // The CPU implementations of the torch.ops.mgpp ops (schemas in csrc/ops/schema.cpp): a thin
 // adapter from tensors to the torch-free kernels of csrc/cpu.
 #include <map>
+#include <stdexcept>
 #include <utility>
 #include <vector>
 
@@ -119,12 +120,18 @@ void radix_select_cpu(const Tensor& histogram, const Tensor& selection, int64_t 
   select_bin(hist.data_ptr<int64_t>(), static_cast<int>(level), selection_data(selection));
 }
 
+void check_masks(at::TensorList tensors, at::TensorList keep_masks) {
+  TORCH_CHECK_VALUE(keep_masks.empty() || keep_masks.size() == tensors.size(),
+                    "mgpp: keep_masks must be empty or one per tensor");
+  for (size_t i = 0; i < keep_masks.size(); ++i) {
+    op_checks::check_mask(keep_masks[i], tensors[i], kCpu, i);
+  }
+}
+
 void apply_threshold_cpu(at::TensorList tensors, at::TensorList keep_masks,
                          const Tensor& selection) {
-  TORCH_CHECK_VALUE(keep_masks.empty() || keep_masks.size() == tensors.size(),
-              "mgpp: keep_masks must be empty or one per tensor");
+  check_masks(tensors, keep_masks);
   const uint32_t tau_key = static_cast<uint32_t>(selection_data(selection)[kSelKey]);
-  for (size_t i = 0; i < keep_masks.size(); ++i) op_checks::check_mask(keep_masks[i], tensors[i], kCpu, i);
   for (const auto& [dtype, indices] : indices_by_dtype(tensors, "tensors")) {
     std::vector<ValueTensor> views;
     std::vector<uint8_t*> masks;
@@ -138,6 +145,79 @@ void apply_threshold_cpu(at::TensorList tensors, at::TensorList keep_masks,
   }
 }
 
+// The flat position of each tensor's first element over the list, as partition_at_bin_ numbers
+// the elements it collects.
+std::vector<int64_t> flat_offsets(at::TensorList tensors) {
+  std::vector<int64_t> offsets;
+  int64_t total = 0;
+  for (const Tensor& t : tensors) {
+    offsets.push_back(total);
+    total += t.numel();
+  }
+  TORCH_CHECK_VALUE(total <= int64_t{1} << 32,
+                    "mgpp: partition_at_bin_ numbers at most 2^32 elements, got ", total);
+  return offsets;
+}
+
+uint32_t* positions_data(const Tensor& positions) {
+  TORCH_CHECK_VALUE(positions.device().is_cpu() && positions.scalar_type() == at::kInt &&
+                        positions.is_contiguous(),
+                    "mgpp: positions must be a contiguous CPU int32 tensor");
+  return reinterpret_cast<uint32_t*>(positions.data_ptr<int32_t>());
+}
+
+void partition_at_bin_cpu(at::TensorList tensors, at::TensorList keep_masks,
+                          const Tensor& selection, const Tensor& low_histogram,
+                          const Tensor& positions) {
+  check_masks(tensors, keep_masks);
+  int64_t* hist = checked_histogram(low_histogram, kHistLowBins).data_ptr<int64_t>();
+  const uint32_t high_bin = key_high_bin(static_cast<uint32_t>(selection_data(selection)[kSelKey]));
+  TORCH_CHECK_VALUE(high_bin < key_high_bin(0x7F800000u),
+                    "mgpp: partition_at_bin_ takes a bin below +inf's (τ must not be NaN)");
+  const std::vector<int64_t> offsets = flat_offsets(tensors);
+  uint32_t* out = positions_data(positions);
+  int64_t collected = 0;
+  for (const auto& [dtype, indices] : indices_by_dtype(tensors, "tensors")) {
+    std::vector<ValueTensor> views;
+    std::vector<int64_t> view_offsets;
+    std::vector<uint8_t*> masks;
+    for (size_t i : indices) {
+      views.push_back({tensors[i].data_ptr(), tensors[i].numel()});
+      view_offsets.push_back(offsets[i]);
+      if (!keep_masks.empty()) masks.push_back(keep_masks[i].data_ptr<uint8_t>());
+    }
+    try {
+      collected += cpu::partition_at_bin(views.data(), view_offsets.data(),
+                                         keep_masks.empty() ? nullptr : masks.data(),
+                                         static_cast<int64_t>(views.size()), dtype, high_bin,
+                                         out + collected, positions.numel() - collected, hist,
+                                         at::get_num_threads());
+    } catch (const std::length_error& error) {
+      TORCH_CHECK_VALUE(false, error.what());
+    }
+  }
+  TORCH_CHECK_VALUE(collected == positions.numel(), "mgpp: τ's bin holds ", collected,
+                    " elements here, but positions has room for ", positions.numel());
+}
+
+void prune_collected_cpu(at::TensorList tensors, at::TensorList keep_masks,
+                         const Tensor& positions, const Tensor& selection) {
+  check_masks(tensors, keep_masks);
+  const uint32_t tau_key = static_cast<uint32_t>(selection_data(selection)[kSelKey]);
+  const std::vector<int64_t> offsets = flat_offsets(tensors);
+  std::vector<cpu::PrunedTensor> pruned;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    check_tensor(tensors[i], kCpu, "tensors", i);
+    pruned.push_back({tensors[i].data_ptr(), tensors[i].numel(),
+                      to_kernel_dtype(tensors[i].scalar_type(), "tensors"),
+                      keep_masks.empty() ? nullptr : keep_masks[i].data_ptr<uint8_t>(),
+                      offsets[i]});
+  }
+  cpu::prune_collected(pruned.data(), static_cast<int64_t>(pruned.size()),
+                       positions_data(positions), positions.numel(), tau_key,
+                       at::get_num_threads());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mgpp, CPU, m) {
@@ -145,6 +225,8 @@ TORCH_LIBRARY_IMPL(mgpp, CPU, m) {
   m.impl("abs_histogram_", &abs_histogram_cpu);
   m.impl("radix_select_", &radix_select_cpu);
   m.impl("apply_threshold_", &apply_threshold_cpu);
+  m.impl("partition_at_bin_", &partition_at_bin_cpu);
+  m.impl("prune_collected_", &prune_collected_cpu);
 }
 
 }  // namespace mgpp

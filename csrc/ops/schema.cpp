@@ -49,6 +49,14 @@ TORCH_LIBRARY(mgpp, m) {
   m.def("abs_histogram_(Tensor[] tensors, Tensor(a!) histogram, Tensor selection, int level) -> ()");
   m.def("radix_select_(Tensor histogram, Tensor(a!) selection, int level) -> ()");
   m.def("apply_threshold_(Tensor(a!)[] tensors, Tensor(b!)[] keep_masks, Tensor selection) -> ()");
+  // The one-pass pruning of an event (CPU): partition_at_bin_, the level-1 selection over the
+  // collected elements' histogram, then prune_collected_.
+  m.def(
+      "partition_at_bin_(Tensor(a!)[] tensors, Tensor(b!)[] keep_masks, Tensor selection, "
+      "Tensor(c!) low_histogram, Tensor(d!) positions) -> ()");
+  m.def(
+      "prune_collected_(Tensor(a!)[] tensors, Tensor(b!)[] keep_masks, Tensor positions, "
+      "Tensor selection) -> ()");
 }
 
 }  // namespace mgpp

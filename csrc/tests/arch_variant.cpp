@@ -76,16 +76,35 @@ ScheduleResult run(const ScheduleRun& in) {
     cpu::fused_step(tensors.data(), static_cast<int64_t>(count), options,
                     event ? high.data() : nullptr);
     if (!event) continue;
+    // The cpu backend's event: one pass at level 0 for bfloat16, else partition_at_bin, level 1
+    // over the collected elements and prune_collected.
     int64_t selection[kNumSelectionSlots] = {in.prune_k[t], 0, 0};
     select_bin(high.data(), 0, selection);
-    cpu::count_histogram(views.data(), static_cast<int64_t>(count), param_dtype, 1,
-                         key_high_bin(static_cast<uint32_t>(selection[kSelKey])), low.data(),
-                         in.threads);
-    select_bin(low.data(), 1, selection);
-    const uint32_t tau_key = static_cast<uint32_t>(selection[kSelKey]);
     uint8_t* const* keep_masks = static_cast<int>(t) == in.freeze_step ? masks.data() : nullptr;
-    cpu::apply_threshold(views.data(), keep_masks, static_cast<int64_t>(count), param_dtype,
-                         tau_key, in.threads);
+    if (param_dtype != DType::BFloat16) {
+      const uint32_t high_bin = key_high_bin(static_cast<uint32_t>(selection[kSelKey]));
+      std::vector<uint32_t> positions(static_cast<size_t>(high[high_bin]));
+      std::vector<int64_t> offsets;
+      std::vector<cpu::PrunedTensor> pruned;
+      int64_t offset = 0;
+      for (size_t i = 0; i < count; ++i) {
+        offsets.push_back(offset);
+        pruned.push_back({views[i].data, views[i].numel, param_dtype,
+                          keep_masks == nullptr ? nullptr : keep_masks[i], offset});
+        offset += views[i].numel;
+      }
+      const int64_t collected = cpu::partition_at_bin(
+          views.data(), offsets.data(), keep_masks, static_cast<int64_t>(count), param_dtype,
+          high_bin, positions.data(), static_cast<int64_t>(positions.size()), low.data(),
+          in.threads);
+      select_bin(low.data(), 1, selection);
+      cpu::prune_collected(pruned.data(), static_cast<int64_t>(count), positions.data(),
+                           collected, static_cast<uint32_t>(selection[kSelKey]), in.threads);
+    } else {
+      cpu::apply_threshold(views.data(), keep_masks, static_cast<int64_t>(count), param_dtype,
+                           static_cast<uint32_t>(selection[kSelKey]), in.threads);
+    }
+    const uint32_t tau_key = static_cast<uint32_t>(selection[kSelKey]);
     out.tau_keys.push_back(tau_key);
   }
   return out;

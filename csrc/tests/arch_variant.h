@@ -1,7 +1,7 @@
 // The interface of csrc/tests/arch_variant.cpp, which CMake compiles with the CPU kernels once per
-// -march target, each build in its own namespace (-DMGPP_NAMESPACE=mgpp_x86_64, mgpp_native), so
-// that csrc/tests/test_cpu_arch.cpp links both and compares their results bit for bit. Plain
-// types only: the test's own translation unit includes no kernel header.
+// -march target, each build in its own namespace (-DMGPP_NAMESPACE=mgpp_x86_64, mgpp_x86_64_v3,
+// mgpp_native), so that csrc/tests/test_cpu_arch.cpp links them all and compares their results
+// bit for bit. Plain types only: the test's own translation unit includes no kernel header.
 #pragma once
 
 #include <cstdint>
@@ -38,6 +38,9 @@ struct ArchVariant {
 };
 
 namespace mgpp_x86_64 {
+ArchVariant arch_variant();
+}
+namespace mgpp_x86_64_v3 {
 ArchVariant arch_variant();
 }
 namespace mgpp_native {

@@ -1,8 +1,9 @@
 // The CPU kernels give the same bits whatever -march they are built for (the rounding recipe of
-// csrc/core/step.h): a build for plain x86-64 (SSE2, no FMA) and one for the native target run
+// csrc/core/step.h and the conversions of csrc/cpu/convert.h): builds for plain x86-64 (SSE2, no
+// FMA, the portable conversions), for x86-64-v3 (AVX2, FMA, F16C) and for the native target run
 // the same inputs, a grid of the math near the spike and 20 steps through every stage of a
 // pruning schedule (dense, events, the freeze, the frozen mask) in every storage layout. This
-// file includes only the layout's constants; the kernels come from the two builds.
+// file includes only the layout's constants; the kernels come from the three builds.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -62,12 +63,16 @@ size_t count_differences(const std::vector<uint32_t>& a, const std::vector<uint3
   return differ;
 }
 
-void test_builds(const ArchVariant& x86_64, const ArchVariant& native) {
-  CHECK(x86_64.build_info.find("-march=x86-64 (SSE2)") != std::string::npos,
+void test_builds(const ArchVariant& x86_64, const ArchVariant& x86_64_v3,
+                 const ArchVariant& native) {
+  CHECK(x86_64.build_info.find("-march=x86-64 (SSE2;") != std::string::npos,
         "the x86-64 build reports %s", x86_64.build_info.c_str());
+  CHECK(x86_64_v3.build_info.find("-march=x86-64-v3 (AVX2 FMA F16C;") != std::string::npos,
+        "the x86-64-v3 build reports %s", x86_64_v3.build_info.c_str());
   CHECK(native.build_info.find("-march=native") != std::string::npos, "the native build reports %s",
         native.build_info.c_str());
-  std::printf("comparing\n  %s\n  %s\n", x86_64.build_info.c_str(), native.build_info.c_str());
+  std::printf("comparing\n  %s\n  %s\n  %s\n", x86_64.build_info.c_str(),
+              x86_64_v3.build_info.c_str(), native.build_info.c_str());
   if (native.build_info.find(" FMA") == std::string::npos) {
     std::printf("note: the native target has no FMA; the builds differ less than on FMA hosts\n");
   }
@@ -177,9 +182,14 @@ void test_schedule(const ArchVariant& x86_64, const ArchVariant& native) {
 
 int main() {
   const ArchVariant x86_64 = mgpp_x86_64::arch_variant();
+  const ArchVariant x86_64_v3 = mgpp_x86_64_v3::arch_variant();
   const ArchVariant native = mgpp_native::arch_variant();
-  test_builds(x86_64, native);
-  test_math_grid(x86_64, native);
-  test_schedule(x86_64, native);
+  test_builds(x86_64, x86_64_v3, native);
+  // The portable build against the AVX2 / F16C one and against the native one (AVX-512 and its
+  // BF16 conversions where the host has them).
+  for (const ArchVariant* other : {&x86_64_v3, &native}) {
+    test_math_grid(x86_64, *other);
+    test_schedule(x86_64, *other);
+  }
   return TEST_MAIN_RESULT();
 }

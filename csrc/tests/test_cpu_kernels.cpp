@@ -178,6 +178,112 @@ void test_histogram_and_threshold(DType dtype, int threads) {
   }
 }
 
+// The one-pass event (level 0, partition_at_bin, level 1 over the collected elements,
+// prune_collected) against the two-pass one (level 0, a level-1 pass, apply_threshold) and a sort
+// of the keys: the same τ, values and masks, for the τ cases of docs/spec.md §4.
+void test_one_pass_event(DType dtype, int threads) {
+  std::mt19937 rng(5);
+  const float denormal = 1e-40f;
+  struct EventCase {
+    const char* name;
+    std::vector<std::vector<float>> tensors;
+    std::vector<int64_t> ks;  // 0 stands for N - 1
+  };
+  auto normal_with = [&](size_t n, auto&& edit) {
+    std::vector<float> v = random_values(n, 0.02f, rng);
+    for (size_t i = 0; i < n; ++i) edit(v, i);
+    return v;
+  };
+  std::vector<EventCase> cases = {
+      {"ties and zeros", {normal_with(70003, [](auto& v, size_t i) {
+                            if (i % 9 == 0) v[i] = 0.0f;
+                            if (i % 13 == 3) v[i] = -0.0125f;
+                          }), {}, {0.5f}, normal_with(33000, [](auto& v, size_t i) {
+                            if (i % 4 == 0) v[i] = i % 8 ? -0.0f : 0.0f;
+                          })},
+       {1, 2, 9000, 30000, 51000, 0}},
+      {"mostly zeros", {normal_with(50000, [](auto& v, size_t i) { if (i % 10) v[i] = 0.0f; })},
+       {1, 20000, 44999, 45000, 45001, 0}},
+      {"denormals", {normal_with(40000, [&](auto& v, size_t i) {
+                       if (i % 3 == 0) v[i] = denormal * static_cast<float>(i % 17);
+                     })},
+       {1, 5000, 13000, 20000, 0}},
+      {"all equal", {std::vector<float>(9000, 0.75f), std::vector<float>(1, -0.75f)}, {1, 4000, 0}},
+      {"one element", {{}, {-3.0f}, {}}, {1}},
+  };
+  for (const EventCase& c : cases) {
+    std::vector<Buffer> base;
+    int64_t numel = 0;
+    std::vector<int64_t> offsets;
+    for (const auto& values : c.tensors) {
+      offsets.push_back(numel);
+      base.emplace_back(dtype, values);
+      numel += static_cast<int64_t>(values.size());
+    }
+    std::vector<uint32_t> sorted_keys;
+    for (auto& b : base) for (size_t i = 0; i < b.size(); ++i) sorted_keys.push_back(abs_key(b.get(i)));
+    std::sort(sorted_keys.begin(), sorted_keys.end());
+    for (int64_t k : c.ks) {
+      if (k == 0) k = numel - 1;
+      std::vector<Buffer> one = base, two = base;
+      std::vector<std::vector<uint8_t>> one_masks, two_masks;
+      std::vector<ValueTensor> one_views, two_views;
+      std::vector<uint8_t*> one_mask_ptrs, two_mask_ptrs;
+      std::vector<cpu::PrunedTensor> pruned;
+      for (size_t t = 0; t < base.size(); ++t) {
+        one_masks.emplace_back((base[t].size() + 7) / 8, 0xAB);
+        two_masks.emplace_back((base[t].size() + 7) / 8, 0xCD);
+      }
+      for (size_t t = 0; t < base.size(); ++t) {
+        const int64_t n = static_cast<int64_t>(base[t].size());
+        one_views.push_back({one[t].data(), n});
+        two_views.push_back({two[t].data(), n});
+        one_mask_ptrs.push_back(one_masks[t].data());
+        two_mask_ptrs.push_back(two_masks[t].data());
+        pruned.push_back({one[t].data(), n, dtype, one_masks[t].data(), offsets[t]});
+      }
+      const int64_t count = static_cast<int64_t>(base.size());
+      std::vector<int64_t> high(kHistHighBins, 0);
+      cpu::count_histogram(one_views.data(), count, dtype, 0, 0, high.data(), threads);
+      int64_t one_selection[kNumSelectionSlots] = {k, 0, 0};
+      select_bin(high.data(), 0, one_selection);
+      int64_t two_selection[kNumSelectionSlots] = {one_selection[0], one_selection[1],
+                                                   one_selection[2]};
+      const uint32_t high_bin = key_high_bin(static_cast<uint32_t>(one_selection[kSelKey]));
+      std::vector<uint32_t> positions(static_cast<size_t>(high[high_bin]));
+      std::vector<int64_t> low(kHistLowBins, 0);
+      const int64_t collected = cpu::partition_at_bin(
+          one_views.data(), offsets.data(), one_mask_ptrs.data(), count, dtype, high_bin,
+          positions.data(), static_cast<int64_t>(positions.size()), low.data(), threads);
+      CHECK(collected == high[high_bin], "%s, k=%lld: collected %lld of the bin's %lld", c.name,
+            static_cast<long long>(k), static_cast<long long>(collected),
+            static_cast<long long>(high[high_bin]));
+      select_bin(low.data(), 1, one_selection);
+      const uint32_t tau_key = static_cast<uint32_t>(one_selection[kSelKey]);
+      cpu::prune_collected(pruned.data(), count, positions.data(), collected, tau_key, threads);
+
+      std::vector<int64_t> two_low(kHistLowBins, 0);
+      cpu::count_histogram(two_views.data(), count, dtype, 1, high_bin, two_low.data(), threads);
+      select_bin(two_low.data(), 1, two_selection);
+      cpu::apply_threshold(two_views.data(), two_mask_ptrs.data(), count, dtype,
+                           static_cast<uint32_t>(two_selection[kSelKey]), threads);
+
+      CHECK(tau_key == sorted_keys[static_cast<size_t>(k - 1)],
+            "%s, k=%lld (dtype %d): τ key 0x%08X, the k-th smallest is 0x%08X", c.name,
+            static_cast<long long>(k), static_cast<int>(dtype), tau_key,
+            sorted_keys[static_cast<size_t>(k - 1)]);
+      CHECK(std::equal(one_selection, one_selection + kNumSelectionSlots, two_selection),
+            "%s, k=%lld: the selection differs from the two-pass one", c.name,
+            static_cast<long long>(k));
+      for (size_t t = 0; t < base.size(); ++t) {
+        CHECK(one[t].bytes == two[t].bytes && one_masks[t] == two_masks[t],
+              "%s, k=%lld (dtype %d, %d threads): tensor %zu differs from the two-pass event",
+              c.name, static_cast<long long>(k), static_cast<int>(dtype), threads, t);
+      }
+    }
+  }
+}
+
 // An unknown dtype code or a state dtype the kernels do not take is an error before any element
 // changes, never a silent no-op.
 template <typename Call>
@@ -236,6 +342,7 @@ int main() {
         }
       }
       test_histogram_and_threshold(p, threads);
+      test_one_pass_event(p, threads);
     }
   }
   return TEST_MAIN_RESULT();

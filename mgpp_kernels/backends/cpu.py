@@ -3,4 +3,5 @@ from __future__ import annotations
 
 from .kernel_ops import OpsBackend
 
-BACKEND = OpsBackend("cpu", "cpu", steps_on_device=False, ranks_across_processes=True)
+BACKEND = OpsBackend("cpu", "cpu", steps_on_device=False, ranks_across_processes=True,
+                     one_pass_events=True)

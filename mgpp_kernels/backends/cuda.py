@@ -15,4 +15,5 @@ if not torch._C._dispatch_has_kernel_for_dispatch_key("mgpp::fused_step_", "CUDA
 if not torch.cuda.is_available():
     raise ImportError("no CUDA device is available")
 
-BACKEND = OpsBackend("cuda", "cuda", steps_on_device=True, ranks_across_processes=True)
+BACKEND = OpsBackend("cuda", "cuda", steps_on_device=True, ranks_across_processes=True,
+                     one_pass_events=False)

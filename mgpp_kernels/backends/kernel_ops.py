@@ -5,13 +5,55 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from ..ops.layout import HIGH_BINS, KERNEL_DTYPES, LOW_BINS, SELECTION, step_scalars
+from ..ops.layout import HIGH_BINS, KERNEL_DTYPES, LOW_BINS, LOW_BITS, SELECTION, step_scalars
 from .types import PruneEvent, Threshold, UpdateGroup
 
 if not ops.BUILT:
     raise ImportError(f"mgpp_kernels._C cannot be used: {ops.LOAD_ERROR}")
 
 _RANK, _KEY, _BELOW = (SELECTION.index(slot) for slot in ("rank", "key", "below"))
+
+
+# +inf's high bin: from it on, τ may be NaN (nothing below it), which the one-pass event cannot
+# know before τ is exact.
+_INF_HIGH_BIN = 0x7F800000 >> LOW_BITS
+# The most elements of τ's bin that the one-pass event collects, as a fraction of the candidates:
+# 4-byte positions of at most 1/128 of them stay far below the size of a parameter of a large
+# model (τ's bin holds about 1/400 of normally distributed weights). Past it, two passes.
+_MAX_COLLECTED_FRACTION = 1 / 128
+
+
+def _select_first_level(tensors, k, high_histogram, counted, process_group):
+    """Level 0 of the radix selection: counts the tensors the update pass did not count, sums the
+    histogram over the process group and selects τ's high bin. Returns the selection state, this
+    rank's own level-0 histogram (before the sum) and whether τ needs level 1."""
+    device = high_histogram.device
+    selection = torch.zeros(len(SELECTION), dtype=torch.int64, device=device)
+    selection[_RANK].fill_(k)  # a fill kernel, not a copy from the host
+    counted_ids = {id(t) for t in counted}
+    uncounted = [t for t in tensors if id(t) not in counted_ids]
+    if uncounted:
+        ops.abs_histogram_(uncounted, high_histogram, selection, level=0)
+    # bfloat16 keys have no bits below the first level: τ is already exact. Another rank's shards
+    # may have other dtypes, so a process group always takes the second level (on bfloat16 keys
+    # it selects low bits 0, the same τ): asking the others would be a collective read on the
+    # host.
+    needs_low_level = process_group is not None or any(t.dtype != torch.bfloat16 for t in tensors)
+    local_histogram = high_histogram
+    if process_group is not None:
+        local_histogram = high_histogram.clone()
+        torch.distributed.all_reduce(high_histogram, group=process_group)
+    ops.radix_select_(high_histogram, selection, level=0)
+    return selection, local_histogram, needs_low_level
+
+
+def _select_second_level(tensors, selection, process_group):
+    """Level 1 over the elements of τ's high bin, counted in a pass over the tensors."""
+    low_histogram = torch.zeros(LOW_BINS, dtype=torch.int64, device=selection.device)
+    ops.abs_histogram_(tensors, low_histogram, selection, level=1)
+    if process_group is not None:
+        torch.distributed.all_reduce(low_histogram, group=process_group)
+    ops.radix_select_(low_histogram, selection, level=1)
 
 
 def select_threshold(tensors: list[torch.Tensor], k: int, high_histogram: torch.Tensor,
@@ -24,26 +66,46 @@ def select_threshold(tensors: list[torch.Tensor], k: int, high_histogram: torch.
     over every rank's: each level's histogram (512 KB, then 256 KB) is summed over the group
     before its selection, so every rank selects the same τ without sending a weight.
     """
-    device = high_histogram.device
-    selection = torch.zeros(len(SELECTION), dtype=torch.int64, device=device)
-    selection[_RANK].fill_(k)  # a fill kernel, not a copy from the host
-    counted_ids = {id(t) for t in counted}
-    uncounted = [t for t in tensors if id(t) not in counted_ids]
-    if uncounted:
-        ops.abs_histogram_(uncounted, high_histogram, selection, level=0)
-    # bfloat16 keys have no bits below the first level: τ is already exact. Another rank's shards
-    # may have other dtypes, so a process group always takes the second level (on bfloat16 keys
-    # it selects low bits 0, the same τ): asking the others would be a collective read on the
-    # host.
+    selection, _, needs_low_level = _select_first_level(tensors, k, high_histogram, counted,
+                                                        process_group)
+    if needs_low_level:
+        _select_second_level(tensors, selection, process_group)
+    return selection
+
+
+def prune_in_one_pass(tensors: list[torch.Tensor], keep_masks: list[torch.Tensor], k: int,
+                      high_histogram: torch.Tensor, counted: list[torch.Tensor],
+                      process_group=None) -> torch.Tensor:
+    """Selects τ as select_threshold does and zeroes every |x| < τ (writing the keep masks when
+    given) in one pass over the tensors after the update pass (CPU, docs/spec.md §3).
+
+    Once level 0 names τ's high bin, partition_at_bin_ zeroes the lower bins, keeps the higher
+    ones and collects the elements of that bin, counting their level-1 histogram; that histogram,
+    summed over the process group, gives τ exactly, and prune_collected_ zeroes the collected
+    elements below it. Where τ's bin is +inf's or above, or holds more than
+    _MAX_COLLECTED_FRACTION of the elements, a level-1 pass and a threshold pass do it instead.
+    Returns the selection state.
+    """
+    selection, local_histogram, needs_low_level = _select_first_level(
+        tensors, k, high_histogram, counted, process_group)
+    if not needs_low_level:
+        ops.apply_threshold_(tensors, keep_masks, selection)
+        return selection
+    numel = sum(t.numel() for t in tensors)
+    high_bin = int(selection[_KEY]) >> LOW_BITS
+    collected = int(local_histogram[high_bin])
+    if (high_bin >= _INF_HIGH_BIN or numel > 1 << 32
+            or collected > max(numel * _MAX_COLLECTED_FRACTION, 1024)):
+        _select_second_level(tensors, selection, process_group)
+        ops.apply_threshold_(tensors, keep_masks, selection)
+        return selection
+    low_histogram = torch.zeros(LOW_BINS, dtype=torch.int64)
+    positions = torch.empty(collected, dtype=torch.int32)
+    ops.partition_at_bin_(tensors, keep_masks, selection, low_histogram, positions)
     if process_group is not None:
-        torch.distributed.all_reduce(high_histogram, group=process_group)
-    ops.radix_select_(high_histogram, selection, level=0)
-    if process_group is not None or any(t.dtype != torch.bfloat16 for t in tensors):
-        low_histogram = torch.zeros(LOW_BINS, dtype=torch.int64, device=device)
-        ops.abs_histogram_(tensors, low_histogram, selection, level=1)
-        if process_group is not None:
-            torch.distributed.all_reduce(low_histogram, group=process_group)
-        ops.radix_select_(low_histogram, selection, level=1)
+        torch.distributed.all_reduce(low_histogram, group=process_group)
+    ops.radix_select_(low_histogram, selection, level=1)
+    ops.prune_collected_(tensors, keep_masks, positions, selection)
     return selection
 
 
@@ -55,11 +117,13 @@ class OpsBackend:
     """A backend of the torch.ops.mgpp kernels on one device type."""
 
     def __init__(self, name: str, device_type: str, *, steps_on_device: bool,
-                 ranks_across_processes: bool):
+                 ranks_across_processes: bool, one_pass_events: bool):
         self.name = name
         self.device_type = device_type
         self.steps_on_device = steps_on_device
         self.ranks_across_processes = ranks_across_processes
+        # Whether the device has partition_at_bin_ and prune_collected_ (prune_in_one_pass).
+        self.one_pass_events = one_pass_events
 
     def check_params(self, params: list[torch.Tensor]) -> None:
         for p in params:
@@ -92,9 +156,13 @@ class OpsBackend:
                 counted.extend(group.params)
         if event is None:
             return None
-        selection = select_threshold(event.params, event.k, histogram, counted,
-                                     event.process_group)
-        ops.apply_threshold_(event.params, event.keep_masks, selection)
+        if self.one_pass_events:
+            selection = prune_in_one_pass(event.params, event.keep_masks, event.k, histogram,
+                                          counted, event.process_group)
+        else:
+            selection = select_threshold(event.params, event.k, histogram, counted,
+                                         event.process_group)
+            ops.apply_threshold_(event.params, event.keep_masks, selection)
         return Threshold(tau=tau_of(selection), below=selection[_BELOW])
 
     def global_threshold(self, tensors: list[torch.Tensor], k: int) -> torch.Tensor:

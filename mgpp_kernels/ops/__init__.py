@@ -35,6 +35,10 @@ def _load() -> ImportError | None:
     return None
 
 
+# The ops with a CPU kernel only: the one-pass event of the cpu backend (the cuda backend prunes
+# with abs_histogram_ and apply_threshold_).
+CPU_ONLY_OPS = ("partition_at_bin_", "prune_collected_")
+
 # Why the compiled kernels cannot be used (not built, or built from other headers), or None.
 LOAD_ERROR = _load()
 BUILT = LOAD_ERROR is None
@@ -92,6 +96,24 @@ def apply_threshold_(tensors: Sequence[torch.Tensor], keep_masks: Sequence[torch
     torch.ops.mgpp.apply_threshold_(tensors, keep_masks, selection)
 
 
+def partition_at_bin_(tensors: Sequence[torch.Tensor], keep_masks: Sequence[torch.Tensor],
+                      selection: torch.Tensor, low_histogram: torch.Tensor,
+                      positions: torch.Tensor) -> None:
+    """The one pass of an event once level 0 has chosen τ's high bin (CPU; τ's bin below +inf's):
+    zeroes every element of a lower bin, keeps every element of a higher one, and collects the
+    bin's elements: their positions (flat over `tensors`, in any order) into `positions` (int32
+    holding exactly that many) and their level-1 counts into `low_histogram` (layout.LOW_BINS
+    counters). With keep masks, writes them with the bin's elements kept."""
+    torch.ops.mgpp.partition_at_bin_(tensors, keep_masks, selection, low_histogram, positions)
+
+
+def prune_collected_(tensors: Sequence[torch.Tensor], keep_masks: Sequence[torch.Tensor],
+                     positions: torch.Tensor, selection: torch.Tensor) -> None:
+    """Completes partition_at_bin_ once `selection` holds the exact τ: zeroes the collected
+    elements with |x| < τ and clears their keep-mask bits."""
+    torch.ops.mgpp.prune_collected_(tensors, keep_masks, positions, selection)
+
+
 # ---- fake implementations ----------------------------------------------------------------------
 
 
@@ -123,8 +145,26 @@ def _apply_threshold_fake(tensors, keep_masks, selection):
     check_selection(selection)
 
 
+def _check_positions(positions):
+    if positions.dtype != torch.int32:
+        raise ValueError("mgpp: positions must be an int32 tensor")
+
+
+def _partition_at_bin_fake(tensors, keep_masks, selection, low_histogram, positions):
+    _apply_threshold_fake(tensors, keep_masks, selection)
+    check_histogram(low_histogram, layout.LOW_BINS)
+    _check_positions(positions)
+
+
+def _prune_collected_fake(tensors, keep_masks, positions, selection):
+    _apply_threshold_fake(tensors, keep_masks, selection)
+    _check_positions(positions)
+
+
 if BUILT:
     for _name, _fake in (("fused_step_", _fused_step_fake), ("abs_histogram_", _abs_histogram_fake),
                          ("radix_select_", _radix_select_fake),
-                         ("apply_threshold_", _apply_threshold_fake)):
+                         ("apply_threshold_", _apply_threshold_fake),
+                         ("partition_at_bin_", _partition_at_bin_fake),
+                         ("prune_collected_", _prune_collected_fake)):
         torch.library.register_fake(f"mgpp::{_name}", _fake)
