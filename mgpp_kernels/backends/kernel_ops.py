@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from ..ops.layout import HIGH_BINS, KERNEL_DTYPES, LOW_BINS, LOW_BITS, SELECTION, step_scalars
+from ..ops.checks import check_parameter
+from ..ops.layout import HIGH_BINS, LOW_BINS, LOW_BITS, SELECTION, step_scalars
 from .types import PruneEvent, Threshold, UpdateGroup
 
 if not ops.BUILT:
@@ -130,12 +131,7 @@ class OpsBackend:
             if p.device.type != self.device_type:
                 raise ValueError(f"the {self.name} backend takes {self.device_type} tensors, got a "
                                  f"parameter on {p.device}")
-            if p.dtype not in KERNEL_DTYPES:
-                raise ValueError(f"the {self.name} backend takes float32, bfloat16 and float16 "
-                                 f"parameters, got {p.dtype}")
-            if not p.is_contiguous():
-                raise ValueError(f"the {self.name} backend takes contiguous parameters, got one of "
-                                 f"shape {tuple(p.shape)} with strides {p.stride()}")
+            check_parameter(p, self.name)
 
     def step(self, groups: list[UpdateGroup], event: PruneEvent | None,
              grad_scale: torch.Tensor | None) -> Threshold | None:

@@ -23,6 +23,17 @@ def check_kernel_dtype(dtype: torch.dtype, what: str) -> None:
         raise ValueError(f"mgpp: {what} must be float32, bfloat16 or float16, got {dtype}")
 
 
+def check_parameter(p: torch.Tensor, backend: str) -> None:
+    """What every kernel backend needs of a parameter, whatever its device: a kernel dtype and
+    contiguous storage."""
+    if p.dtype not in KERNEL_DTYPES:
+        raise ValueError(f"the {backend} backend takes float32, bfloat16 and float16 parameters, "
+                         f"got {p.dtype}")
+    if not p.is_contiguous():
+        raise ValueError(f"the {backend} backend takes contiguous parameters, got one of shape "
+                         f"{tuple(p.shape)} with strides {p.stride()}")
+
+
 def check_mask(mask: torch.Tensor, values: torch.Tensor, device: torch.device, index: int) -> None:
     check_tensor(mask, device, "keep_masks", index)
     size = (values.numel() + 7) // 8

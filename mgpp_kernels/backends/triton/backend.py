@@ -53,7 +53,8 @@ import torch
 import triton
 from triton.runtime.interpreter import InterpretedFunction
 
-from ...ops.checks import check_kernel_dtype, check_mask, check_step_lists, check_tensor
+from ...ops.checks import (check_kernel_dtype, check_mask, check_parameter, check_step_lists,
+                           check_tensor)
 from ...ops.layout import NUM_STEP_SCALARS, step_scalar_values, to_device, write_tensor_lr
 from ..types import PruneEvent, Threshold, UpdateGroup
 from . import kernels
@@ -169,12 +170,7 @@ class TritonBackend:
     def check_params(self, params: list[torch.Tensor]) -> None:
         for p in params:
             self._check_device_type(p.device, "parameter")
-            if p.dtype not in DTYPE_CODES:
-                raise ValueError(f"the triton backend takes float32, bfloat16 and float16 "
-                                 f"parameters, got {p.dtype}")
-            if not p.is_contiguous():
-                raise ValueError(f"the triton backend takes contiguous tensors, got a parameter "
-                                 f"of shape {tuple(p.shape)} with strides {p.stride()}")
+            check_parameter(p, self.name)
 
     @staticmethod
     def _check_device_type(device: torch.device, what: str) -> None:
