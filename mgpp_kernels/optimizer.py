@@ -15,10 +15,11 @@ from torch.optim import Optimizer
 
 from . import checkpoint
 from .backends import auto_backend, load_backend
-from .backends.types import Backend, Prior, PruneEvent, UpdateGroup
+from .backends.types import Backend, DeviceSchedule, Prior, PruneEvent, Threshold, UpdateGroup
 from .config import MGPPConfig, check_adamw_hyperparameters
 from .masks import packed_mask_bytes
-from .schedule import SchedulePoint, plan_event, schedule_at
+from .ops.layout import CURRENT, SCHEDULE_COLUMNS, SELECTION, to_device
+from .schedule import SchedulePoint, device_schedule_rows, plan_event, schedule_at
 from .sharding import Sharding, local
 
 _CONFIG_KEYS = ("num_train_examples", "initial_warmup_steps", "total_steps", "final_warmup_steps",
@@ -38,9 +39,6 @@ def _check_adamw_switches(amsgrad, maximize, foreach, fused, capturable, differe
     if foreach is False or fused is False:
         raise ValueError("MGPP always updates all tensors of a dtype in one fused pass: "
                          "foreach=False and fused=False have no meaning here (leave them unset)")
-    if capturable:
-        raise ValueError("capturable=True is not supported yet: MGPP's step reads the schedule "
-                         "position and GradScaler's found_inf on the host")
     if differentiable:
         raise ValueError("differentiable=True is not supported by MGPP (its kernels update in "
                          "place without autograd)")
@@ -65,6 +63,15 @@ def _materialized(params) -> list:
 
     return [dict(group, params=group_params(group["params"])) if isinstance(group, dict)
             else group for group in params]
+
+
+def _keep_everything_mask(numel: int, device: torch.device) -> torch.Tensor:
+    """The packed mask that keeps all `numel` elements, its padding bits zero (masks.pack_mask's
+    layout)."""
+    mask = torch.full((packed_mask_bytes(numel),), 255, dtype=torch.uint8, device=device)
+    if numel % 8:
+        mask[-1] = (1 << numel % 8) - 1
+    return mask
 
 
 def _bind_backend(name: Any, device: torch.device | None) -> Backend | None:
@@ -122,6 +129,10 @@ class MGPP(Optimizer):
         params = _materialized(params)
         self._backend_name = backend
         self._backend = _bind_backend(backend, _first_device(params))
+        if capturable and self._backend is not None and not self._backend.schedules_on_device:
+            raise ValueError(f"capturable=True needs a backend that keeps the schedule and "
+                             f"GradScaler's found_inf on the device (triton); the "
+                             f"{self._backend.name} backend reads them on the host")
         self._sharding = Sharding(group=process_group)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, prune=False)
         super().__init__(params, defaults)
@@ -133,8 +144,12 @@ class MGPP(Optimizer):
                           "weight matrices as pruning candidates", UserWarning, stacklevel=2)
         self._schedule_step = 0
         self._last_target: float | None = None
-        self._last_threshold = None
+        self._last_threshold: Threshold | None = None
         self._lambda_t = self.config.lambda_mix
+        # Whether t lives on the device (then the host values above are as of the last sync) and
+        # its buffers, made at the first step there.
+        self._schedule_on_device = capturable
+        self._device_schedule: DeviceSchedule | None = None
 
     # ---- parameters ----------------------------------------------------------------------------
 
@@ -165,6 +180,9 @@ class MGPP(Optimizer):
         if sharding.group is not None and not self._backend.ranks_across_processes:
             raise ValueError(f"the {self._backend.name} backend cannot rank candidates across "
                              f"processes (process_group=)")
+        if prune and getattr(self, "_device_schedule", None) is not None:
+            self._sync_device_schedule()
+            self._device_schedule = None   # N changed: the next step tabulates the schedule anew
         super().add_param_group(param_group)
         self._sharding = sharding
 
@@ -196,6 +214,9 @@ class MGPP(Optimizer):
     def set_total_steps(self, total_steps: int) -> None:
         """Sets T when it was not known at construction (the transformers callback does this)."""
         self.config = self.config.with_total_steps(total_steps)
+        if self._device_schedule is not None:
+            self._sync_device_schedule()
+            self._device_schedule = None
 
     def _candidates(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups if group["prune"] for p in group["params"]]
@@ -219,21 +240,26 @@ class MGPP(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        point = schedule_at(self.config, self._schedule_step)
         self._check_grads()
         for group in self.param_groups:  # LR schedulers and users change these between steps
             check_adamw_hyperparameters(group["lr"], group["betas"], group["eps"],
                                         group["weight_decay"], read_tensor_lr=False)
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        if found_inf is not None and bool(found_inf.any()):
-            return loss  # a skipped step: nothing moves, the schedule does not advance
+        if found_inf is not None and self._backend.schedules_on_device:
+            self._schedule_on_device = True
         # Each parameter's local tensor, made once: a backend tells the candidates it updated
         # from the others by identity (DTensor.to_local() returns a new object on every call).
         local_of = {id(p): local(p) for group in self.param_groups for p in group["params"]}
-        groups = self._update_groups(point, local_of)
         candidates = self._candidates()
         local_candidates = [local_of[id(p)] for p in candidates]
+        if self._schedule_on_device:
+            self._scheduled_step(local_of, candidates, local_candidates, grad_scale, found_inf)
+            return loss
+        point = schedule_at(self.config, self._schedule_step)
+        if found_inf is not None and bool(found_inf.any()):
+            return loss  # a skipped step: nothing moves, the schedule does not advance
+        groups = self._update_groups(point, local_of)
         event = None
         if point.prune_to is not None:
             plan = plan_event(point, self._sharding.global_numel(local_candidates))
@@ -254,6 +280,60 @@ class MGPP(Optimizer):
         self._schedule_step += 1
         return loss
 
+    def _scheduled_step(self, local_of: dict[int, torch.Tensor], candidates: list[torch.Tensor],
+                        local_candidates: list[torch.Tensor], grad_scale: torch.Tensor | None,
+                        found_inf: torch.Tensor | None) -> None:
+        """A step on the device schedule: the kernels read t, λ_t, k and found_inf there."""
+        schedule = self._device_schedule
+        if schedule is None:
+            schedule = self._device_schedule = self._start_device_schedule(candidates,
+                                                                           local_candidates)
+        schedule.found_inf = found_inf
+        groups = self._update_groups(None, local_of)
+        event = (PruneEvent(params=local_candidates, k=None,
+                            keep_masks=[self.state[p]["keep_mask"] for p in candidates],
+                            process_group=self._sharding.group) if candidates else None)
+        self._backend.scheduled_step(groups, event, grad_scale, schedule)
+
+    def _start_device_schedule(self, candidates: list[torch.Tensor],
+                               local_candidates: list[torch.Tensor]) -> DeviceSchedule:
+        """The device schedule from the host's position (as of the host's last sync or a loaded
+        state_dict) and last threshold. Every candidate gets a keep mask in its state: all ones
+        (keeping every element) until the freeze, which writes it on the device, so that the
+        step's kernels and memory are the same before and after the freeze."""
+        device = next(local(p).device for g in self.param_groups for p in g["params"])
+        rows = device_schedule_rows(self.config, self._sharding.global_numel(local_candidates))
+        selection = torch.zeros(len(SELECTION), dtype=torch.int64, device=device)
+        tau = torch.zeros((), dtype=torch.float32, device=device)
+        if self._last_threshold is not None:
+            tau.copy_(self._last_threshold.tau)
+            selection[SELECTION.index("below")].copy_(self._last_threshold.below)
+        for p, local_p in zip(candidates, local_candidates):
+            if "keep_mask" not in self.state[p]:
+                self.state[p]["keep_mask"] = _keep_everything_mask(local_p.numel(), device)
+        return DeviceSchedule(
+            table=to_device(torch.tensor(rows, dtype=torch.float64), device),
+            position=to_device(torch.tensor(self._schedule_step, dtype=torch.int64), device),
+            current=torch.zeros(len(CURRENT), dtype=torch.float64, device=device),
+            selection=selection, tau=tau)
+
+    def _sync_device_schedule(self) -> None:
+        """Reads the device schedule into the host's view (t, the last event's target and
+        threshold, λ_t): for stats() and state_dict(), never in step()."""
+        schedule = self._device_schedule
+        if schedule is None:
+            return
+        t = int(schedule.position)
+        self._schedule_step = t
+        self._lambda_t = (schedule_at(self.config, t - 1).lambda_t if t > 0
+                          else self.config.lambda_mix)
+        table = schedule.table[:t].cpu()
+        events = torch.nonzero(table[:, SCHEDULE_COLUMNS.index("k")]).flatten().tolist()
+        if events:
+            self._last_target = schedule_at(self.config, events[-1]).prune_to
+            self._last_threshold = Threshold(tau=schedule.tau,
+                                             below=schedule.selection[SELECTION.index("below")])
+
     def _check_grads(self) -> None:
         for group in self.param_groups:
             for p in group["params"]:
@@ -267,11 +347,14 @@ class MGPP(Optimizer):
                                        f"{tuple(grad.shape)} on {grad.device} does not match its "
                                        f"parameter ({p.dtype}, {tuple(p.shape)}, {p.device})")
 
-    def _update_groups(self, point: SchedulePoint,
+    def _update_groups(self, point: SchedulePoint | None,
                        local_of: dict[int, torch.Tensor]) -> list[UpdateGroup]:
+        """The step's UpdateGroups at host schedule point `point`, or on the device schedule
+        (point None: λ_t and whether the prior is on come from the device)."""
         config = self.config
-        prior = Prior(point.lambda_t, config.sigma0_sq, config.sigma1_sq,
-                      config.num_train_examples)
+        prior = Prior(None if point is None else point.lambda_t, config.sigma0_sq,
+                      config.sigma1_sq, config.num_train_examples)
+        prior_on = point is None or point.prior_on
         groups = []
         for group in self.param_groups:
             # Parameters with and without a frozen mask go to separate groups.
@@ -293,7 +376,7 @@ class MGPP(Optimizer):
                     keep_masks=[s["keep_mask"] for s in states] if masked else [],
                     lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
                     eps=group["eps"], weight_decay=group["weight_decay"],
-                    prior=prior if group["prune"] and point.prior_on and self.use_prior else None,
+                    prior=prior if group["prune"] and prior_on and self.use_prior else None,
                     count=group["prune"]))
         return groups
 
@@ -310,6 +393,7 @@ class MGPP(Optimizer):
     # ---- checkpoints ---------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
+        self._sync_device_schedule()
         state_dict = super().state_dict()
         state_dict[checkpoint.KEY] = checkpoint.schedule_entry(
             self._schedule_step, self.config.total_steps, self._lambda_t, self._last_target,
@@ -318,6 +402,7 @@ class MGPP(Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         param_of = checkpoint.check_layout(state_dict, self.param_groups)
+        self._device_schedule = None   # the next step on the device starts from the loaded t
         super().load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
         for index, saved in state_dict["state"].items():
             p = param_of[index]
@@ -335,7 +420,7 @@ class MGPP(Optimizer):
     # ---- copying and pickling ------------------------------------------------------------------
 
     _PICKLED = ("config", "_state_dtype", "_backend_name", "_schedule_step", "_last_target",
-                "_last_threshold", "_lambda_t", "_sharding", "use_prior")
+                "_last_threshold", "_lambda_t", "_sharding", "use_prior", "_schedule_on_device")
 
     def __getstate__(self) -> dict[str, Any]:
         # torch's Optimizer keeps only defaults, state and param_groups; the schedule position and
@@ -343,12 +428,17 @@ class MGPP(Optimizer):
         if self._sharding.group is not None:
             raise TypeError("an MGPP optimizer with a process group cannot be copied or pickled "
                             "(a process group cannot): save and load its state_dict() instead")
+        self._sync_device_schedule()
         state = super().__getstate__()
         state.update({key: self.__dict__[key] for key in self._PICKLED})
+        if self._last_threshold is not None:   # not views of the device schedule's buffers
+            state["_last_threshold"] = Threshold(tau=self._last_threshold.tau.clone(),
+                                                 below=self._last_threshold.below.clone())
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self._device_schedule = None
         self._backend = _bind_backend(self._backend_name, _first_device(self.param_groups))
 
     # ---- logging -------------------------------------------------------------------------------
@@ -360,6 +450,7 @@ class MGPP(Optimizer):
         temporary the size of a candidate), so call this when logging, not every step; with a
         process group, among this rank's shards.
         """
+        self._sync_device_schedule()
         candidates = [local(p) for p in self._candidates()]
         numel = sum(p.numel() for p in candidates)
         zeros = numel - sum(int(torch.count_nonzero(p)) for p in candidates)

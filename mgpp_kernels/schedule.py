@@ -1,13 +1,15 @@
 """The pruning schedule of docs/spec.md §2: a pure function of the schedule position t.
 
 The optimizer asks :func:`schedule_at` where step t stands (stage, λ_t, whether it prunes) and
-:func:`plan_event` how many of the N candidate elements that step's event ranks below τ.
+:func:`plan_event` how many of the N candidate elements that step's event ranks below τ; on a
+backend that keeps t on the device, :func:`device_schedule_rows` tabulates both for every t.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from .config import MGPPConfig
+from .ops.layout import SCHEDULE_COLUMNS, prior_c1
 
 
 @dataclass(frozen=True)
@@ -75,3 +77,20 @@ def plan_event(point: SchedulePoint, numel: int) -> EventPlan | None:
     if k == 0:
         return None
     return EventPlan(sparsity=point.prune_to, k=k, freeze=point.freeze)
+
+
+def device_schedule_rows(config: MGPPConfig, numel: int) -> list[list[float]]:
+    """The device schedule's table (mgpp_kernels.ops.layout.SCHEDULE_COLUMNS) over N = `numel`
+    candidate elements: the row of t for t = 0 .. t_end + 1, the last standing for every later t
+    (no event, no prior, the mask frozen). Values in float64, as the host computes them."""
+    rows = []
+    for t in range(config.t_end + 2):
+        point = schedule_at(config, t)
+        plan = plan_event(point, numel)
+        values = {"prior_on": float(point.prior_on),
+                  "c1": prior_c1(point.lambda_t, config.sigma0_sq, config.sigma1_sq)
+                  if point.prior_on else 0.0,
+                  "k": float(plan.k) if plan is not None else 0.0,
+                  "freeze": float(plan is not None and plan.freeze)}
+        rows.append([values[name] for name in SCHEDULE_COLUMNS])
+    return rows

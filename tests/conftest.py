@@ -2,6 +2,8 @@
 the backend fixtures over the table of tests/backends.py. The builders are in tests/helpers.py,
 the comparisons in tests/compare.py."""
 import os
+import sys
+from pathlib import Path
 
 # The Triton backend's tests run its kernels on the CPU through the interpreter; it must be set
 # before triton is first imported.
@@ -62,3 +64,35 @@ def all_threads():
     torch.set_num_threads(threads)
     yield threads
     torch.set_num_threads(1)
+
+
+HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__")
+
+
+@pytest.fixture
+def forbid_host_reads(monkeypatch):
+    """Makes every way of reading a tensor's value on the host fail when it is called from the
+    files given to the returned function (on a GPU each would synchronise with the device)."""
+    def forbid(files):
+        watched = {str(Path(f).resolve()) for f in files}
+
+        def guard(name, original):
+            def guarded(self, *args, **kwargs):
+                caller = str(Path(sys._getframe(1).f_code.co_filename).resolve())
+                if caller in watched:
+                    raise AssertionError(f"Tensor.{name} called from {caller}")
+                return original(self, *args, **kwargs)
+            return guarded
+
+        for name in HOST_READS:
+            monkeypatch.setattr(torch.Tensor, name, guard(name, getattr(torch.Tensor, name)))
+        original_to = torch.Tensor.to
+
+        def guarded_to(self, *args, **kwargs):
+            caller = str(Path(sys._getframe(1).f_code.co_filename).resolve())
+            targets = list(args) + list(kwargs.values())
+            if caller in watched and any(str(a) == "cpu" for a in targets):
+                raise AssertionError(f"Tensor.to(cpu) called from {caller}")
+            return original_to(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, "to", guarded_to)
+    return forbid

@@ -8,6 +8,7 @@ Every rank runs, in order, and saves what it holds to OUT/<scenario>_rank<r>.pt:
   parameters, updates this rank's shards and ranks τ over every rank's (the device mesh's group).
 - "shards_<backend>": plain tensors, each rank holding a shard of the candidates, MGPP given
   process_group=; rank 1 holds only bfloat16 candidates, rank 0 float32 and bfloat16 ones.
+  "shards_triton_capturable": the same on triton with the schedule on the device.
 
 The single-process runs the test compares with are built from the same functions.
 """
@@ -144,7 +145,7 @@ def whole_gradient(t: int, index: int, like: torch.Tensor) -> torch.Tensor:
     return (torch.randn(like.shape, generator=generator) * 0.02).to(like.dtype)
 
 
-def shards_run(rank: int | None, backend: str, process_group=None):
+def shards_run(rank: int | None, backend: str, process_group=None, capturable=False):
     """This rank's shards of the candidates (the whole tensors when rank is None) plus one
     replicated non-candidate, trained on fixed gradients through the whole schedule. Returns
     {candidate index: parameter}, the non-candidate and the optimizer."""
@@ -155,7 +156,7 @@ def shards_run(rank: int | None, backend: str, process_group=None):
     optimizer = MGPP([{"params": list(held.values()), "prune": True},
                       {"params": [other], "prune": False}],
                      lr=1e-2, weight_decay=0.01, backend=backend, process_group=process_group,
-                     **SCHEDULE)
+                     capturable=capturable, **SCHEDULE)
     for t in range(SCHEDULE["total_steps"]):
         for i, p in held.items():
             p.grad = whole_gradient(t, i, whole[i])[rows[i]].clone()
@@ -164,7 +165,7 @@ def shards_run(rank: int | None, backend: str, process_group=None):
     return held, other, optimizer
 
 
-def run_shards(rank: int, out: Path, backend: str) -> None:
+def run_shards(rank: int, out: Path, backend: str, capturable=False) -> None:
     # Every collective MGPP makes, as (name, element count): the kernels must send counts only.
     collectives = []
     originals = {name: getattr(dist, name) for name in ("all_reduce", "all_gather")}
@@ -179,7 +180,8 @@ def run_shards(rank: int, out: Path, backend: str) -> None:
     for name in originals:
         setattr(dist, name, recording(name))
     try:
-        held, other, optimizer = shards_run(rank, backend, process_group=dist.group.WORLD)
+        held, other, optimizer = shards_run(rank, backend, process_group=dist.group.WORLD,
+                                            capturable=capturable)
     finally:
         for name, original in originals.items():
             setattr(dist, name, original)
@@ -188,7 +190,7 @@ def run_shards(rank: int, out: Path, backend: str) -> None:
                 "other": other.detach().clone(),
                 "masks": dict(zip(held, keep_masks(optimizer))),
                 "tau": stats["tau"], "pruned": stats["pruned"], "collectives": collectives},
-               out / f"shards_{backend}_rank{rank}.pt")
+               out / f"shards_{backend}{'_capturable' if capturable else ''}_rank{rank}.pt")
 
 
 def main(out: Path) -> None:
@@ -201,6 +203,8 @@ def main(out: Path) -> None:
         for backend in BACKENDS:
             run_fsdp(rank, out, backend)
             run_shards(rank, out, backend)
+        if "triton" in BACKENDS:
+            run_shards(rank, out, "triton", capturable=True)
         dist.barrier()
     finally:
         dist.destroy_process_group()

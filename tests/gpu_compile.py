@@ -13,15 +13,19 @@ from mgpp_kernels.backends.triton import kernels
 from mgpp_kernels.backends.triton import backend
 
 SIGNATURES = {
+    "schedule_kernel": {"table": "*fp64", "num_rows": "i32", "position": "*i64",
+                        "found_inf": "*fp32", "current": "*fp64"},
     "prepare_kernel": {"prepare_table": "*i64", "scalars": "*fp64", "host_steps_offset": "i32",
-                       "grad_scale": "*fp32", "rows": "*fp32", "num_tensors": "i32"},
+                       "grad_scale": "*fp32", "rows": "*fp32", "num_tensors": "i32",
+                       "current": "*fp64"},
     "update_kernel": {"update_table": "*i64", "block_table": "*i32", "rows": "*fp32",
-                      "histogram": "*i64"},
+                      "histogram": "*i64", "current": "*fp64"},
     "histogram_kernel": {"value_table": "*i64", "block_table": "*i32", "histogram": "*i64",
-                         "selection": "*i64"},
+                         "selection": "*i64", "current": "*fp64"},
     "select_kernel": {"histogram": "*i64", "selection": "*i64", "rank_source": "*fp64",
-                      "tau": "*fp32"},
-    "threshold_kernel": {"value_table": "*i64", "block_table": "*i32", "selection": "*i64"},
+                      "tau": "*fp32", "current": "*fp64"},
+    "threshold_kernel": {"value_table": "*i64", "block_table": "*i32", "selection": "*i64",
+                         "current": "*fp64"},
 }
 DTYPE_PAIRS = [(0, 0), (1, 0), (1, 1), (2, 0), (2, 2)]  # (parameter, state): fp32 0, bf16 1, fp16 2
 # Approximate float32 division and square root (Triton's `/` and tl.sqrt), flushing of denormals
@@ -33,27 +37,39 @@ APPROXIMATE_F32_DIVISION = re.compile(r"\b(?:div\.full|div\.approx|sqrt\.approx)
 
 
 def variants():
-    """Every kernel with every dtype (pair) and flag the backend launches it with."""
+    """Every kernel with every dtype (pair) and flag the backend launches it with (SCHEDULED: the
+    device schedule's variants, which read the step's row and may do nothing)."""
     blocks = backend.GPU_BLOCKS
-    for has_grad_scale, steps_on_device in ((True, True), (False, False)):
+    for has_found_inf in (True, False):
+        yield "schedule_kernel", dict(HAS_FOUND_INF=has_found_inf)
+    for has_grad_scale, steps_on_device, scheduled in ((True, True, False), (False, False, False),
+                                                       (True, True, True)):
         yield "prepare_kernel", dict(HAS_GRAD_SCALE=has_grad_scale,
-                                     STEPS_ON_DEVICE=steps_on_device, BLOCK=blocks["prepare"])
-    # Every dtype (pair) with every flag on; the flags off once (they only drop code).
+                                     STEPS_ON_DEVICE=steps_on_device, SCHEDULED=scheduled,
+                                     BLOCK=blocks["prepare"])
+    # Every dtype (pair) with every flag on but SCHEDULED; then the flags off once and SCHEDULED
+    # once (they drop or gate code).
     for param, state in DTYPE_PAIRS:
         yield "update_kernel", dict(PARAM_DTYPE=param, STATE_DTYPE=state, COUNT=True,
-                                    ALIGNED=True, BLOCK=blocks["update"])
-    yield "update_kernel", dict(PARAM_DTYPE=0, STATE_DTYPE=0, COUNT=False, ALIGNED=False,
-                                BLOCK=blocks["update"])
+                                    SCHEDULED=False, ALIGNED=True, BLOCK=blocks["update"])
+    yield "update_kernel", dict(PARAM_DTYPE=0, STATE_DTYPE=0, COUNT=False, SCHEDULED=False,
+                                ALIGNED=False, BLOCK=blocks["update"])
+    yield "update_kernel", dict(PARAM_DTYPE=1, STATE_DTYPE=0, COUNT=True, SCHEDULED=True,
+                                ALIGNED=True, BLOCK=blocks["update"])
     for dtype in (0, 1, 2):
         for level in (0, 1):
-            yield "histogram_kernel", dict(DTYPE=dtype, LEVEL=level, ALIGNED=True,
-                                           BLOCK=blocks["value"])
-        yield "threshold_kernel", dict(DTYPE=dtype, WRITE_MASKS=True, ALIGNED=True,
-                                       BLOCK=blocks["value"])
-    yield "threshold_kernel", dict(DTYPE=0, WRITE_MASKS=False, ALIGNED=False,
+            for scheduled in (False, True):
+                yield "histogram_kernel", dict(DTYPE=dtype, LEVEL=level, SCHEDULED=scheduled,
+                                               ALIGNED=True, BLOCK=blocks["value"])
+        for scheduled in (False, True):
+            yield "threshold_kernel", dict(DTYPE=dtype, WRITE_MASKS=True, SCHEDULED=scheduled,
+                                           ALIGNED=True, BLOCK=blocks["value"])
+    yield "threshold_kernel", dict(DTYPE=0, WRITE_MASKS=False, SCHEDULED=False, ALIGNED=False,
                                    BLOCK=blocks["value"])
     for level, bins in ((0, kernels.HIGH_BINS.value), (1, kernels.LOW_BINS.value)):
-        yield "select_kernel", dict(LEVEL=level, BINS=bins, CHUNK=min(blocks["select"], bins))
+        for scheduled in (False, True):
+            yield "select_kernel", dict(LEVEL=level, SCHEDULED=scheduled, BINS=bins,
+                                        CHUNK=min(blocks["select"], bins))
 
 
 def compile_ptx(name, constexprs, capability):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -113,11 +114,14 @@ def test_step_scalar_values_follow_the_layout():
     group = UpdateGroup([], [], [], [], [], [], lr=0.25, beta1=0.5, beta2=0.75, eps=1e-3,
                         weight_decay=0.125, prior=Prior(0.1, 1e-10, 0.05, 1000), count=True)
     values = dict(zip(layout.STEP_SCALARS, layout.step_scalar_values(group)))
-    c1, c2 = layout.prior_constants(0.1, 1e-10, 0.05)
+    c1, c2 = layout.prior_c1(0.1, 1e-10, 0.05), layout.prior_c2(1e-10, 0.05)
     assert values == {"lr": 0.25, "beta1": 0.5, "beta2": 0.75, "eps": 1e-3, "weight_decay": 0.125,
                       "prior_on": 1.0, "c1": c1, "c2": c2, "inv_n": 1e-3,
                       "inv_sigma0_sq": 1 / 1e-10, "inv_sigma1_sq": 1 / 0.05}
     assert c2 == pytest.approx(0.5e10 - 10.0)
+    scheduled = replace(group, prior=Prior(None, 1e-10, 0.05, 1000))
+    values = dict(zip(layout.STEP_SCALARS, layout.step_scalar_values(scheduled)))
+    assert values["prior_on"] == 1.0 and values["c1"] == 0.0 and values["c2"] == c2
 
 
 def param_groups_of_two():

@@ -149,9 +149,17 @@ def test_fsdp2_shards_equal_single_process(ranks, backend):
         assert result["pruned"] == stats["pruned"], f"rank {rank}: pruned count (global)"
 
 
-@pytest.mark.parametrize("backend", ranking_rows())
-def test_sharded_candidates_with_process_group_equal_single_process(ranks, backend):
-    results = ranks(f"shards_{backend}")
+def sharded_scenarios():
+    """(backend, capturable): ranking_rows(), and triton with the schedule on the device."""
+    params = [pytest.param(p.values[0], False, id=p.id, marks=p.marks) for p in ranking_rows()]
+    triton = next(p for p in params if p.values[0] == "triton")
+    return params + [pytest.param("triton", True, id="triton-capturable", marks=triton.marks)]
+
+
+@pytest.mark.parametrize("backend,capturable", sharded_scenarios())
+def test_sharded_candidates_with_process_group_equal_single_process(ranks, backend, capturable):
+    """Each rank's shards equal the single process's (host schedule) bit for bit, masks too."""
+    results = ranks(f"shards_{backend}{'_capturable' if capturable else ''}")
     held, other, optimizer = worker.shards_run(None, backend)
     keep = dict(zip(held, unpacked_masks(optimizer)))
     for i, p in held.items():
@@ -186,6 +194,18 @@ def test_kernel_backends_send_histograms_never_weights(ranks, backend):
         assert [name for name, _ in collectives] == ["all_reduce"] * len(collectives)
         assert sorted(collectives) == sorted(
             [("all_reduce", size) for size in EVENT_COLLECTIVES] * events), f"rank {rank}"
+
+
+
+def test_the_device_schedule_all_reduces_histograms_at_every_step(ranks):
+    """On the device schedule the host does not know which step prunes: both histograms are
+    all-reduced at every step (zeros when it does not), N once; never a weight."""
+    if "triton" not in worker.BACKENDS:
+        pytest.skip("backend 'triton' does not rank across processes here")
+    steps = worker.SCHEDULE["total_steps"]
+    for rank, result in enumerate(ranks("shards_triton_capturable")):
+        assert sorted(result["collectives"]) == sorted(
+            [("all_reduce", 1)] + [("all_reduce", HIGH_BINS), ("all_reduce", LOW_BINS)] * steps)
 
 
 # ---- checks in this process, on a one-rank group --------------------------------------------

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mgpp_kernels import MGPPConfig, masks, reference, schedule
+from mgpp_kernels.ops import layout
 
 from helpers import SCHEDULE, build_optimizer, make_params, run_steps
 
@@ -171,3 +172,20 @@ def test_frozen_mask_is_reapplied_after_every_update(any_backend):
         run_steps(optimizer, params, t, t + 1)
         assert torch.equal(params[0][~keep].cpu(), torch.zeros(int((~keep).sum()))), f"t={t}"
         assert (params[0][keep] != before[keep]).all(), f"t={t}"
+
+
+def test_device_schedule_rows_are_the_host_schedule():
+    """The table a device-scheduled step reads (docs/spec.md §2 per t, over N = 100)."""
+    rows = schedule.device_schedule_rows(CONFIG, 100)
+    t_end = CONFIG.t_end
+    assert len(rows) == t_end + 2
+    column = {name: [row[j] for row in rows] for j, name in enumerate(layout.SCHEDULE_COLUMNS)}
+    # Events at t_i = 4, the multiples of 7 and t_end = 24 (the freeze); k = int(100 s).
+    assert [t for t, k in enumerate(column["k"]) if k] == [4, 7, 14, 21, 24]
+    assert column["k"][4] == 30.0 and column["k"][24] == 90.0
+    assert [t for t, f in enumerate(column["freeze"]) if f] == [24]
+    assert column["prior_on"] == [1.0] * (t_end + 1) + [0.0]
+    assert column["c1"][t_end + 1] == 0.0
+    for t in (0, 5, 23, 24):
+        assert column["c1"][t] == layout.prior_c1(schedule.schedule_at(CONFIG, t).lambda_t,
+                                                  CONFIG.sigma0_sq, CONFIG.sigma1_sq)

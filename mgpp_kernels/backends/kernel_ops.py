@@ -123,6 +123,8 @@ class OpsBackend:
         self.device_type = device_type
         self.steps_on_device = steps_on_device
         self.ranks_across_processes = ranks_across_processes
+        # The kernels read GradScaler's found_inf and the schedule position on the host.
+        self.schedules_on_device = False
         # Whether the device has partition_at_bin_ and prune_collected_ (prune_in_one_pass).
         self.one_pass_events = one_pass_events
 

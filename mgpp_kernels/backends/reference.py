@@ -27,6 +27,7 @@ class ReferenceBackend:
     name = "reference"
     steps_on_device = False
     ranks_across_processes = True
+    schedules_on_device = False
 
     def check_params(self, params: list[torch.Tensor]) -> None:
         for p in params:

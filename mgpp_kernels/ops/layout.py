@@ -28,6 +28,15 @@ SELECTION = ("rank", "key", "below")
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
+# The schedule on the device (docs/spec.md §2; backends with `schedules_on_device`): one float64
+# row per schedule position t = 0 .. t_end + 1, the last row standing for every later t. prior_on
+# is 1.0 or 0.0, c1 is λ_t's constant, k the event's rank (0: no event), freeze 1.0 at the event
+# that freezes the mask. Each step, the first kernel copies row min(t, rows − 1) into the step's
+# row (k = 0 on a skipped step), then its "skip" flag (GradScaler's found_inf), and advances t
+# unless the step is skipped.
+SCHEDULE_COLUMNS = ("prior_on", "c1", "k", "freeze")
+CURRENT = SCHEDULE_COLUMNS + ("skip",)
+
 
 def describe() -> str:
     """This layout in mgpp::layout()'s format."""
@@ -35,25 +44,30 @@ def describe() -> str:
             f"selection={','.join(SELECTION)}")
 
 
-def prior_constants(lambda_t: float, sigma0_sq: float, sigma1_sq: float) -> tuple[float, float]:
-    """c1 and c2 of docs/spec.md §2, in float64."""
-    c1 = (math.log(lambda_t) - math.log(1 - lambda_t)
-          + 0.5 * math.log(sigma0_sq) - 0.5 * math.log(sigma1_sq))
-    c2 = 1 / (2 * sigma0_sq) - 1 / (2 * sigma1_sq)
-    return c1, c2
+def prior_c1(lambda_t: float, sigma0_sq: float, sigma1_sq: float) -> float:
+    """c1 of docs/spec.md §2 (it changes with λ_t), in float64."""
+    return (math.log(lambda_t) - math.log(1 - lambda_t)
+            + 0.5 * math.log(sigma0_sq) - 0.5 * math.log(sigma1_sq))
+
+
+def prior_c2(sigma0_sq: float, sigma1_sq: float) -> float:
+    """c2 of docs/spec.md §2, in float64."""
+    return 1 / (2 * sigma0_sq) - 1 / (2 * sigma1_sq)
 
 
 def step_scalar_values(group: UpdateGroup) -> list[float]:
     """A group's step scalars in STEP_SCALARS order; 0.0 in the lr slot when lr is a tensor
-    (see write_tensor_lr: it is never read on the host)."""
+    (see write_tensor_lr: it is never read on the host). A prior whose λ_t is None takes λ_t from
+    the device schedule: its c1 slot is 0.0 and the kernels read c1 from the step's row."""
     lr = 0.0 if isinstance(group.lr, torch.Tensor) else float(group.lr)
     values = {"lr": lr, "beta1": group.beta1, "beta2": group.beta2, "eps": group.eps,
               "weight_decay": group.weight_decay, "prior_on": 0.0, "c1": 0.0, "c2": 0.0,
               "inv_n": 0.0, "inv_sigma0_sq": 0.0, "inv_sigma1_sq": 0.0}
     prior = group.prior
     if prior is not None:
-        c1, c2 = prior_constants(prior.lambda_t, prior.sigma0_sq, prior.sigma1_sq)
-        values.update(prior_on=1.0, c1=c1, c2=c2, inv_n=1 / prior.num_train_examples,
+        c1 = (0.0 if prior.lambda_t is None
+              else prior_c1(prior.lambda_t, prior.sigma0_sq, prior.sigma1_sq))
+        values.update(prior_on=1.0, c1=c1, c2=prior_c2(prior.sigma0_sq, prior.sigma1_sq), inv_n=1 / prior.num_train_examples,
                       inv_sigma0_sq=1 / prior.sigma0_sq, inv_sigma1_sq=1 / prior.sigma1_sq)
     return [values[name] for name in STEP_SCALARS]
 

@@ -19,28 +19,27 @@ per tensor, one int32 row per block). A table is built on the host once and cach
 tensors' addresses, sizes and dtypes stay the same (the key is those values, so a cached table
 never points at memory that moved).
 
-Why ``step()`` is capturable in a CUDA graph: it never waits for the device, and nothing it
-launches depends on a value computed on the device.
+What a CUDA graph needs, and where each piece comes from:
 - No device value is read on the host: no ``.item()``, ``.cpu()``, ``.tolist()`` or Python branch
   on a tensor's value. τ is chosen on the device by ``select_kernel`` and read from device memory
   by ``threshold_kernel``; the pruned count stays a device tensor.
 - Every value that changes from step to step reaches the kernels through device memory, not as
-  a launch argument: lr, betas, eps, weight decay and λ_t's prior constants (the float64
-  step-scalars tensor, built from host values and copied asynchronously from pinned memory, a
-  stream-ordered copy that capture records; a tensor lr is copied into it on the device), the
-  step counts (incremented on the device, in the
-  optimizer's state tensors), the GradScaler's scale (its own tensor) and the rank k.
-- Launch arguments are addresses (cached tables, workspaces, the step's tensors) and sizes and
-  compile-time constants; which kernels are launched depends only on host-side facts (which
-  tensors have a gradient, whether schedule step t prunes), so a captured step replays the same
-  work on the same memory.
-Limits: capture needs the step counts on the device, as torch.optim.AdamW(capturable=True)
-does; the optimizer keeps them there for this backend (``steps_on_device``), and step counts
-loaded into CPU tensors are still taken, incremented on the host and staged with the step
-scalars, without a synchronisation. And a graph records
-the host-to-device copy of the step scalars from a pinned buffer that this backend allocates per
-step: replaying one graph for many schedule positions would need a persistent staging buffer
-refreshed before each replay, which this backend does not manage.
+  a launch argument: the step scalars (lr, betas, eps, weight decay, the prior's constants; a
+  tensor lr is copied into them on the device), the step counts (incremented on the device, in
+  the optimizer's state tensors, as torch.optim.AdamW(capturable=True) keeps them), the
+  GradScaler's scale and the rank k.
+- ``scheduled_step`` (the optimizer's device schedule, with capturable=True or once a GradScaler
+  hands it found_inf): ``schedule_kernel`` first reads t and found_inf on the device and writes the
+  step's row (prior on/off, λ_t's c1, k, freeze, skip) from a table of every t; every later kernel
+  reads that row, so the event kernels run at every step and return at once when it does not
+  prune, a skipped step writes nothing and advances neither k nor t, and the candidates' masks
+  (all ones until the freeze writes them) apply at every step. The step scalars live in the
+  schedule's persistent buffer, copied from pinned memory only when a host value changes. So
+  every step launches the same kernels with the same arguments on the same memory (the
+  tables are cached by address), which a captured graph replays for any t.
+Limits: ``step`` (the host schedule) chooses its launches by t on the host and stages its
+scalars in a fresh buffer, so a graph of it replays one t only; a graph replays the set of
+tensors with a gradient it captured, as torch's capturable optimizers do.
 """
 from __future__ import annotations
 
@@ -56,7 +55,7 @@ from triton.runtime.interpreter import InterpretedFunction
 from ...ops.checks import (check_kernel_dtype, check_mask, check_parameter, check_step_lists,
                            check_tensor)
 from ...ops.layout import NUM_STEP_SCALARS, step_scalar_values, to_device, write_tensor_lr
-from ..types import PruneEvent, Threshold, UpdateGroup
+from ..types import DeviceSchedule, PruneEvent, Threshold, UpdateGroup
 from . import kernels
 
 INTERPRETED = isinstance(kernels.update_kernel, InterpretedFunction)
@@ -159,6 +158,7 @@ class TritonBackend:
     # The optimizer keeps step counts on the parameters' device, so a GPU step is capturable.
     steps_on_device = True
     ranks_across_processes = True
+    schedules_on_device = True
 
     def __init__(self):
         self._plans = _LruCache(TABLE_CACHE_SIZE)
@@ -198,13 +198,19 @@ class TritonBackend:
                                       group.keep_masks[i] if group.keep_masks else None, step))
         return entries
 
-    def _check_event(self, event: PruneEvent, device: torch.device) -> None:
+    def _check_event(self, event: PruneEvent, device: torch.device,
+                     schedule: DeviceSchedule | None = None) -> None:
         for i, p in enumerate(event.params):
             check_tensor(p, device, "candidates", i)
             check_kernel_dtype(p.dtype, "candidates")
+        if (event.k is None) != (schedule is not None):
+            raise ValueError("a step on the device schedule takes its k from the schedule "
+                             "(PruneEvent.k None), any other step an int k")
+        if schedule is not None and len(event.keep_masks) != len(event.params):
+            raise ValueError("a step on the device schedule needs a keep mask per candidate")
         # With a process group, k ranks every rank's shards (the optimizer checks it against N).
         numel = sum(p.numel() for p in event.params)
-        if event.process_group is None and not 1 <= event.k <= numel:
+        if event.process_group is None and event.k is not None and not 1 <= event.k <= numel:
             raise ValueError(f"k must be in [1, {numel}] (the number of candidate elements), got "
                              f"{event.k}")
         if event.keep_masks:
@@ -227,24 +233,41 @@ class TritonBackend:
 
     def step(self, groups: list[UpdateGroup], event: PruneEvent | None,
              grad_scale: torch.Tensor | None) -> Threshold | None:
+        return self._run(groups, event, grad_scale, None)
+
+    def scheduled_step(self, groups: list[UpdateGroup], event: PruneEvent | None,
+                       grad_scale: torch.Tensor | None, schedule: DeviceSchedule) -> None:
+        self._run(groups, event, grad_scale, schedule)
+
+    def _run(self, groups: list[UpdateGroup], event: PruneEvent | None,
+             grad_scale: torch.Tensor | None,
+             schedule: DeviceSchedule | None) -> Threshold | None:
         device = self._device_of(groups, event)
+        if device is None and schedule is not None:
+            device = schedule.position.device   # no tensor this step: t still advances
         if device is None:
             return None
         self._check_device_type(device, "tensor")
         entries = self._entries(groups, device)
         if event is not None:
-            self._check_event(event, device)
-        if grad_scale is not None and (grad_scale.numel() != 1 or grad_scale.device != device
-                                       or not grad_scale.is_floating_point()):
-            raise ValueError(f"grad_scale must be a one-element floating tensor on {device}")
+            self._check_event(event, device, schedule)
+        for name, value in (("grad_scale", grad_scale),
+                            ("found_inf", schedule.found_inf if schedule else None)):
+            if value is not None and (value.numel() != 1 or value.device != device
+                                      or not value.is_floating_point()):
+                raise ValueError(f"{name} must be a one-element floating tensor on {device}")
         steps = [e.step for e in entries]
         steps_on_device = _steps_on_device(steps, device)
+        if schedule is not None and not steps_on_device:
+            raise ValueError("a step on the device schedule needs the step counts on the "
+                             "parameters' device (a skipped step leaves them unchanged there)")
 
         # Host-known values of this step, staged to the device in one copy: every group's step
         # scalars, then k, then (when the step counts live on the CPU) the incremented counts.
         host_values = [v for group in groups for v in step_scalar_values(group)]
         rank_index = len(host_values)
-        host_values.append(float(event.k) if event is not None else 0.0)
+        if schedule is None:
+            host_values.append(float(event.k) if event is not None else 0.0)
         host_scalars = torch.tensor(host_values, dtype=torch.float64)
         if entries and not steps_on_device:
             torch._foreach_add_(steps, 1.0)
@@ -252,25 +275,38 @@ class TritonBackend:
 
         with self._on(device):
             try:
-                scalars = to_device(host_scalars, device)
+                if schedule is None:
+                    scalars = to_device(host_scalars, device)
+                    current, rank = scalars, scalars[rank_index:]
+                else:
+                    scalars = _persistent_scalars(schedule, host_values, device)
+                    current = schedule.current
+                    kernels.schedule_kernel[(1,)](
+                        schedule.table, schedule.table.shape[0], schedule.position,
+                        schedule.found_inf if schedule.found_inf is not None else current,
+                        current, HAS_FOUND_INF=schedule.found_inf is not None, **LAUNCH_OPTIONS)
+                    rank = current[kernels.C_K.value:]
                 for g, group in enumerate(groups):
                     write_tensor_lr(group, scalars[g * NUM_STEP_SCALARS:(g + 1) * NUM_STEP_SCALARS])
                 workspace = self._workspace(device)
+                scheduled = schedule is not None
                 if entries:
                     self._update(entries, steps_on_device, scalars, rank_index + 1, grad_scale,
-                                 workspace, count=event is not None)
+                                 workspace, current, count=event is not None, scheduled=scheduled)
                 if event is None:
                     return None
                 counted = {id(e.param) for e in entries if e.count}
                 uncounted = [p for p in event.params if id(p) not in counted]
-                selection, tau = self._select(event.params, uncounted, event.keep_masks,
-                                              scalars[rank_index:], workspace,
-                                              event.process_group)
+                selection, tau = ((schedule.selection, schedule.tau) if scheduled else
+                                  (torch.empty(3, dtype=torch.int64, device=device),
+                                   torch.empty((), dtype=torch.float32, device=device)))
+                self._select(event.params, uncounted, event.keep_masks, rank, selection, tau,
+                             workspace, current, scheduled, event.process_group)
                 for launch in self._value_launches(event.params, event.keep_masks):
                     kernels.threshold_kernel[(launch.num_blocks,)](
-                        launch.table, launch.blocks, selection, DTYPE=launch.dtypes[0],
-                        WRITE_MASKS=bool(event.keep_masks), ALIGNED=launch.aligned,
-                        BLOCK=VALUE_BLOCK, **LAUNCH_OPTIONS)
+                        launch.table, launch.blocks, selection, current, DTYPE=launch.dtypes[0],
+                        WRITE_MASKS=bool(event.keep_masks), SCHEDULED=scheduled,
+                        ALIGNED=launch.aligned, BLOCK=VALUE_BLOCK, **LAUNCH_OPTIONS)
                 return Threshold(tau=tau, below=selection[kernels.SEL_BELOW.value])
             except BaseException:
                 # A failed launch may leave counts in the histograms: start clean next time.
@@ -286,7 +322,10 @@ class TritonBackend:
         with self._on(device):
             try:
                 rank = to_device(torch.tensor([float(k)], dtype=torch.float64), device)
-                _, tau = self._select(tensors, tensors, [], rank, self._workspace(device))
+                selection = torch.empty(3, dtype=torch.int64, device=device)
+                tau = torch.empty((), dtype=torch.float32, device=device)
+                self._select(tensors, tensors, [], rank, selection, tau, self._workspace(device),
+                             rank, scheduled=False)
             except BaseException:
                 self._workspaces.pop(device, None)
                 raise
@@ -311,7 +350,7 @@ class TritonBackend:
 
     def _update(self, entries: list[_Entry], steps_on_device: bool, scalars: torch.Tensor,
                 host_steps_offset: int, grad_scale: torch.Tensor | None, workspace: _Workspace,
-                count: bool) -> None:
+                current: torch.Tensor, count: bool, scheduled: bool) -> None:
         device = entries[0].param.device
         key = (device, steps_on_device, tuple(
             (e.group, e.count, e.param.data_ptr(), e.grad.data_ptr(), e.exp_avg.data_ptr(),
@@ -322,13 +361,14 @@ class TritonBackend:
         kernels.prepare_kernel[(triton.cdiv(plan.num_tensors, PREPARE_BLOCK),)](
             plan.prepare_table, scalars, host_steps_offset,
             grad_scale if grad_scale is not None else scalars, plan.rows, plan.num_tensors,
-            HAS_GRAD_SCALE=grad_scale is not None, STEPS_ON_DEVICE=steps_on_device,
-            BLOCK=PREPARE_BLOCK, **LAUNCH_OPTIONS)
+            current, HAS_GRAD_SCALE=grad_scale is not None, STEPS_ON_DEVICE=steps_on_device,
+            SCHEDULED=scheduled, BLOCK=PREPARE_BLOCK, **LAUNCH_OPTIONS)
         for launch in plan.launches:
             kernels.update_kernel[(launch.num_blocks,)](
-                launch.table, launch.blocks, plan.rows, workspace.high_histogram,
+                launch.table, launch.blocks, plan.rows, workspace.high_histogram, current,
                 PARAM_DTYPE=launch.dtypes[0], STATE_DTYPE=launch.dtypes[1], COUNT=count,
-                ALIGNED=launch.aligned, BLOCK=UPDATE_BLOCK, **LAUNCH_OPTIONS)
+                SCHEDULED=scheduled, ALIGNED=launch.aligned, BLOCK=UPDATE_BLOCK,
+                **LAUNCH_OPTIONS)
 
     @staticmethod
     def _build_plan(entries: list[_Entry], steps_on_device: bool,
@@ -388,46 +428,65 @@ class TritonBackend:
         return self._value_tables.get(key, build)
 
     def _select(self, tensors: list[torch.Tensor], uncounted: list[torch.Tensor],
-                keep_masks: list[torch.Tensor], rank: torch.Tensor, workspace: _Workspace,
-                process_group=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Radix selection of τ, the rank[0]-th smallest |x| over `tensors`, on the device.
+                keep_masks: list[torch.Tensor], rank: torch.Tensor, selection: torch.Tensor,
+                tau: torch.Tensor, workspace: _Workspace, current: torch.Tensor, scheduled: bool,
+                process_group=None) -> None:
+        """Radix selection of τ, the rank[0]-th smallest |x| over `tensors`, on the device, into
+        `selection` ([rank, key, below]) and `tau` (0-dim float32).
 
         The level-0 histogram already counts every tensor not in `uncounted` (the update pass
-        did). Returns the selection state [rank, key, below] and τ (0-dim float32). With a
-        process group, `tensors` are this rank's shards and rank[0] ranks over every rank's:
-        each level's histogram is summed over the group (an all-reduce on the device, with any
+        did). `scheduled`: only when `current` says this step prunes. With a process group,
+        `tensors` are this rank's shards and rank[0] ranks over every rank's: each level's
+        histogram is summed over the group (an all-reduce on the device, with any
         torch.distributed backend) before its selection, so every rank selects the same τ and
-        the same global `below` without sending a weight.
+        the same global `below` without sending a weight. On the device schedule the all-reduces
+        run at every step (on zero histograms when it does not prune): the launch sequence stays
+        the same.
         """
-        device = tensors[0].device
-        selection = torch.empty(3, dtype=torch.int64, device=device)
-        tau = torch.empty((), dtype=torch.float32, device=device)
         for launch in self._value_launches(uncounted, []):
             kernels.histogram_kernel[(launch.num_blocks,)](
-                launch.table, launch.blocks, workspace.high_histogram, selection,
-                DTYPE=launch.dtypes[0], LEVEL=0, ALIGNED=launch.aligned, BLOCK=VALUE_BLOCK,
-                **LAUNCH_OPTIONS)
+                launch.table, launch.blocks, workspace.high_histogram, selection, current,
+                DTYPE=launch.dtypes[0], LEVEL=0, SCHEDULED=scheduled, ALIGNED=launch.aligned,
+                BLOCK=VALUE_BLOCK, **LAUNCH_OPTIONS)
         if process_group is not None:
             torch.distributed.all_reduce(workspace.high_histogram, group=process_group)
-        kernels.select_kernel[(1,)](workspace.high_histogram, selection, rank, tau, LEVEL=0,
-                                    BINS=kernels.HIGH_BINS.value, CHUNK=SELECT_CHUNK,
-                                    **LAUNCH_OPTIONS)
+        kernels.select_kernel[(1,)](workspace.high_histogram, selection, rank, tau, current,
+                                    LEVEL=0, SCHEDULED=scheduled, BINS=kernels.HIGH_BINS.value,
+                                    CHUNK=SELECT_CHUNK, **LAUNCH_OPTIONS)
         # bfloat16 keys have no bits below the first level: τ is already exact. Another rank's
         # shards may have other dtypes, so a process group always takes the second level (on
         # bfloat16 keys it selects low bits 0, the same τ).
         if process_group is not None or any(t.dtype != torch.bfloat16 for t in tensors):
             for launch in self._value_launches(tensors, keep_masks):
                 kernels.histogram_kernel[(launch.num_blocks,)](
-                    launch.table, launch.blocks, workspace.low_histogram, selection,
-                    DTYPE=launch.dtypes[0], LEVEL=1, ALIGNED=launch.aligned, BLOCK=VALUE_BLOCK,
-                    **LAUNCH_OPTIONS)
+                    launch.table, launch.blocks, workspace.low_histogram, selection, current,
+                    DTYPE=launch.dtypes[0], LEVEL=1, SCHEDULED=scheduled, ALIGNED=launch.aligned,
+                    BLOCK=VALUE_BLOCK, **LAUNCH_OPTIONS)
             if process_group is not None:
                 torch.distributed.all_reduce(workspace.low_histogram, group=process_group)
-            kernels.select_kernel[(1,)](workspace.low_histogram, selection, rank, tau, LEVEL=1,
+            kernels.select_kernel[(1,)](workspace.low_histogram, selection, rank, tau, current,
+                                        LEVEL=1, SCHEDULED=scheduled,
                                         BINS=kernels.LOW_BINS.value,
                                         CHUNK=min(SELECT_CHUNK, kernels.LOW_BINS.value),
                                         **LAUNCH_OPTIONS)
-        return selection, tau
+
+
+def _persistent_scalars(schedule: DeviceSchedule, host_values: list[float],
+                        device: torch.device) -> torch.Tensor:
+    """The step scalars in the schedule's persistent device buffer: copied from a pinned host
+    buffer only when their values change, so that the buffer's address, and what a captured
+    graph's copy reads, stay fixed while the hyperparameters do (lr as a tensor changes through
+    write_tensor_lr, a copy on the device)."""
+    values = tuple(host_values)
+    if schedule.scalars is None or schedule.scalars.numel() != len(values):
+        schedule.scalars = torch.empty(len(values), dtype=torch.float64, device=device)
+        schedule.staged_values = ()
+    if values != schedule.staged_values:
+        staged = torch.tensor(values, dtype=torch.float64)
+        schedule.staged_host = staged.pin_memory() if device.type != "cpu" else staged
+        schedule.scalars.copy_(schedule.staged_host, non_blocking=True)
+        schedule.staged_values = values
+    return schedule.scalars
 
 
 BACKEND = TritonBackend()

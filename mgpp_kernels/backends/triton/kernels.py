@@ -72,6 +72,10 @@ ROW_WIDTH = tl.constexpr(16)
 (R_DECAY, R_BETA2, R_ONE_MINUS_BETA1, R_ONE_MINUS_BETA2, R_STEP_SIZE, R_INV_BC2_SQRT, R_EPS,
  R_INV_GRAD_SCALE, R_PRIOR_ON, R_C1, R_C2, R_INV_N, R_INV_SIGMA0_SQ,
  R_INV_SIGMA1_SQ) = map(tl.constexpr, range(14))
+# The device schedule (layout.SCHEDULE_COLUMNS rows) and the step's row written from it (CURRENT).
+SCHEDULE_WIDTH = tl.constexpr(len(layout.SCHEDULE_COLUMNS))
+C_PRIOR_ON, C_C1, C_K, C_FREEZE, C_SKIP = (tl.constexpr(layout.CURRENT.index(name)) for name in (
+    "prior_on", "c1", "k", "freeze", "skip"))
 # Selection state (int64[3]): rank of τ among the keys in play, τ's key bits, keys below τ.
 SEL_RANK, SEL_KEY, SEL_BELOW = (tl.constexpr(layout.SELECTION.index(slot))
                                 for slot in ("rank", "key", "below"))
@@ -198,9 +202,29 @@ def _prior_gradient(theta, c1, c2, inv_n, inv_sigma0_sq, inv_sigma1_sq):
 # ---- the fused step ----------------------------------------------------------------------------
 
 @triton.jit
+def schedule_kernel(table, num_rows, position, found_inf, current, HAS_FOUND_INF: tl.constexpr):
+    """The first launch of a step on the device schedule, one program: copies the row of
+    t = position (the last row for every t beyond the table) into `current`, with k = 0 and the
+    skip flag set when found_inf != 0, and advances t unless the step is skipped."""
+    t = tl.load(position)
+    if HAS_FOUND_INF:
+        skip = tl.load(found_inf).to(tl.float32) != 0.0
+    else:
+        skip = t < 0   # false: a tensor flag like the found_inf one
+    row = table + tl.minimum(t, num_rows - 1) * SCHEDULE_WIDTH
+    for j in tl.static_range(SCHEDULE_WIDTH):
+        value = tl.load(row + j)
+        if j == C_K:
+            value = tl.where(skip, 0.0, value)
+        tl.store(current + j, value)
+    tl.store(current + C_SKIP, tl.where(skip, 1.0, 0.0).to(tl.float64))
+    tl.store(position, tl.where(skip, t, t + 1))
+
+
+@triton.jit
 def prepare_kernel(prepare_table, scalars, host_steps_offset, grad_scale, rows, num_tensors,
-                   HAS_GRAD_SCALE: tl.constexpr, STEPS_ON_DEVICE: tl.constexpr,
-                   BLOCK: tl.constexpr):
+                   current, HAS_GRAD_SCALE: tl.constexpr, STEPS_ON_DEVICE: tl.constexpr,
+                   SCHEDULED: tl.constexpr, BLOCK: tl.constexpr):
     """Per tensor of the step: increments its step count k and writes the float32 scalars of its
     AdamW update and its group's prior. As torch.optim.AdamW, every constant derived from the
     hyperparameters (1 − lr·wd, 1 − β1, 1 − β2, lr / (1 − β1^k), 1/√(1 − β2^k)) is computed in
@@ -210,6 +234,8 @@ def prepare_kernel(prepare_table, scalars, host_steps_offset, grad_scale, rows, 
 
     STEPS_ON_DEVICE: k lives in a float32 tensor addressed by the table and is incremented here;
     otherwise the host incremented it and staged it at scalars[host_steps_offset + i].
+    SCHEDULED (the device schedule, steps on the device): `current` gives the prior's on/off and
+    c1 of this t, and a skipped step leaves k where it is.
     """
     index = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     valid = index < num_tensors
@@ -218,7 +244,11 @@ def prepare_kernel(prepare_table, scalars, host_steps_offset, grad_scale, rows, 
     if STEPS_ON_DEVICE:
         step_address = tl.load(entry + P_STEP, mask=valid, other=0)
         step_pointer = step_address.to(tl.pointer_type(tl.float32))
-        step = tl.load(step_pointer, mask=valid, other=0.0) + 1.0
+        step = tl.load(step_pointer, mask=valid, other=0.0)
+        if SCHEDULED:
+            step = step + (1.0 - tl.load(current + C_SKIP).to(tl.float32))
+        else:
+            step = step + 1.0
         tl.store(step_pointer, step, mask=valid)
     else:
         step = tl.load(scalars + host_steps_offset + index, mask=valid, other=1.0).to(tl.float32)
@@ -251,6 +281,11 @@ def prepare_kernel(prepare_table, scalars, host_steps_offset, grad_scale, rows, 
     # The prior's six scalars (on/off, c1, c2, 1/n, 1/σ0², 1/σ1²), in the same order in both.
     for j in tl.static_range(6):
         prior_scalar = tl.load(s + S_PRIOR_ON + j, mask=valid, other=0.0)
+        if SCHEDULED:
+            if j == 0:
+                prior_scalar = prior_scalar * tl.load(current + C_PRIOR_ON)
+            if j == 1:
+                prior_scalar = prior_scalar * 0.0 + tl.load(current + C_C1)
         tl.store(row + R_PRIOR_ON + j, prior_scalar.to(tl.float32), mask=valid)
 
 
@@ -292,12 +327,26 @@ def _update_block(param, grad, exp_avg, exp_avg_sq, keep_mask_address, offsets, 
 
 
 @triton.jit
-def update_kernel(update_table, block_table, rows, histogram, PARAM_DTYPE: tl.constexpr,
-                  STATE_DTYPE: tl.constexpr, COUNT: tl.constexpr, ALIGNED: tl.constexpr,
-                  BLOCK: tl.constexpr):
+def update_kernel(update_table, block_table, rows, histogram, current, PARAM_DTYPE: tl.constexpr,
+                  STATE_DTYPE: tl.constexpr, COUNT: tl.constexpr, SCHEDULED: tl.constexpr,
+                  ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     """One BLOCK of one tensor per program: the fused MGPP update (docs/spec.md §2) of the tensors of one
-    (parameter dtype, state dtype) pair. COUNT: this is an event step; tensors whose table row
-    has U_COUNT set add the level-0 histogram of their updated values."""
+    (parameter dtype, state dtype) pair. COUNT: this may be an event step; tensors whose table row
+    has U_COUNT set add the level-0 histogram of their updated values. SCHEDULED: `current` says
+    whether it is one (k != 0) and whether the step is skipped (then nothing is written)."""
+    if SCHEDULED:
+        if tl.load(current + C_SKIP) == 0.0:
+            _update_program(update_table, block_table, rows, histogram, current, PARAM_DTYPE,
+                            STATE_DTYPE, COUNT, SCHEDULED, ALIGNED, BLOCK)
+    else:
+        _update_program(update_table, block_table, rows, histogram, current, PARAM_DTYPE,
+                        STATE_DTYPE, COUNT, SCHEDULED, ALIGNED, BLOCK)
+
+
+@device_function
+def _update_program(update_table, block_table, rows, histogram, current,
+                    PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, COUNT: tl.constexpr,
+                    SCHEDULED: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     tensor = tl.load(block_table + 2 * pid).to(tl.int64)
     start = tl.load(block_table + 2 * pid + 1).to(tl.int64) * BLOCK
@@ -311,6 +360,8 @@ def update_kernel(update_table, block_table, rows, histogram, PARAM_DTYPE: tl.co
     keep_mask_address = tl.where(keep_mask_address != 0, keep_mask_address + start // 8, 0)
     row = rows + tl.load(entry + U_ROW) * ROW_WIDTH
     count = tl.load(entry + U_COUNT)
+    if SCHEDULED:
+        count = tl.where(tl.load(current + C_K) != 0.0, count, 0)
     offsets = tl.arange(0, BLOCK)
     # Full blocks run without a bounds mask so that their loads vectorise; the tail block masks.
     if start + BLOCK <= numel:
@@ -338,11 +389,25 @@ def _histogram_block(data, offsets, in_bounds, histogram, high_bin, DTYPE: tl.co
 
 
 @triton.jit
-def histogram_kernel(value_table, block_table, histogram, selection, DTYPE: tl.constexpr,
-                     LEVEL: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+def histogram_kernel(value_table, block_table, histogram, selection, current, DTYPE: tl.constexpr,
+                     LEVEL: tl.constexpr, SCHEDULED: tl.constexpr, ALIGNED: tl.constexpr,
+                     BLOCK: tl.constexpr):
     """Adds the radix histogram of |x| over the table's tensors. LEVEL 0: HIGH_BINS counters of
     the key's high bits over all elements; LEVEL 1: LOW_BINS counters of the low bits of the
-    elements whose high bits are the bin chosen at level 0 (selection[SEL_KEY])."""
+    elements whose high bits are the bin chosen at level 0 (selection[SEL_KEY]). SCHEDULED: only
+    on an event step (k != 0 in `current`)."""
+    if SCHEDULED:
+        if tl.load(current + C_K) != 0.0:
+            _histogram_program(value_table, block_table, histogram, selection, DTYPE, LEVEL,
+                               ALIGNED, BLOCK)
+    else:
+        _histogram_program(value_table, block_table, histogram, selection, DTYPE, LEVEL, ALIGNED,
+                           BLOCK)
+
+
+@device_function
+def _histogram_program(value_table, block_table, histogram, selection, DTYPE: tl.constexpr,
+                       LEVEL: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     tensor = tl.load(block_table + 2 * pid).to(tl.int64)
     start = tl.load(block_table + 2 * pid + 1).to(tl.int64) * BLOCK
@@ -361,12 +426,24 @@ def histogram_kernel(value_table, block_table, histogram, selection, DTYPE: tl.c
 
 
 @triton.jit
-def select_kernel(histogram, selection, rank_source, tau, LEVEL: tl.constexpr,
-                  BINS: tl.constexpr, CHUNK: tl.constexpr):
+def select_kernel(histogram, selection, rank_source, tau, current, LEVEL: tl.constexpr,
+                  SCHEDULED: tl.constexpr, BINS: tl.constexpr, CHUNK: tl.constexpr):
     """Radix selection (csrc/core/selection.h select_bin), one program: finds the bin that holds
     the rank-th smallest key, updates selection = [rank, key, below], writes τ = the key's float,
     and zeroes the histogram for its next use. LEVEL 0 starts from rank = rank_source[0] (the
-    float64 k of the step scalars); LEVEL 1 continues from selection."""
+    float64 k of the step scalars, or of `current`); LEVEL 1 continues from selection.
+    SCHEDULED: only on an event step (k != 0 in `current`), so that `selection` and τ keep the
+    last event's values in between."""
+    if SCHEDULED:
+        if tl.load(current + C_K) != 0.0:
+            _select_program(histogram, selection, rank_source, tau, LEVEL, BINS, CHUNK)
+    else:
+        _select_program(histogram, selection, rank_source, tau, LEVEL, BINS, CHUNK)
+
+
+@device_function
+def _select_program(histogram, selection, rank_source, tau, LEVEL: tl.constexpr,
+                    BINS: tl.constexpr, CHUNK: tl.constexpr):
     if LEVEL == 0:
         rank = tl.load(rank_source).to(tl.int64)
     else:
@@ -429,10 +506,28 @@ def _threshold_block(data, keep_mask_address, offsets, in_bounds, tau_key, DTYPE
 
 
 @triton.jit
-def threshold_kernel(value_table, block_table, selection, DTYPE: tl.constexpr,
-                     WRITE_MASKS: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+def threshold_kernel(value_table, block_table, selection, current, DTYPE: tl.constexpr,
+                     WRITE_MASKS: tl.constexpr, SCHEDULED: tl.constexpr, ALIGNED: tl.constexpr,
+                     BLOCK: tl.constexpr):
     """Zeroes every |x| < τ (τ's key at selection[SEL_KEY]); with WRITE_MASKS, also writes each
-    tensor's packed keep mask (the freeze)."""
+    tensor's packed keep mask (the freeze). SCHEDULED: only on an event step (k != 0 in
+    `current`), and the masks (WRITE_MASKS: the table has them) only when it freezes."""
+    if SCHEDULED:
+        if tl.load(current + C_K) != 0.0:
+            if tl.load(current + C_FREEZE) != 0.0:
+                _threshold_program(value_table, block_table, selection, DTYPE, WRITE_MASKS,
+                                   ALIGNED, BLOCK)
+            else:
+                _threshold_program(value_table, block_table, selection, DTYPE, False, ALIGNED,
+                                   BLOCK)
+    else:
+        _threshold_program(value_table, block_table, selection, DTYPE, WRITE_MASKS, ALIGNED,
+                           BLOCK)
+
+
+@device_function
+def _threshold_program(value_table, block_table, selection, DTYPE: tl.constexpr,
+                       WRITE_MASKS: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     tensor = tl.load(block_table + 2 * pid).to(tl.int64)
     start = tl.load(block_table + 2 * pid + 1).to(tl.int64) * BLOCK
