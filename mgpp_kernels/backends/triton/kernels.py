@@ -281,11 +281,11 @@ def prepare_kernel(prepare_table, scalars, host_steps_offset, grad_scale, rows, 
     # The prior's six scalars (on/off, c1, c2, 1/n, 1/σ0², 1/σ1²), in the same order in both.
     for j in tl.static_range(6):
         prior_scalar = tl.load(s + S_PRIOR_ON + j, mask=valid, other=0.0)
-        if SCHEDULED:
+        if SCHEDULED:   # this t's on/off (times the group's) and c1, from the step's row
             if j == 0:
                 prior_scalar = prior_scalar * tl.load(current + C_PRIOR_ON)
             if j == 1:
-                prior_scalar = prior_scalar * 0.0 + tl.load(current + C_C1)
+                prior_scalar = tl.where(valid, tl.load(current + C_C1), 0.0)
         tl.store(row + R_PRIOR_ON + j, prior_scalar.to(tl.float32), mask=valid)
 
 
