@@ -131,7 +131,7 @@ class MGPP(Optimizer):
         self._backend = _bind_backend(backend, _first_device(params))
         if capturable and self._backend is not None and not self._backend.schedules_on_device:
             raise ValueError(f"capturable=True needs a backend that keeps the schedule and "
-                             f"GradScaler's found_inf on the device (triton); the "
+                             f"GradScaler's found_inf on the device (cpu, cuda, triton); the "
                              f"{self._backend.name} backend reads them on the host")
         self._sharding = Sharding(group=process_group)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, prune=False)
@@ -246,7 +246,11 @@ class MGPP(Optimizer):
                                         group["weight_decay"], read_tensor_lr=False)
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        if found_inf is not None and self._backend.schedules_on_device:
+        # Reading found_inf on the host would wait for the device where the backend keeps its
+        # step counts on it (cuda, triton); the cpu backend reads it for free and keeps its
+        # host schedule (and one-pass events) unless capturable=True.
+        if (found_inf is not None and self._backend.schedules_on_device
+                and self._backend.steps_on_device):
             self._schedule_on_device = True
         # Each parameter's local tensor, made once: a backend tells the candidates it updated
         # from the others by identity (DTensor.to_local() returns a new object on every call).
@@ -307,6 +311,7 @@ class MGPP(Optimizer):
         tau = torch.zeros((), dtype=torch.float32, device=device)
         if self._last_threshold is not None:
             tau.copy_(self._last_threshold.tau)
+            selection[SELECTION.index("key")].copy_(tau.view(torch.int32))
             selection[SELECTION.index("below")].copy_(self._last_threshold.below)
         for p, local_p in zip(candidates, local_candidates):
             if "keep_mask" not in self.state[p]:

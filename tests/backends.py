@@ -13,6 +13,8 @@ Capabilities of a row:
 - dtypes: the parameter dtypes it takes.
 - ranks_across_processes: it takes process_group= and sharded DTensors (one τ over all ranks).
 - exact_resume: a run resumed from a state_dict equals the uninterrupted run bit for bit.
+- schedules_on_device: capturable=True; its kernels read the schedule position and GradScaler's
+  found_inf on the device (tests/test_device_schedule.py).
 - slow: its kernels run through the Triton interpreter (about 25 ms per program instance), so
   suites give it small shapes and fewer cases (`row.pick(all_cases, small_cases)`); also the
   `slow` marker, so `pytest -m "not slow"` leaves it out.
@@ -38,6 +40,7 @@ class Row:
     dtypes: tuple[torch.dtype, ...]
     ranks_across_processes: bool
     exact_resume: bool
+    schedules_on_device: bool
     slow: bool
     unavailable: str | None
 
@@ -81,6 +84,8 @@ NOT_YET = {
     "ranks_across_processes": "process_group= and sharded DTensors need a backend that ranks "
                               "candidates across processes (not supported yet on this backend)",
     "exact_resume": "a resumed run is not bit-identical to the uninterrupted one",
+    "schedules_on_device": "the oracle follows the schedule on the host (capturable=True is an "
+                           "error there)",
 }
 
 
@@ -111,13 +116,17 @@ def _rows() -> tuple[Row, ...]:
     triton_device, triton_unavailable = _triton_device()
     return (
         Row("reference", device="cpu", dtypes=KERNEL_DTYPES + (torch.float64,),
-            ranks_across_processes=True, exact_resume=True, slow=False, unavailable=None),
+            ranks_across_processes=True, exact_resume=True, schedules_on_device=False,
+            slow=False, unavailable=None),
         Row("cpu", device="cpu", dtypes=KERNEL_DTYPES, ranks_across_processes=True,
-            exact_resume=True, slow=False, unavailable=_unavailable("cpu")),
+            exact_resume=True, schedules_on_device=True, slow=False,
+            unavailable=_unavailable("cpu")),
         Row("triton", device=triton_device, dtypes=KERNEL_DTYPES, ranks_across_processes=True,
-            exact_resume=True, slow=triton_device == "cpu", unavailable=triton_unavailable),
+            exact_resume=True, schedules_on_device=True, slow=triton_device == "cpu",
+            unavailable=triton_unavailable),
         Row("cuda", device="cuda", dtypes=KERNEL_DTYPES, ranks_across_processes=True,
-            exact_resume=True, slow=False, unavailable=_unavailable("cuda")),
+            exact_resume=True, schedules_on_device=True, slow=False,
+            unavailable=_unavailable("cuda")),
     )
 
 

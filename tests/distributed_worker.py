@@ -8,7 +8,7 @@ Every rank runs, in order, and saves what it holds to OUT/<scenario>_rank<r>.pt:
   parameters, updates this rank's shards and ranks τ over every rank's (the device mesh's group).
 - "shards_<backend>": plain tensors, each rank holding a shard of the candidates, MGPP given
   process_group=; rank 1 holds only bfloat16 candidates, rank 0 float32 and bfloat16 ones.
-  "shards_triton_capturable": the same on triton with the schedule on the device.
+  "shards_<backend>_capturable": the same with the schedule on the device (cpu, triton).
 
 The single-process runs the test compares with are built from the same functions.
 """
@@ -36,6 +36,9 @@ GLOBAL_BATCH = 8
 # The rows of tests/backends.py that rank across processes and run here on CPU tensors (gloo).
 BACKENDS = tuple(row.name for row in backends.ROWS if row.ranks_across_processes
                  and row.device == "cpu" and row.unavailable is None)
+# Those that also run with the schedule on the device (capturable=True).
+DEVICE_SCHEDULE_BACKENDS = tuple(name for name in BACKENDS
+                                 if backends.BY_NAME[name].schedules_on_device)
 
 
 # ---- a model trained on data-parallel batches (DDP and FSDP2) ----------------------------------
@@ -203,8 +206,8 @@ def main(out: Path) -> None:
         for backend in BACKENDS:
             run_fsdp(rank, out, backend)
             run_shards(rank, out, backend)
-        if "triton" in BACKENDS:
-            run_shards(rank, out, "triton", capturable=True)
+        for backend in DEVICE_SCHEDULE_BACKENDS:
+            run_shards(rank, out, backend, capturable=True)
         dist.barrier()
     finally:
         dist.destroy_process_group()

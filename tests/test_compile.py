@@ -55,6 +55,15 @@ def test_fake_implementations_check_what_they_can():
         with pytest.raises(ValueError, match="one per tensor"):
             torch.ops.mgpp.apply_threshold_(params, [torch.zeros(5, dtype=torch.uint8)],
                                             torch.zeros(3, dtype=torch.int64))
+        with pytest.raises(ValueError, match="current must be a float64 tensor of 5"):
+            torch.ops.mgpp.fused_step_(params, grads, *rest, torch.zeros(4, dtype=torch.float64))
+        with pytest.raises(ValueError, match="current must be"):
+            torch.ops.mgpp.apply_threshold_(params, [], torch.zeros(3, dtype=torch.int64),
+                                            torch.zeros(5, dtype=torch.float32))
+        with pytest.raises(ValueError, match="table must be"):
+            torch.ops.mgpp.schedule_step_(torch.zeros(3, 5, dtype=torch.float64),
+                                          torch.zeros((), dtype=torch.int64),
+                                          torch.zeros(5, dtype=torch.float64), None)
 
 
 @needs_ops
@@ -70,8 +79,13 @@ def test_opcheck():
     def masks():
         return [torch.zeros((p.numel() + 7) // 8, dtype=torch.uint8) for p in params]
 
+    table = torch.tensor([[1.0, -9.0, 0.0, 0.0], [1.0, -9.5, 20.0, 1.0]], dtype=torch.float64)
+    current = torch.tensor([1.0, -9.5, 20.0, 1.0, 0.0], dtype=torch.float64)
     cases = {
         "fused_step_": step_inputs(),
+        "fused_step_ on the device schedule": (*step_inputs(), current),
+        "schedule_step_": (table, torch.tensor(1), torch.zeros(5, dtype=torch.float64),
+                           torch.tensor(0.0)),
         "abs_histogram_": (params, torch.zeros(HIGH_BINS, dtype=torch.int64), selection, 0),
         "radix_select_": (histogram, selection.clone(), 0),
         "apply_threshold_": ([p.clone() for p in params],
@@ -84,8 +98,8 @@ def test_opcheck():
         "prune_collected_": ([p.clone() for p in params], masks(), torch.tensor([3, 40]).int(),
                              torch.tensor([20, 0x3C000000, 0])),
     }
-    for name, args in cases.items():
-        torch.library.opcheck(getattr(torch.ops.mgpp, name).default, args)
+    for case, args in cases.items():
+        torch.library.opcheck(getattr(torch.ops.mgpp, case.split()[0]).default, args)
 
 
 @needs_ops

@@ -57,7 +57,8 @@ def test_layout_exports_the_header_constants():
     """csrc/core/layout.h as mgpp_kernels/ops/layout.py checks it at import."""
     assert torch.ops.mgpp.layout() == (
         "step_scalars=lr,beta1,beta2,eps,weight_decay,prior_on,c1,c2,inv_n,inv_sigma0_sq,"
-        "inv_sigma1_sq;high_bins=65536;low_bins=32768;selection=rank,key,below")
+        "inv_sigma1_sq;high_bins=65536;low_bins=32768;selection=rank,key,below;"
+        "schedule=prior_on,c1,k,freeze")
 
 
 def test_build_info_names_the_cpu_target():

@@ -1,6 +1,9 @@
-"""The schedule on the device (docs/spec.md §2, the triton backend): with capturable=True, or once a
-GradScaler hands step() its found_inf, the kernels read t, λ_t, the event's k and found_inf on the
-device. Checked here (through the interpreter, or on a GPU):
+"""The schedule on the device (docs/spec.md §2; the cpu, cuda and triton backends): with
+capturable=True, or (cuda, triton) once a GradScaler hands step() its found_inf, the kernels read
+t, λ_t, the event's k and found_inf on the device. Checked here for every backend of the table
+that schedules on the device (triton through the interpreter or on a GPU; cpu through the same
+torch.ops.mgpp ops as cuda, whose CUDA kernels read the step's row as csrc/tests/
+test_cuda_emulated.cpp checks):
 
 - the run equals the host-scheduled run bit for bit through every stage, with skipped steps at an
   event, at the freeze and after it, mixed dtypes and a candidate without a gradient;
@@ -14,6 +17,7 @@ device. Checked here (through the interpreter, or on a GPU):
 from __future__ import annotations
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -26,9 +30,8 @@ import backends
 from compare import assert_bitwise_equal, assert_runs_identical
 from helpers import SCHEDULE, build_optimizer, clone_params, gradient, make_params, run_steps
 
-TRITON = backends.BY_NAME["triton"]
-pytestmark = TRITON.marks()
-DEVICE = TRITON.device
+ROWS = [row for row in backends.KERNELS if row.schedules_on_device]
+OVER_ROWS = pytest.mark.parametrize("row", backends.params(ROWS))
 
 # Candidates in three dtypes (4097: a full and a tail block), one non-candidate.
 SHAPES = [(33, 65), (7,), (1,), (4097,), (13,)]
@@ -49,8 +52,9 @@ def run_on_device(optimizer, params, stop, start=0, skipped=SKIPPED_AT_T, grads=
     (scale 2^10, exact), with one extra skipped step (inf gradients, found_inf = 1) before each t
     in `skipped`; parameter i has a gradient at t where grads(t, i). The gradients, the scale and
     found_inf are written in place, as in a captured graph. Returns the number of step() calls."""
-    scale = torch.tensor(1024.0, device=DEVICE)
-    found_inf = torch.tensor(0.0, device=DEVICE)
+    device = params[0].device
+    scale = torch.tensor(1024.0, device=device)
+    found_inf = torch.tensor(0.0, device=device)
     calls = 0
     for t in range(start, stop):
         for skip in ((True, False) if t in skipped else (False,)):
@@ -76,9 +80,9 @@ def run_on_device(optimizer, params, stop, start=0, skipped=SKIPPED_AT_T, grads=
     return calls
 
 
-def host_run(stop, lr=1e-3):
-    params = make_params(SHAPES, DTYPES, seed=5, device=DEVICE)
-    optimizer = build_optimizer(params, TRITON, PRUNE, lr=lr)
+def host_run(row, stop, lr=1e-3):
+    params = make_params(SHAPES, DTYPES, seed=5, device=row.device)
+    optimizer = build_optimizer(params, row, PRUNE, lr=lr)
     run_steps(optimizer, params, 0, stop, has_grad=has_grad)
     return params, optimizer
 
@@ -92,10 +96,11 @@ def assert_same_schedule_view(a, b):
         assert_bitwise_equal(entry_a[key].cpu(), entry_b[key].cpu(), key)
 
 
-def test_capturable_run_equals_the_host_run_bit_for_bit():
-    expected_params, expected = host_run(SCHEDULE["total_steps"])
-    params = make_params(SHAPES, DTYPES, seed=5, device=DEVICE)
-    optimizer = build_optimizer(params, TRITON, PRUNE, capturable=True)
+@OVER_ROWS
+def test_capturable_run_equals_the_host_run_bit_for_bit(row):
+    expected_params, expected = host_run(row, SCHEDULE["total_steps"])
+    params = make_params(SHAPES, DTYPES, seed=5, device=row.device)
+    optimizer = build_optimizer(params, row, PRUNE, capturable=True)
     calls = run_on_device(optimizer, params, SCHEDULE["total_steps"])
     assert calls == SCHEDULE["total_steps"] + len(SKIPPED_AT_T)
     assert_runs_identical(params, optimizer, expected_params, expected)
@@ -103,35 +108,53 @@ def test_capturable_run_equals_the_host_run_bit_for_bit():
     assert optimizer.stats()["stage"] == "frozen"
 
 
-def test_found_inf_moves_the_schedule_to_the_device():
+@OVER_ROWS
+def test_found_inf_moves_the_schedule_to_the_device_where_steps_live_there(row):
     """Without capturable=True, the first step with found_inf moves t to the device (from the
-    host's position) and the run goes on exactly as on the host."""
-    expected_params, expected = host_run(SCHEDULE["total_steps"])
-    params = make_params(SHAPES, DTYPES, seed=5, device=DEVICE)
-    optimizer = build_optimizer(params, TRITON, PRUNE)
+    host's position) on a backend that keeps its step counts there (reading found_inf on the
+    host would wait for the device), and the run goes on exactly as on the host. The cpu backend
+    reads found_inf for free and keeps the host schedule."""
+    expected_params, expected = host_run(row, SCHEDULE["total_steps"])
+    params = make_params(SHAPES, DTYPES, seed=5, device=row.device)
+    optimizer = build_optimizer(params, row, PRUNE)
     run_steps(optimizer, params, 0, 10, has_grad=has_grad)
     assert optimizer._device_schedule is None
     run_on_device(optimizer, params, SCHEDULE["total_steps"], start=10)
-    assert optimizer._device_schedule is not None
+    assert (optimizer._device_schedule is not None) == row.load().steps_on_device
     assert_runs_identical(params, optimizer, expected_params, expected)
     assert_same_schedule_view(optimizer, expected)
 
 
-def test_step_reads_nothing_on_the_host_with_a_skipping_grad_scaler(forbid_host_reads,
+def _backend_files(row) -> list[str]:
+    """The Python files of a backend, which step() runs through."""
+    if row.name == "triton":
+        from mgpp_kernels.backends.triton import backend, kernels
+        return [backend.__file__, kernels.__file__]
+    from mgpp_kernels import ops
+    from mgpp_kernels.backends import kernel_ops
+    module = importlib.import_module(f"mgpp_kernels.backends.{row.name}")
+    return [kernel_ops.__file__, module.__file__, ops.__file__]
+
+
+@OVER_ROWS
+def test_step_reads_nothing_on_the_host_with_a_skipping_grad_scaler(row, forbid_host_reads,
                                                                      monkeypatch):
     from mgpp_kernels import config, optimizer as optimizer_module, schedule, sharding
-    from mgpp_kernels.backends.triton import backend, kernels
+    device = row.device
 
     def train(with_scaler):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(),
-                                    torch.nn.Linear(32, 4)).to(DEVICE)
+                                    torch.nn.Linear(32, 4)).to(device)
+        # The cpu backend takes the device schedule when asked; cuda and triton take it from
+        # the GradScaler's first found_inf.
         optimizer = MGPP([{"params": [model[0].weight, model[2].weight], "prune": True},
                           {"params": [model[0].bias, model[2].bias]}], lr=1e-2,
-                         backend="triton", num_train_examples=100, initial_warmup_steps=2,
-                         total_steps=10, final_warmup_steps=2, pruning_interval=2)
-        scaler = torch.amp.GradScaler(DEVICE, init_scale=2.0 ** 12, growth_interval=1000)
-        inputs = torch.randn(12, 8, 16, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+                         backend=row.name, num_train_examples=100, initial_warmup_steps=2,
+                         total_steps=10, final_warmup_steps=2, pruning_interval=2,
+                         capturable=with_scaler and row.name == "cpu")
+        scaler = torch.amp.GradScaler(device, init_scale=2.0 ** 12, growth_interval=1000)
+        inputs = torch.randn(12, 8, 16, generator=torch.Generator().manual_seed(1)).to(device)
         for iteration in range(12):
             skipped = iteration in (2, 8)   # at t_i = 2 (an event) and at the freeze, t = 7
             if skipped and not with_scaler:
@@ -151,7 +174,7 @@ def test_step_reads_nothing_on_the_host_with_a_skipping_grad_scaler(forbid_host_
 
     expected_model, expected = train(with_scaler=False)
     forbid_host_reads([optimizer_module.__file__, schedule.__file__, sharding.__file__,
-                       config.__file__, backend.__file__, kernels.__file__, layout.__file__])
+                       config.__file__, layout.__file__] + _backend_files(row))
     model, optimizer = train(with_scaler=True)
     monkeypatch.undo()   # stats() and state_dict() may read the device
     assert optimizer._device_schedule is not None
@@ -189,21 +212,49 @@ class LaunchRecorder:
         return launches
 
 
+class OpsRecorder:
+    """Wraps every torch.ops.mgpp wrapper of mgpp_kernels.ops that the cpu and cuda backends
+    call and records each call: the op and its arguments, a tensor as (address, dtype, shape)."""
+
+    def __init__(self, monkeypatch):
+        from mgpp_kernels import ops
+        self.launches = []
+        for name in ("schedule_step_", "fused_step_", "abs_histogram_", "radix_select_",
+                     "apply_threshold_", "partition_at_bin_", "prune_collected_"):
+            monkeypatch.setattr(ops, name, self._recording(name, getattr(ops, name)))
+
+    def _recording(self, name, op):
+        def call(*args, **kwargs):
+            self.launches.append((name, (), tuple(map(_recorded, args)),
+                                  tuple(sorted((k, _recorded(v)) for k, v in kwargs.items()))))
+            return op(*args, **kwargs)
+        return call
+
+    def take(self):
+        launches, self.launches = self.launches, []
+        return launches
+
+
 def _recorded(value):
     if isinstance(value, torch.Tensor):
         return ("tensor", value.data_ptr(), value.dtype, tuple(value.shape))
+    if isinstance(value, (list, tuple)):
+        return tuple(map(_recorded, value))
     return value
 
 
-def test_every_step_launches_the_same_kernels_on_the_same_memory(monkeypatch):
+@OVER_ROWS
+def test_every_step_launches_the_same_kernels_on_the_same_memory(row, monkeypatch):
     """What a CUDA graph replays: after the first step (which builds the tables), each step's
-    launches, grids, addresses and scalar arguments are the same, through events, the freeze,
-    the frozen stage and skipped steps, with lr a tensor that changes in place. The step's row
-    written on the device equals the host's schedule (float64), with the skip flag."""
-    recorder = LaunchRecorder(monkeypatch)
-    params = make_params(SHAPES, DTYPES, seed=5, device=DEVICE)
-    lr = torch.tensor(1e-3, device=DEVICE)
-    optimizer = build_optimizer(params, TRITON, PRUNE, capturable=True, lr=lr)
+    launches (Triton kernels, or torch.ops.mgpp ops), grids, addresses and scalar arguments are
+    the same, through events, the freeze, the frozen stage and skipped steps, with lr a tensor
+    that changes in place. The step's row written on the device equals the host's schedule
+    (float64), with the skip flag."""
+    triton = row.name == "triton"
+    recorder = LaunchRecorder(monkeypatch) if triton else OpsRecorder(monkeypatch)
+    params = make_params(SHAPES, DTYPES, seed=5, device=row.device)
+    lr = torch.tensor(1e-3, device=row.device)
+    optimizer = build_optimizer(params, row, PRUNE, capturable=True, lr=lr)
     rows = device_schedule_rows(optimizer.config, sum(p.numel() for p in params[:4]))
     sequences, rows_seen = [], []
 
@@ -218,19 +269,27 @@ def test_every_step_launches_the_same_kernels_on_the_same_memory(monkeypatch):
     run_on_device(optimizer, params, SCHEDULE["total_steps"], grads=lambda t, i: True,
                   on_step=on_step, lr_decay=lambda: lr.mul_(0.9))
     first, rest = sequences[0], sequences[1:]
-    assert [launch[0] for launch in first][:2] == ["schedule_kernel", "prepare_kernel"]
+    names = [launch[0] for launch in first]
+    assert names[:2] == (["schedule_kernel", "prepare_kernel"] if triton
+                         else ["schedule_step_", "fused_step_"])
+    assert "partition_at_bin_" not in names   # the one-pass event reads its bin on the host
     for index, sequence in enumerate(rest, start=1):
         assert sequence == first, f"step call {index} launches differently"
     for current, expected in rows_seen:
         assert current == expected
     # The step scalars come from the schedule's persistent buffer, staged once.
-    prepare = next(launch for launch in first if launch[0] == "prepare_kernel")
-    assert prepare[2][1] == _recorded(optimizer._device_schedule.scalars)
+    scalars = optimizer._device_schedule.scalars
+    if triton:
+        prepare = next(launch for launch in first if launch[0] == "prepare_kernel")
+        assert prepare[2][1] == _recorded(scalars)
+    else:
+        update = next(launch for launch in first if launch[0] == "fused_step_")
+        assert update[2][6][1] == scalars.data_ptr()
 
     # The same run with the schedule on the host (lr decayed alike, no skipped steps).
-    expected_params = make_params(SHAPES, DTYPES, seed=5, device=DEVICE)
-    expected_lr = torch.tensor(1e-3, device=DEVICE)
-    expected = build_optimizer(expected_params, TRITON, PRUNE, lr=expected_lr)
+    expected_params = make_params(SHAPES, DTYPES, seed=5, device=row.device)
+    expected_lr = torch.tensor(1e-3, device=row.device)
+    expected = build_optimizer(expected_params, row, PRUNE, lr=expected_lr)
     for t in range(SCHEDULE["total_steps"]):
         run_steps(expected, expected_params, t, t + 1)
         expected_lr.mul_(0.9)
@@ -238,17 +297,18 @@ def test_every_step_launches_the_same_kernels_on_the_same_memory(monkeypatch):
 
 
 @pytest.mark.parametrize("resume_capturable", [True, False], ids=["on_device", "on_host"])
-def test_a_device_schedule_state_dict_resumes_exactly(resume_capturable):
+@OVER_ROWS
+def test_a_device_schedule_state_dict_resumes_exactly(row, resume_capturable):
     """Saved at t = 20 (after skipped steps, before the freeze; every candidate holds its
     all-ones mask) and loaded into a fresh optimizer with the schedule on the device or on the
     host: the rest of the run equals the uninterrupted one."""
-    params = make_params(SHAPES, DTYPES, seed=5, device=DEVICE)
-    optimizer = build_optimizer(params, TRITON, PRUNE, capturable=True)
+    params = make_params(SHAPES, DTYPES, seed=5, device=row.device)
+    optimizer = build_optimizer(params, row, PRUNE, capturable=True)
     run_on_device(optimizer, params, 20)
     saved = copy.deepcopy(optimizer.state_dict())
     assert saved["mgpp"]["schedule_step"] == 20
     resumed_params = clone_params(params)
-    resumed = build_optimizer(resumed_params, TRITON, PRUNE, capturable=resume_capturable)
+    resumed = build_optimizer(resumed_params, row, PRUNE, capturable=resume_capturable)
     resumed.load_state_dict(saved)
     run_on_device(optimizer, params, SCHEDULE["total_steps"], start=20)
     if resume_capturable:
@@ -260,8 +320,8 @@ def test_a_device_schedule_state_dict_resumes_exactly(resume_capturable):
 
 
 def test_capturable_needs_a_backend_with_the_schedule_on_the_device():
-    for name in ("reference", "cpu"):
-        if name == "cpu" and backends.BY_NAME["cpu"].unavailable:
+    for row in backends.ROWS:
+        if row.schedules_on_device:
             continue
-        with pytest.raises(ValueError, match="capturable=True needs .*triton"):
-            build_optimizer(make_params([(4, 4)]), name, [True], capturable=True)
+        with pytest.raises(ValueError, match="capturable=True needs .*cpu, cuda, triton"):
+            build_optimizer(make_params([(4, 4)]), row, [True], capturable=True)

@@ -150,10 +150,10 @@ def test_fsdp2_shards_equal_single_process(ranks, backend):
 
 
 def sharded_scenarios():
-    """(backend, capturable): ranking_rows(), and triton with the schedule on the device."""
+    """(backend, capturable): ranking_rows(), and those with the schedule on the device."""
     params = [pytest.param(p.values[0], False, id=p.id, marks=p.marks) for p in ranking_rows()]
-    triton = next(p for p in params if p.values[0] == "triton")
-    return params + [pytest.param("triton", True, id="triton-capturable", marks=triton.marks)]
+    return params + [pytest.param(p.values[0], True, id=f"{p.id}-capturable", marks=p.marks)
+                     for p in params if backends.BY_NAME[p.values[0]].schedules_on_device]
 
 
 @pytest.mark.parametrize("backend,capturable", sharded_scenarios())
@@ -197,13 +197,14 @@ def test_kernel_backends_send_histograms_never_weights(ranks, backend):
 
 
 
-def test_the_device_schedule_all_reduces_histograms_at_every_step(ranks):
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_the_device_schedule_all_reduces_histograms_at_every_step(ranks, backend):
     """On the device schedule the host does not know which step prunes: both histograms are
     all-reduced at every step (zeros when it does not), N once; never a weight."""
-    if "triton" not in worker.BACKENDS:
-        pytest.skip("backend 'triton' does not rank across processes here")
+    if backend not in worker.DEVICE_SCHEDULE_BACKENDS:
+        pytest.skip(f"backend {backend!r} does not rank across processes here")
     steps = worker.SCHEDULE["total_steps"]
-    for rank, result in enumerate(ranks("shards_triton_capturable")):
+    for rank, result in enumerate(ranks(f"shards_{backend}_capturable")):
         assert sorted(result["collectives"]) == sorted(
             [("all_reduce", 1)] + [("all_reduce", HIGH_BINS), ("all_reduce", LOW_BINS)] * steps)
 

@@ -22,7 +22,7 @@ def test_gpu_run_dry_run_writes_every_measurement(tmp_path):
     for workload in ("bert-base candidates", "1B elements"):
         for precision in ("fp32", "bf16"):
             assert (workload, precision, "AdamW fused", False) in steps
-            for backend in ("cpu", "triton", "triton capturable"):
+            for backend in ("cpu", "cpu capturable", "triton", "triton capturable"):
                 for event in (False, True):
                     assert (workload, precision, f"MGPP {backend}", event) in steps
     assert all(r["ms"] > 0 and r["vs_fused_adamw"] > 0 for r in result["steps"])
@@ -30,9 +30,11 @@ def test_gpu_run_dry_run_writes_every_measurement(tmp_path):
     assert {r["method"] for r in result["selection"]} == {
         "torch.kthvalue", "torch.topk", "radix cpu", "radix triton"}
     # The dry run's stand-in for the graph (eager calls) runs the bookkeeping through the freeze.
-    graph = result["graph_replay"]
-    assert graph["identical"] and not graph["captured"]
-    assert graph["replayed_stats"]["stage"] == "frozen" and graph["replayed_stats"]["step"] == 12
+    assert [graph["backend"] for graph in result["graph_replay"]] == ["cpu", "triton"]
+    for graph in result["graph_replay"]:
+        assert graph["identical"] and not graph["captured"]
+        assert graph["replayed_stats"]["stage"] == "frozen"
+        assert graph["replayed_stats"]["step"] == 12
     table = (tmp_path / "gpu_bench.md").read_text()
     assert "| bert-base candidates | bf16 | MGPP triton | yes |" in table
     assert "| bert-base candidates | bf16 | MGPP triton capturable | yes |" in table

@@ -9,8 +9,8 @@ layers per rank): a step without and with a pruning event, τ selection against 
 torch.topk on the same weights (same τ asserted), effective GB/s against the device-to-device copy
 bandwidth measured in the same run, whether step() synchronises with the host under a GradScaler
 (torch.cuda.set_sync_debug_mode("error")), and whether a CUDA graph of one captured step of
-MGPP triton with capturable=True, replayed through events, skipped steps and the freeze, equals
-eager steps bit for bit (and how long a replay takes). Writes OUT_DIR/gpu_bench.json and
+MGPP cuda and of MGPP triton with capturable=True, replayed through events, skipped steps and the
+freeze, equals eager steps bit for bit (and how long a replay takes). Writes OUT_DIR/gpu_bench.json and
 OUT_DIR/gpu_bench.md and prints the table.
 
 --dry-run: tiny sizes on the CPU, the triton backend through the interpreter and the cpu backend
@@ -117,7 +117,8 @@ def step_rows(device, backends, dry_run, measure, bandwidth) -> list[dict]:
         for precision, dtype in DTYPES.items():
             # capturable=True takes GPU tensors only.
             peers = ["AdamW fused", "AdamW capturable"] if device.type == "cuda" else ["AdamW fused"]
-            for name in [*peers, *(f"MGPP {b}" for b in backends), "MGPP triton capturable"]:
+            mgpp = [f"MGPP {b}{suffix}" for b in backends for suffix in ("", " capturable")]
+            for name in [*peers, *mgpp]:
                 params = make_params(shapes, dtype, device)
                 events = [False, True] if name.startswith("MGPP") else [False]
                 for event in events:
@@ -200,8 +201,8 @@ GRAPH_WARMUP_STEPS = 3
 GRAPH_SKIPPED_CALLS = (5, 9)
 
 
-def graph_replay(device, dry_run, measure) -> dict:
-    """One step of MGPP triton (capturable=True, a GradScaler's scale and found_inf in static
+def graph_replay(device, backend, dry_run, measure) -> dict:
+    """One step of MGPP `backend` (capturable=True, a GradScaler's scale and found_inf in static
     tensors) captured in a CUDA graph after warm-up steps, replayed for every later step with new
     gradients copied into the static ones, against the same steps run eagerly: parameters and
     state bit for bit, and the time of a replay against an eager step. Without a GPU (the dry
@@ -216,7 +217,7 @@ def graph_replay(device, dry_run, measure) -> dict:
     for captured in (False, True):
         params = make_params(shapes, torch.float32, device, seed=2)
         optimizer = MGPP([{"params": params, "prune": True}], lr=1e-3, weight_decay=0.0,
-                         backend="triton", capturable=True, **schedule)
+                         backend=backend, capturable=True, **schedule)
         optimizer.grad_scale = torch.tensor(1.0, device=device)
         optimizer.found_inf = torch.tensor(0.0, device=device)
         generator.manual_seed(3)
@@ -239,7 +240,7 @@ def graph_replay(device, dry_run, measure) -> dict:
     identical = all(torch.equal(a, b) for a, b in zip(eager_params, graph_params)) and all(
         torch.equal(eager.state[a][key], graphed.state[b][key])
         for a, b in zip(eager_params, graph_params) for key in eager.state[a])
-    result = dict(captured=graph is not None, steps=calls, identical=identical,
+    result = dict(backend=backend, captured=graph is not None, steps=calls, identical=identical,
                   eager_stats=eager.stats(), replayed_stats=graphed.stats())
     if graph is not None:
         graphed.found_inf.fill_(1.0)   # timed replays skip: nothing moves
@@ -265,12 +266,13 @@ def markdown(result: dict) -> str:
     lines += ["", "| backend | host syncs in step() with a GradScaler |", "| --- | --- |"]
     lines += [f"| {r['backend']} | {r['syncs'] if r['syncs'] is not None else r['note']} |"
               for r in result["syncs"]]
-    graph = result["graph_replay"]
-    timing = (f", replay {graph['replay_ms']:.3f} ms vs eager step {graph['eager_ms']:.3f} ms "
-              f"(skipped steps)" if "replay_ms" in graph else "")
-    lines += ["", f"CUDA-graph replay of MGPP triton (capturable=True), {graph['steps']} step "
-                  f"calls: captured {graph['captured']}, bit-identical to eager "
-                  f"{graph['identical']}{timing}"]
+    lines.append("")
+    for graph in result["graph_replay"]:
+        timing = (f", replay {graph['replay_ms']:.3f} ms vs eager step {graph['eager_ms']:.3f} "
+                  f"ms (skipped steps)" if "replay_ms" in graph else "")
+        lines.append(f"CUDA-graph replay of MGPP {graph['backend']} (capturable=True), "
+                     f"{graph['steps']} step calls: captured {graph['captured']}, bit-identical "
+                     f"to eager {graph['identical']}{timing}")
     return "\n".join(lines) + "\n"
 
 
@@ -299,15 +301,16 @@ def main(argv=None) -> int:
                   steps=step_rows(device, backends, args.dry_run, measure, bandwidth),
                   selection=selection_rows(device, backends, args.dry_run, measure),
                   syncs=sync_rows(device, backends),
-                  graph_replay=graph_replay(device, args.dry_run, measure))
+                  graph_replay=[graph_replay(device, b, args.dry_run, measure) for b in backends])
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     (output / "gpu_bench.json").write_text(json.dumps(result, indent=2))
     table = markdown(result)
     (output / "gpu_bench.md").write_text(table)
     print(table)
-    if not result["graph_replay"]["identical"]:
-        print("CUDA-graph replay differs from eager steps", file=sys.stderr)
+    differing = [g["backend"] for g in result["graph_replay"] if not g["identical"]]
+    if differing:
+        print(f"CUDA-graph replay differs from eager steps: {differing}", file=sys.stderr)
         return 1
     return 0
 

@@ -1,5 +1,5 @@
 // The data layout shared by the op layer, the kernels and Python: the order of the step scalars,
-// the radix bins and the selection slots. mgpp_kernels/ops/layout.py holds the Python copy and
+// the radix bins, the selection slots and the device schedule's columns. mgpp_kernels/ops/layout.py holds the Python copy and
 // checks it at import against torch.ops.mgpp.layout(), which csrc/ops/schema.cpp generates from
 // the lists below.
 #pragma once
@@ -32,12 +32,27 @@
   X(kSelKey, key)               \
   X(kSelBelow, below)
 
+// The schedule on the device (docs/spec.md §2; csrc/core/schedule.h): a float64 table of one row
+// per schedule position t in these columns, and the step's row ("current") copied from it, the
+// skip flag after the columns:
+//   prior_on: 1 while the prior is on, else 0;   c1: λ_t's constant;
+//   k: the event's rank (0: no event this step);  freeze: 1 at the event that freezes the mask;
+//   skip (current only): 1 when GradScaler's found_inf is nonzero (then k is 0).
+#define MGPP_SCHEDULE_COLUMNS(X) \
+  X(kSchedulePriorOn, prior_on)  \
+  X(kScheduleC1, c1)             \
+  X(kScheduleK, k)               \
+  X(kScheduleFreeze, freeze)
+
 namespace MGPP_NAMESPACE {
 
 #define MGPP_ENUMERATOR(enumerator, name) enumerator,
 enum StepScalar : int { MGPP_STEP_SCALARS(MGPP_ENUMERATOR) kNumStepScalars };
 enum SelectionSlot : int { MGPP_SELECTION_SLOTS(MGPP_ENUMERATOR) kNumSelectionSlots };
+enum ScheduleColumn : int { MGPP_SCHEDULE_COLUMNS(MGPP_ENUMERATOR) kNumScheduleColumns };
 #undef MGPP_ENUMERATOR
+constexpr int kCurrentSkip = kNumScheduleColumns;
+constexpr int kNumCurrentSlots = kNumScheduleColumns + 1;
 
 // The radix histogram of |θ|'s float32 key (bit 31, the sign, is never set): level 0 counts key
 // bits 30..15, level 1 bits 14..0.

@@ -30,6 +30,7 @@
 
 #include "../core/formats.h"
 #include "../core/layout.h"
+#include "../core/schedule.h"
 #include "../core/selection.h"
 #include "../core/step.h"
 #include "launch.h"
@@ -174,6 +175,7 @@ struct FusedStepArgs {
   const double* scalars;
   const float* grad_scale;
   unsigned long long* histogram;  // kHistHighBins int64 counters
+  const double* current;          // the step's row of the device schedule, or null
   int32_t first_block[kMaxTensors + 1];
   float step_value[kMaxTensors];
   int64_t numel[kMaxTensors];
@@ -191,6 +193,8 @@ struct FusedStepBlock {
   PriorConstants prior;
   float inv_grad_scale;
   int32_t prior_on;
+  int32_t skip;   // a skipped step on the device schedule: the block writes nothing
+  int32_t count;  // the block adds its updated |θ| to the histogram
   ChunkRange chunk;
 };
 
@@ -222,11 +226,14 @@ struct FusedStepKernel {
     if (a.histogram_mode == kSharedHistogram) zero_shared_histogram(th, kHistHighBins);
     if (th.thread() != 0) return;
     st.chunk = locate_chunk(a.first_block, a.numel, a.num_tensors, a.chunk_size, th.block());
+    st.skip = step_skipped(a.current);
+    st.count = a.histogram_mode != kNoHistogram && step_prunes(a.current);
+    if (st.skip) return;
     const int32_t slot = st.chunk.slot;
     const float* step = a.step[slot];
     st.adamw = adamw_scalars(a.scalars, static_cast<double>(step != nullptr ? *step : a.step_value[slot]));
-    st.prior = prior_constants(a.scalars);
-    st.prior_on = a.scalars[kPriorOn] != 0.0;
+    st.prior = step_prior(a.scalars, a.current);
+    st.prior_on = step_prior_on(a.scalars, a.current);
     st.inv_grad_scale = a.grad_scale != nullptr ? 1.0f / *a.grad_scale : 1.0f;
   }
 
@@ -254,6 +261,7 @@ struct FusedStepKernel {
 
   template <class Thread>
   static MGPP_HD void update(const Thread& th, const Args& a, const BlockState& st) {
+    if (st.skip) return;
     const int32_t slot = st.chunk.slot;
     const int64_t begin = st.chunk.begin;
     const int64_t end = st.chunk.end;
@@ -262,7 +270,7 @@ struct FusedStepKernel {
     ST* exp_avg = static_cast<ST*>(a.exp_avg[slot]);
     ST* exp_avg_sq = static_cast<ST*>(a.exp_avg_sq[slot]);
     const uint8_t* mask = a.keep_mask[slot];
-    const bool count = a.histogram_mode != kNoHistogram;
+    const bool count = st.count != 0;
     // 128-bit accesses when all four arrays are 16-byte aligned at the chunk's start (chunk sizes
     // are multiples of 16 bytes, so then every vector is aligned); a scalar loop does the rest.
     const bool aligned = aligned16(param + begin) && aligned16(grad + begin) &&
@@ -313,6 +321,7 @@ struct HistogramArgs {
   int64_t chunk_size;
   const int64_t* selection;       // level 1 counts the high bin of selection[kSelKey]
   unsigned long long* histogram;  // kHistHighBins (level 0) or kHistLowBins (level 1) counters
+  const double* current;          // the step's row of the device schedule, or null
   int32_t first_block[kMaxTensors + 1];
   int64_t numel[kMaxTensors];
   const void* data[kMaxTensors];
@@ -337,6 +346,7 @@ struct HistogramKernel {
 
   template <class Thread>
   static MGPP_HD void phase(int p, const Thread& th, const Args& a, BlockState& st) {
+    if (!step_prunes(a.current)) return;  // every thread of every phase: no event this step
     if (p == 0) {
       if (a.histogram_mode == kSharedHistogram) zero_shared_histogram(th, bins(a.level));
       if (th.thread() == 0) {
@@ -384,6 +394,7 @@ struct ThresholdArgs {
   int32_t num_tensors;
   int64_t chunk_size;
   const int64_t* selection;  // τ's key is selection[kSelKey]
+  const double* current;     // the step's row of the device schedule, or null
   int32_t first_block[kMaxTensors + 1];
   int64_t numel[kMaxTensors];
   void* data[kMaxTensors];
@@ -394,6 +405,7 @@ static_assert(sizeof(ThresholdArgs) <= kMaxArgBytes, "ThresholdArgs exceeds the 
 struct ThresholdBlock {
   ChunkRange chunk;
   uint32_t tau_key;
+  int32_t write_mask;  // on the device schedule, masks are written at the freeze only
 };
 
 template <class P>
@@ -406,10 +418,12 @@ struct ThresholdKernel {
 
   template <class Thread>
   static MGPP_HD void phase(int p, const Thread& th, const Args& a, BlockState& st) {
+    if (!step_prunes(a.current)) return;
     if (p == 0) {
       if (th.thread() == 0) {
         st.chunk = locate_chunk(a.first_block, a.numel, a.num_tensors, a.chunk_size, th.block());
         st.tau_key = static_cast<uint32_t>(a.selection[kSelKey]);
+        st.write_mask = step_freezes(a.current);
       }
     } else {
       apply(th, a, st);
@@ -421,7 +435,7 @@ struct ThresholdKernel {
   template <class Thread>
   static MGPP_HD void apply(const Thread& th, const Args& a, const BlockState& st) {
     T* data = static_cast<T*>(a.data[st.chunk.slot]);
-    uint8_t* mask = a.keep_mask[st.chunk.slot];
+    uint8_t* mask = st.write_mask ? a.keep_mask[st.chunk.slot] : nullptr;
     const int64_t begin = st.chunk.begin;
     const int64_t end = st.chunk.end;
     const bool aligned = aligned16(data + begin);
@@ -457,6 +471,7 @@ struct SelectArgs {
   const int64_t* histogram;
   int64_t* selection;
   int32_t level;
+  const double* current;  // the step's row of the device schedule, or null
 };
 
 struct SelectBlock {
@@ -475,6 +490,7 @@ struct SelectKernel {
 
   template <class Thread>
   static MGPP_HD void phase(int p, const Thread& th, const Args& a, BlockState& st) {
+    if (!step_prunes(a.current)) return;
     const uint32_t bins = a.level == 0 ? kHistHighBins : kHistLowBins;
     const uint32_t segments = static_cast<uint32_t>(th.block_dim());  // a power of two <= 1024
     const uint32_t segment_bins = bins / segments;
@@ -501,6 +517,31 @@ struct SelectKernel {
       before += a.histogram[bin];
     }
     record_bin(a.level, bin, before, selection);
+  }
+};
+
+// ---- the device schedule's step row -------------------------------------------------------------
+
+struct ScheduleArgs {
+  const double* table;  // rows × kNumScheduleColumns
+  int64_t rows;
+  int64_t* position;    // t
+  const float* found_inf;  // null without a GradScaler
+  double* current;      // kNumCurrentSlots
+};
+
+struct ScheduleBlock {};
+
+// One thread: write_step_row (csrc/core/schedule.h), before every other kernel of the step.
+struct ScheduleKernel {
+  using Args = ScheduleArgs;
+  using BlockState = ScheduleBlock;
+  static constexpr int kPhases = 1;
+  static constexpr int kMaxThreads = 1;
+
+  template <class Thread>
+  static MGPP_HD void phase(int, const Thread& th, const Args& a, BlockState&) {
+    if (th.thread() == 0) write_step_row(a.table, a.rows, a.position, a.found_inf, a.current);
   }
 };
 
@@ -548,6 +589,7 @@ inline std::vector<FusedStepArgs> plan_fused_step(const StepTensor* tensors, int
   common.scalars = launch.scalars;
   common.grad_scale = launch.grad_scale;
   common.histogram = reinterpret_cast<unsigned long long*>(launch.high_histogram);
+  common.current = launch.current;
   check_plan(common, max_tensors, common.histogram_mode == kSharedHistogram);
   std::vector<FusedStepArgs> launches;
   for (int64_t t = 0; t < count; ++t) {
@@ -568,7 +610,7 @@ inline std::vector<FusedStepArgs> plan_fused_step(const StepTensor* tensors, int
 
 inline std::vector<HistogramArgs> plan_histogram(const ValueTensor* tensors, int64_t count, int level,
                                                  const int64_t* selection, int64_t* histogram,
-                                                 int32_t histogram_mode,
+                                                 const double* current, int32_t histogram_mode,
                                                  int64_t chunk_size = kChunkSize,
                                                  int max_tensors = HistogramArgs::kMaxTensors) {
   if (level != 0 && level != 1) throw std::invalid_argument("mgpp: level must be 0 or 1");
@@ -578,6 +620,7 @@ inline std::vector<HistogramArgs> plan_histogram(const ValueTensor* tensors, int
   common.chunk_size = chunk_size;
   common.selection = selection;
   common.histogram = reinterpret_cast<unsigned long long*>(histogram);
+  common.current = current;
   check_plan(common, max_tensors, histogram_mode == kSharedHistogram);
   std::vector<HistogramArgs> launches;
   for (int64_t t = 0; t < count; ++t) {
@@ -590,11 +633,13 @@ inline std::vector<HistogramArgs> plan_histogram(const ValueTensor* tensors, int
 
 inline std::vector<ThresholdArgs> plan_threshold(const ValueTensor* tensors, uint8_t* const* keep_masks,
                                                  int64_t count, const int64_t* selection,
+                                                 const double* current,
                                                  int64_t chunk_size = kChunkSize,
                                                  int max_tensors = ThresholdArgs::kMaxTensors) {
   ThresholdArgs common{};
   common.chunk_size = chunk_size;
   common.selection = selection;
+  common.current = current;
   check_plan(common, max_tensors, false);
   std::vector<ThresholdArgs> launches;
   for (int64_t t = 0; t < count; ++t) {

@@ -110,29 +110,39 @@ void fused_step(const StepTensor* tensors, int64_t count, const StepLaunch& laun
 }
 
 void abs_histogram(const ValueTensor* tensors, int64_t count, DType dtype, int level,
-                   const int64_t* selection, int64_t* histogram, void* stream) {
+                   const int64_t* selection, int64_t* histogram, const double* current,
+                   void* stream) {
   const size_t counter_bytes = shared_histogram_bytes(level == 0 ? kHistHighBins : kHistLowBins);
   dispatch_dtype(dtype, [&](auto format) {
     using Kernel = HistogramKernel<decltype(format)>;
     const HistogramMode mode = histogram_mode<Kernel>(counter_bytes);
-    const auto launches = plan_histogram(tensors, count, level, selection, histogram, mode);
+    const auto launches = plan_histogram(tensors, count, level, selection, histogram, current, mode);
     launch_all<Kernel>(launches, mode == kSharedHistogram ? counter_bytes : 0, as_stream(stream));
   });
 }
 
-void radix_select(const int64_t* histogram, int level, int64_t* selection, void* stream) {
+void radix_select(const int64_t* histogram, int level, int64_t* selection, const double* current,
+                  void* stream) {
   if (level != 0 && level != 1) throw std::invalid_argument("mgpp: level must be 0 or 1");
   phased_kernel<SelectKernel><<<1, kSelectThreads, 0, as_stream(stream)>>>(
-      SelectArgs{histogram, selection, level});
+      SelectArgs{histogram, selection, level, current});
   check(cudaGetLastError(), "kernel launch");
 }
 
 void apply_threshold(const ValueTensor* tensors, uint8_t* const* keep_masks, int64_t count,
-                     DType dtype, const int64_t* selection, void* stream) {
+                     DType dtype, const int64_t* selection, const double* current, void* stream) {
   dispatch_dtype(dtype, [&](auto format) {
     using Kernel = ThresholdKernel<decltype(format)>;
-    launch_all<Kernel>(plan_threshold(tensors, keep_masks, count, selection), 0, as_stream(stream));
+    launch_all<Kernel>(plan_threshold(tensors, keep_masks, count, selection, current), 0,
+                       as_stream(stream));
   });
+}
+
+void schedule_step(const double* table, int64_t rows, int64_t* position, const float* found_inf,
+                   double* current, void* stream) {
+  phased_kernel<ScheduleKernel><<<1, ScheduleKernel::kMaxThreads, 0, as_stream(stream)>>>(
+      ScheduleArgs{table, rows, position, found_inf, current});
+  check(cudaGetLastError(), "kernel launch");
 }
 
 std::string build_info() {

@@ -30,26 +30,41 @@ struct StepLaunch {
   const double* scalars;     // kNumStepScalars float64 in StepScalar order (csrc/core/layout.h)
   const float* grad_scale;   // one float32; gradients are divided by it; null without a GradScaler
   int64_t* high_histogram;   // kHistHighBins counters to add |θ_new|'s level-0 bins to, or null
+  const double* current;     // the step's row of the device schedule (csrc/core/schedule.h), or
+                             // null: the host schedule
   void* stream;              // cudaStream_t
 };
 
 // Prior gradient + AdamW + frozen mask for every tensor (one dtype pair) in one pass. Throws
 // std::invalid_argument on an unknown dtype or a state dtype the kernels do not take.
+//
+// Every launcher below takes `current`, the step's row of the device schedule (device memory), or
+// null: with it the kernels read on the device whether the step is skipped, prunes or freezes
+// and the prior's c1 and on/off (csrc/core/schedule.h), so a step's launches do not depend on t.
 void fused_step(const StepTensor* tensors, int64_t count, const StepLaunch& launch);
 
 // Adds the radix histogram of |x| over the tensors: level 0 counts key_high_bin over all
 // elements (kHistHighBins counters); level 1 counts key_low_bin of the elements whose high bin is
 // key_high_bin(selection[kSelKey]) (kHistLowBins counters).
 void abs_histogram(const ValueTensor* tensors, int64_t count, DType dtype, int level,
-                   const int64_t* selection, int64_t* histogram, void* stream);
+                   const int64_t* selection, int64_t* histogram, const double* current,
+                   void* stream);
 
 // One radix selection level on the device: the same result as select_bin (csrc/core/selection.h).
-void radix_select(const int64_t* histogram, int level, int64_t* selection, void* stream);
+void radix_select(const int64_t* histogram, int level, int64_t* selection, const double* current,
+                  void* stream);
 
 // Zeroes |x| < τ (τ's key is selection[kSelKey]); when keep_masks is not null, also writes each
 // tensor's packed keep mask (ceil(numel/8) bytes).
+// On the device schedule the masks are written at the freeze only.
 void apply_threshold(const ValueTensor* tensors, uint8_t* const* keep_masks, int64_t count,
-                     DType dtype, const int64_t* selection, void* stream);
+                     DType dtype, const int64_t* selection, const double* current, void* stream);
+
+// The first launch of a step on the device schedule (one thread): write_step_row from `table`
+// (rows × kNumScheduleColumns float64) at t = *position into `current`, skipping when found_inf
+// (one float32, or null) is nonzero.
+void schedule_step(const double* table, int64_t rows, int64_t* position, const float* found_inf,
+                   double* current, void* stream);
 
 // "cuda kernels: CUDA <runtime version>, nvcc <version>, sm_<each arch>", as built.
 std::string build_info();

@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "../core/schedule.h"
 #include "../cpu/kernels.h"
 #include "checks.h"
 
@@ -27,6 +28,21 @@ Tensor checked_histogram(const Tensor& histogram, uint32_t bins) {
   return histogram;
 }
 
+// The step's row of the device schedule (csrc/core/schedule.h). It lives in host memory here, so
+// the ops read it directly.
+double* current_data(const Tensor& current) {
+  TORCH_CHECK_VALUE(current.device().is_cpu() && current.scalar_type() == at::kDouble &&
+                        current.is_contiguous() && current.numel() == kNumCurrentSlots,
+                    "mgpp: current must be a contiguous CPU float64 tensor of ", kNumCurrentSlots,
+                    " elements");
+  return current.data_ptr<double>();
+}
+
+// Null without one: the host schedule.
+const double* current_data(const std::optional<Tensor>& current) {
+  return current.has_value() ? current_data(*current) : nullptr;
+}
+
 int64_t* selection_data(const Tensor& selection) {
   TORCH_CHECK_VALUE(selection.device().is_cpu() && selection.scalar_type() == at::kLong &&
                   selection.is_contiguous() && selection.numel() == kNumSelectionSlots,
@@ -39,7 +55,8 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                     at::TensorList exp_avg_sqs, at::TensorList state_steps,
                     at::TensorList keep_masks, const Tensor& scalars,
                     const std::optional<Tensor>& grad_scale,
-                    const std::optional<Tensor>& histogram) {
+                    const std::optional<Tensor>& histogram,
+                    const std::optional<Tensor>& current) {
   const size_t n = params.size();
   op_checks::check_step_lists(params, grads, exp_avgs, exp_avg_sqs, state_steps, keep_masks, kCpu);
   for (size_t i = 0; i < n; ++i) {
@@ -51,20 +68,22 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
               "mgpp: scalars must be a contiguous CPU float64 tensor of ", kNumStepScalars,
               " elements");
   const double* s = scalars.data_ptr<double>();
-
-  cpu::StepOptions options{};
-  options.prior_on = s[kPriorOn] != 0.0;
-  options.prior = prior_constants(s);
-  options.inv_grad_scale = 1.0f;
-  if (grad_scale.has_value()) {
-    TORCH_CHECK_VALUE(grad_scale->numel() == 1, "mgpp: grad_scale must hold one value");
-    options.inv_grad_scale = 1.0f / grad_scale->to(at::kFloat).item<float>();
-  }
-  options.num_threads = at::get_num_threads();
+  const double* row = current_data(current);
+  TORCH_CHECK_VALUE(!grad_scale.has_value() || grad_scale->numel() == 1,
+                    "mgpp: grad_scale must hold one value");
   int64_t* hist = nullptr;
   if (histogram.has_value()) {
     hist = checked_histogram(*histogram, kHistHighBins).data_ptr<int64_t>();
   }
+  if (step_skipped(row)) return;
+  if (!step_prunes(row)) hist = nullptr;
+
+  cpu::StepOptions options{};
+  options.prior_on = step_prior_on(s, row);
+  options.prior = step_prior(s, row);
+  options.inv_grad_scale =
+      grad_scale.has_value() ? 1.0f / grad_scale->to(at::kFloat).item<float>() : 1.0f;
+  options.num_threads = at::get_num_threads();
 
   // The kernels take one (parameter dtype, state dtype) pair per call.
   std::map<std::pair<DType, DType>, std::vector<cpu::StepTensor>> by_dtype;
@@ -101,12 +120,14 @@ std::map<DType, std::vector<size_t>> indices_by_dtype(at::TensorList tensors, co
 }
 
 void abs_histogram_cpu(at::TensorList tensors, const Tensor& histogram, const Tensor& selection,
-                       int64_t level) {
+                       int64_t level, const std::optional<Tensor>& current) {
   TORCH_CHECK_VALUE(level == 0 || level == 1, "mgpp: level must be 0 or 1, got ", level);
   int64_t* hist =
       checked_histogram(histogram, level == 0 ? kHistHighBins : kHistLowBins).data_ptr<int64_t>();
   const uint32_t high_bin = key_high_bin(static_cast<uint32_t>(selection_data(selection)[kSelKey]));
-  for (const auto& [dtype, indices] : indices_by_dtype(tensors, "tensors")) {
+  const auto groups = indices_by_dtype(tensors, "tensors");
+  if (!step_prunes(current_data(current))) return;
+  for (const auto& [dtype, indices] : groups) {
     std::vector<ValueTensor> views;
     for (size_t i : indices) views.push_back({tensors[i].data_ptr(), tensors[i].numel()});
     cpu::count_histogram(views.data(), static_cast<int64_t>(views.size()), dtype,
@@ -114,10 +135,13 @@ void abs_histogram_cpu(at::TensorList tensors, const Tensor& histogram, const Te
   }
 }
 
-void radix_select_cpu(const Tensor& histogram, const Tensor& selection, int64_t level) {
+void radix_select_cpu(const Tensor& histogram, const Tensor& selection, int64_t level,
+                      const std::optional<Tensor>& current) {
   TORCH_CHECK_VALUE(level == 0 || level == 1, "mgpp: level must be 0 or 1, got ", level);
   const Tensor hist = checked_histogram(histogram, level == 0 ? kHistHighBins : kHistLowBins);
-  select_bin(hist.data_ptr<int64_t>(), static_cast<int>(level), selection_data(selection));
+  int64_t* state = selection_data(selection);
+  if (!step_prunes(current_data(current))) return;
+  select_bin(hist.data_ptr<int64_t>(), static_cast<int>(level), state);
 }
 
 void check_masks(at::TensorList tensors, at::TensorList keep_masks) {
@@ -129,17 +153,21 @@ void check_masks(at::TensorList tensors, at::TensorList keep_masks) {
 }
 
 void apply_threshold_cpu(at::TensorList tensors, at::TensorList keep_masks,
-                         const Tensor& selection) {
+                         const Tensor& selection, const std::optional<Tensor>& current) {
   check_masks(tensors, keep_masks);
   const uint32_t tau_key = static_cast<uint32_t>(selection_data(selection)[kSelKey]);
-  for (const auto& [dtype, indices] : indices_by_dtype(tensors, "tensors")) {
+  const auto groups = indices_by_dtype(tensors, "tensors");
+  const double* row = current_data(current);
+  if (!step_prunes(row)) return;
+  const bool write_masks = !keep_masks.empty() && step_freezes(row);
+  for (const auto& [dtype, indices] : groups) {
     std::vector<ValueTensor> views;
     std::vector<uint8_t*> masks;
     for (size_t i : indices) {
       views.push_back({tensors[i].data_ptr(), tensors[i].numel()});
-      if (!keep_masks.empty()) masks.push_back(keep_masks[i].data_ptr<uint8_t>());
+      if (write_masks) masks.push_back(keep_masks[i].data_ptr<uint8_t>());
     }
-    cpu::apply_threshold(views.data(), keep_masks.empty() ? nullptr : masks.data(),
+    cpu::apply_threshold(views.data(), write_masks ? masks.data() : nullptr,
                          static_cast<int64_t>(views.size()), dtype, tau_key,
                          at::get_num_threads());
   }
@@ -218,6 +246,28 @@ void prune_collected_cpu(at::TensorList tensors, at::TensorList keep_masks,
                        at::get_num_threads());
 }
 
+void schedule_step_cpu(const Tensor& table, const Tensor& position, const Tensor& current,
+                       const std::optional<Tensor>& found_inf) {
+  TORCH_CHECK_VALUE(table.device().is_cpu() && table.scalar_type() == at::kDouble &&
+                        table.is_contiguous() && table.dim() == 2 && table.size(0) >= 1 &&
+                        table.size(1) == kNumScheduleColumns,
+                    "mgpp: table must be a contiguous CPU float64 tensor of shape (rows >= 1, ",
+                    kNumScheduleColumns, ")");
+  TORCH_CHECK_VALUE(position.device().is_cpu() && position.scalar_type() == at::kLong &&
+                        position.numel() == 1,
+                    "mgpp: position must be a CPU int64 tensor of one element");
+  double* row = current_data(current);
+  float inf_found = 0.0f;
+  if (found_inf.has_value()) {
+    TORCH_CHECK_VALUE(found_inf->device().is_cpu() && found_inf->numel() == 1 &&
+                          found_inf->is_floating_point(),
+                      "mgpp: found_inf must be a floating CPU tensor of one element");
+    inf_found = found_inf->to(at::kFloat).item<float>();
+  }
+  write_step_row(table.data_ptr<double>(), table.size(0), position.data_ptr<int64_t>(),
+                 found_inf.has_value() ? &inf_found : nullptr, row);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mgpp, CPU, m) {
@@ -225,6 +275,7 @@ TORCH_LIBRARY_IMPL(mgpp, CPU, m) {
   m.impl("abs_histogram_", &abs_histogram_cpu);
   m.impl("radix_select_", &radix_select_cpu);
   m.impl("apply_threshold_", &apply_threshold_cpu);
+  m.impl("schedule_step_", &schedule_step_cpu);
   m.impl("partition_at_bin_", &partition_at_bin_cpu);
   m.impl("prune_collected_", &prune_collected_cpu);
 }

@@ -8,6 +8,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/_foreach_add.h>
+#include <ATen/ops/rsub.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -39,11 +40,27 @@ void* current_stream(const at::Device& device) {
   return c10::cuda::getCurrentCUDAStream(device.index()).stream();
 }
 
+// The step's row of the device schedule (csrc/core/schedule.h) on `device`; the kernels read it.
+double* current_data(const Tensor& current, const at::Device& device) {
+  TORCH_CHECK_VALUE(current.device() == device && current.scalar_type() == at::kDouble &&
+                        current.is_contiguous() && current.numel() == kNumCurrentSlots,
+                    "mgpp: current must be a contiguous float64 tensor of ", kNumCurrentSlots,
+                    " elements on ", device, ", got ", current.scalar_type(), " on ",
+                    current.device());
+  return current.data_ptr<double>();
+}
+
+// Null without one: the host schedule.
+const double* current_data(const std::optional<Tensor>& current, const at::Device& device) {
+  return current.has_value() ? current_data(*current, device) : nullptr;
+}
+
 void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                      at::TensorList exp_avg_sqs, at::TensorList state_steps,
                      at::TensorList keep_masks, const Tensor& scalars,
                      const std::optional<Tensor>& grad_scale,
-                     const std::optional<Tensor>& histogram) {
+                     const std::optional<Tensor>& histogram,
+                     const std::optional<Tensor>& current) {
   const size_t n = params.size();
   TORCH_CHECK_VALUE(scalars.is_cuda() && scalars.scalar_type() == at::kDouble && scalars.is_contiguous() &&
                   scalars.numel() == kNumStepScalars,
@@ -63,13 +80,16 @@ void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   }
   op_checks::check_step_lists(params, grads, exp_avgs, exp_avg_sqs, state_steps, keep_masks,
                               device);
+  const double* row = current_data(current, device);
   for (size_t i = 0; i < n; ++i) {
     const Tensor& step = state_steps[i];
-    // A step count on the device is read by the kernels; one in host memory is read here.
+    // A step count on the device is read by the kernels; one in host memory is read here, which
+    // the device schedule cannot do (only the device knows whether the step is skipped).
     TORCH_CHECK_VALUE(step.device() == device ? step.scalar_type() == at::kFloat
-                                        : step.is_cpu() && step.is_floating_point(),
+                                              : row == nullptr && step.is_cpu() && step.is_floating_point(),
                 "mgpp: state_steps[", i, "] must be a float32 tensor on ", device,
-                " or a floating CPU tensor, got ", step.scalar_type(), " on ", step.device());
+                row == nullptr ? " or a floating CPU tensor" : " on the device schedule", ", got ",
+                step.scalar_type(), " on ", step.device());
   }
 
   const c10::cuda::CUDAGuard guard(device);
@@ -77,7 +97,14 @@ void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   for (const Tensor& step : state_steps) {
     if (step.is_cuda()) device_steps.push_back(step);
   }
-  if (!device_steps.empty()) at::_foreach_add_(device_steps, 1);
+  if (!device_steps.empty()) {
+    if (row != nullptr) {
+      // 1 − skip, on the device: a skipped step leaves the counts where they are.
+      at::_foreach_add_(device_steps, at::rsub(current->select(0, kCurrentSkip), 1).to(at::kFloat));
+    } else {
+      at::_foreach_add_(device_steps, 1);
+    }
+  }
 
   // One launcher call (a few launches) per (parameter dtype, state dtype) pair.
   std::map<std::pair<DType, DType>, std::vector<cuda::StepTensor>> by_dtype;
@@ -108,6 +135,7 @@ void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
     launch.scalars = scalars.data_ptr<double>();
     launch.grad_scale = scale.defined() ? scale.data_ptr<float>() : nullptr;
     launch.high_histogram = histogram.has_value() ? histogram->data_ptr<int64_t>() : nullptr;
+    launch.current = row;
     launch.stream = current_stream(device);
     cuda::fused_step(tensors.data(), static_cast<int64_t>(tensors.size()), launch);
   }
@@ -123,11 +151,12 @@ std::map<DType, std::vector<size_t>> indices_by_dtype(at::TensorList tensors, co
 }
 
 void abs_histogram_cuda(at::TensorList tensors, const Tensor& histogram, const Tensor& selection,
-                        int64_t level) {
+                        int64_t level, const std::optional<Tensor>& current) {
   check_counters(histogram, histogram_bins(level), "histogram");
   check_counters(selection, kNumSelectionSlots, "selection");
   const at::Device device = histogram.device();
   TORCH_CHECK_VALUE(selection.device() == device, "mgpp: selection must be on ", device);
+  const double* row = current_data(current, device);
   const auto groups = indices_by_dtype(tensors, device);
   const c10::cuda::CUDAGuard guard(device);
   for (const auto& [dtype, indices] : groups) {
@@ -135,28 +164,31 @@ void abs_histogram_cuda(at::TensorList tensors, const Tensor& histogram, const T
     for (size_t i : indices) views.push_back({tensors[i].data_ptr(), tensors[i].numel()});
     cuda::abs_histogram(views.data(), static_cast<int64_t>(views.size()), dtype,
                         static_cast<int>(level), selection.data_ptr<int64_t>(),
-                        histogram.data_ptr<int64_t>(), current_stream(device));
+                        histogram.data_ptr<int64_t>(), row, current_stream(device));
   }
 }
 
-void radix_select_cuda(const Tensor& histogram, const Tensor& selection, int64_t level) {
+void radix_select_cuda(const Tensor& histogram, const Tensor& selection, int64_t level,
+                       const std::optional<Tensor>& current) {
   check_counters(histogram, histogram_bins(level), "histogram");
   check_counters(selection, kNumSelectionSlots, "selection");
   const at::Device device = histogram.device();
   TORCH_CHECK_VALUE(selection.device() == device, "mgpp: selection must be on ", device);
+  const double* row = current_data(current, device);
   const c10::cuda::CUDAGuard guard(device);
   cuda::radix_select(histogram.data_ptr<int64_t>(), static_cast<int>(level),
-                     selection.data_ptr<int64_t>(), current_stream(device));
+                     selection.data_ptr<int64_t>(), row, current_stream(device));
 }
 
 void apply_threshold_cuda(at::TensorList tensors, at::TensorList keep_masks,
-                          const Tensor& selection) {
+                          const Tensor& selection, const std::optional<Tensor>& current) {
   TORCH_CHECK_VALUE(keep_masks.empty() || keep_masks.size() == tensors.size(),
               "mgpp: keep_masks must be empty or one per tensor");
   check_counters(selection, kNumSelectionSlots, "selection");
   const at::Device device = selection.device();
   for (size_t i = 0; i < keep_masks.size(); ++i) op_checks::check_mask(keep_masks[i], tensors[i], device, i);
   const auto groups = indices_by_dtype(tensors, device);
+  const double* row = current_data(current, device);
   const c10::cuda::CUDAGuard guard(device);
   for (const auto& [dtype, indices] : groups) {
     std::vector<ValueTensor> views;
@@ -167,8 +199,33 @@ void apply_threshold_cuda(at::TensorList tensors, at::TensorList keep_masks,
     }
     cuda::apply_threshold(views.data(), keep_masks.empty() ? nullptr : masks.data(),
                           static_cast<int64_t>(views.size()), dtype, selection.data_ptr<int64_t>(),
-                          current_stream(device));
+                          row, current_stream(device));
   }
+}
+
+void schedule_step_cuda(const Tensor& table, const Tensor& position, const Tensor& current,
+                        const std::optional<Tensor>& found_inf) {
+  const at::Device device = current.device();
+  TORCH_CHECK_VALUE(table.device() == device && table.scalar_type() == at::kDouble &&
+                        table.is_contiguous() && table.dim() == 2 && table.size(0) >= 1 &&
+                        table.size(1) == kNumScheduleColumns,
+                    "mgpp: table must be a contiguous float64 tensor of shape (rows >= 1, ",
+                    kNumScheduleColumns, ") on ", device);
+  TORCH_CHECK_VALUE(position.device() == device && position.scalar_type() == at::kLong &&
+                        position.numel() == 1,
+                    "mgpp: position must be an int64 tensor of one element on ", device);
+  double* row = current_data(current, device);
+  Tensor inf_found;
+  if (found_inf.has_value()) {
+    TORCH_CHECK_VALUE(found_inf->device() == device && found_inf->numel() == 1 &&
+                          found_inf->is_floating_point(),
+                      "mgpp: found_inf must be a floating tensor of one element on ", device);
+    inf_found = found_inf->to(at::kFloat).contiguous();
+  }
+  const c10::cuda::CUDAGuard guard(device);
+  cuda::schedule_step(table.data_ptr<double>(), table.size(0), position.data_ptr<int64_t>(),
+                      inf_found.defined() ? inf_found.data_ptr<float>() : nullptr, row,
+                      current_stream(device));
 }
 
 }  // namespace
@@ -178,6 +235,7 @@ TORCH_LIBRARY_IMPL(mgpp, CUDA, m) {
   m.impl("abs_histogram_", &abs_histogram_cuda);
   m.impl("radix_select_", &radix_select_cuda);
   m.impl("apply_threshold_", &apply_threshold_cuda);
+  m.impl("schedule_step_", &schedule_step_cuda);
 }
 
 }  // namespace mgpp

@@ -16,15 +16,18 @@ namespace mgpp {
 namespace {
 
 // The layout of csrc/core/layout.h as mgpp_kernels/ops/layout.py checks it at import:
-// "step_scalars=lr,beta1,...;high_bins=65536;low_bins=32768;selection=rank,key,below".
+// "step_scalars=lr,beta1,...;high_bins=65536;low_bins=32768;selection=rank,key,below;
+// schedule=prior_on,c1,k,freeze".
 std::string layout() {
 #define MGPP_NAME(enumerator, name) "," #name
   const std::string step_scalars = MGPP_STEP_SCALARS(MGPP_NAME);
   const std::string selection = MGPP_SELECTION_SLOTS(MGPP_NAME);
+  const std::string schedule = MGPP_SCHEDULE_COLUMNS(MGPP_NAME);
 #undef MGPP_NAME
   // Each list starts with the separator of its first name.
   return "step_scalars=" + step_scalars.substr(1) + ";high_bins=" + std::to_string(kHistHighBins) +
-         ";low_bins=" + std::to_string(kHistLowBins) + ";selection=" + selection.substr(1);
+         ";low_bins=" + std::to_string(kHistLowBins) + ";selection=" + selection.substr(1) +
+         ";schedule=" + schedule.substr(1);
 }
 
 std::string build_info() {
@@ -42,13 +45,26 @@ TORCH_LIBRARY(mgpp, m) {
   m.set_python_module("mgpp_kernels.ops");
   m.def("layout() -> str", &layout);
   m.def("build_info() -> str", &build_info);
+  // `current` (optional, float64, layout.h's kNumCurrentSlots): the step's row of the device
+  // schedule, read by the kernels (csrc/core/schedule.h); none: the host schedule.
   m.def(
       "fused_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] state_steps, Tensor[] keep_masks, Tensor scalars, "
-      "Tensor? grad_scale, Tensor(e!)? histogram) -> ()");
-  m.def("abs_histogram_(Tensor[] tensors, Tensor(a!) histogram, Tensor selection, int level) -> ()");
-  m.def("radix_select_(Tensor histogram, Tensor(a!) selection, int level) -> ()");
-  m.def("apply_threshold_(Tensor(a!)[] tensors, Tensor(b!)[] keep_masks, Tensor selection) -> ()");
+      "Tensor? grad_scale, Tensor(e!)? histogram, Tensor? current=None) -> ()");
+  m.def(
+      "abs_histogram_(Tensor[] tensors, Tensor(a!) histogram, Tensor selection, int level, "
+      "Tensor? current=None) -> ()");
+  m.def(
+      "radix_select_(Tensor histogram, Tensor(a!) selection, int level, "
+      "Tensor? current=None) -> ()");
+  m.def(
+      "apply_threshold_(Tensor(a!)[] tensors, Tensor(b!)[] keep_masks, Tensor selection, "
+      "Tensor? current=None) -> ()");
+  // The first op of a step on the device schedule: writes `current` from row t = position of
+  // `table` and advances position unless found_inf is nonzero.
+  m.def(
+      "schedule_step_(Tensor table, Tensor(a!) position, Tensor(b!) current, "
+      "Tensor? found_inf) -> ()");
   // The one-pass pruning of an event (CPU): partition_at_bin_, the level-1 selection over the
   // collected elements' histogram, then prune_collected_.
   m.def(

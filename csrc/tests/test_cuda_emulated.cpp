@@ -241,7 +241,7 @@ void test_fused_step(DType param_dtype, DType state_dtype, const GridConfig& gri
     std::vector<int64_t> histogram(kHistHighBins, 0), cpu_histogram(kHistHighBins, 0);
     const cuda::StepLaunch launch{param_dtype, state_dtype, scalars, scaled ? &grad_scale : nullptr,
                                   grid.histogram_mode == cuda::kNoHistogram ? nullptr : histogram.data(),
-                                  nullptr};
+                                  /*current=*/nullptr, /*stream=*/nullptr};
     const auto launches = cuda::plan_fused_step(tensors.data(), static_cast<int64_t>(tensors.size()),
                                                 launch, grid.histogram_mode, grid.chunk_size,
                                                 grid.max_tensors);
@@ -320,7 +320,7 @@ void test_histogram(DType dtype, const GridConfig& grid) {
     const int32_t mode = grid.histogram_mode == cuda::kNoHistogram ? cuda::kGlobalHistogram : grid.histogram_mode;
     AccessStats stats;
     emulate_all<cuda::HistogramKernel<P>>(
-        cuda::plan_histogram(views.data(), count, level, selection, histogram.data(), mode,
+        cuda::plan_histogram(views.data(), count, level, selection, histogram.data(), nullptr, mode,
                              grid.chunk_size, std::min(grid.max_tensors, cuda::HistogramArgs::kMaxTensors)),
         grid.threads, counter_bytes(mode, bins), stats);
     cpu::count_histogram(views.data(), count, dtype, level, key_high_bin(tie_key), cpu_histogram.data(), kCpuThreads);
@@ -370,7 +370,7 @@ void test_threshold(DType dtype, const GridConfig& grid) {
       AccessStats stats;
       emulate_all<cuda::ThresholdKernel<P>>(
           cuda::plan_threshold(views.data(), with_masks ? mask_ptrs.data() : nullptr, count, selection,
-                               grid.chunk_size, std::min(grid.max_tensors, cuda::ThresholdArgs::kMaxTensors)),
+                               nullptr, grid.chunk_size, std::min(grid.max_tensors, cuda::ThresholdArgs::kMaxTensors)),
           grid.threads, 0, stats);
       cpu::apply_threshold(cpu_views.data(), cpu_mask_ptrs.data(), count, dtype, tau_key, kCpuThreads);
       for (size_t t = 0; t < buffers.size(); ++t) {
@@ -393,7 +393,7 @@ void test_threshold(DType dtype, const GridConfig& grid) {
 
 void emulate_select(const int64_t* histogram, int level, int64_t* selection, int threads) {
   AccessStats stats;
-  emulate<cuda::SelectKernel>(cuda::SelectArgs{histogram, selection, level}, 1, threads, 0, stats);
+  emulate<cuda::SelectKernel>(cuda::SelectArgs{histogram, selection, level, nullptr}, 1, threads, 0, stats);
 }
 
 void test_select(int threads) {
@@ -457,7 +457,7 @@ void test_tau_end_to_end() {
         const auto views = views_of(group);
         emulate_all<cuda::HistogramKernel<decltype(format)>>(
             cuda::plan_histogram(views.data(), static_cast<int64_t>(views.size()), level, selection,
-                                 histogram.data(), cuda::kSharedHistogram, 64),
+                                 histogram.data(), nullptr, cuda::kSharedHistogram, 64),
             16, counter_bytes(cuda::kSharedHistogram, static_cast<uint32_t>(histogram.size())), stats);
       };
       count_group(F32{}, f32);
@@ -471,6 +471,170 @@ void test_tau_end_to_end() {
           "tau for k = %lld: key %llx below %lld, expected %x below %lld", static_cast<long long>(k),
           static_cast<long long>(selection[1]), static_cast<long long>(selection[2]), expected,
           static_cast<long long>(below));
+  }
+}
+
+// ---- the device schedule ---------------------------------------------------------------------
+
+// The step's row: copied from row min(t, rows − 1), k zeroed and t held on a skipped step.
+void test_schedule_kernel() {
+  const int64_t rows = 3;
+  std::vector<double> table(rows * kNumScheduleColumns);
+  for (size_t i = 0; i < table.size(); ++i) table[i] = 10.0 * static_cast<double>(i) + 1.0;
+  const float zero = 0.0f, one = 1.0f, nan = std::nanf("");
+  struct Case { int64_t t; const float* found_inf; bool skip; };
+  for (const Case& c : {Case{0, nullptr, false}, Case{1, &zero, false}, Case{2, nullptr, false},
+                        Case{7, nullptr, false}, Case{1, &one, true}, Case{0, &nan, true}}) {
+    int64_t position = c.t;
+    std::vector<double> current(kNumCurrentSlots, -5.0);
+    AccessStats stats;
+    emulate<cuda::ScheduleKernel>(cuda::ScheduleArgs{table.data(), rows, &position, c.found_inf,
+                                                     current.data()},
+                                  1, 1, 0, stats);
+    const int64_t row = std::min(c.t, rows - 1);
+    for (int j = 0; j < kNumScheduleColumns; ++j) {
+      const double expected = j == kScheduleK && c.skip ? 0.0 : table[row * kNumScheduleColumns + j];
+      CHECK(current[j] == expected, "schedule row t %lld column %d: %g, expected %g",
+            static_cast<long long>(c.t), j, current[j], expected);
+    }
+    CHECK(current[kCurrentSkip] == (c.skip ? 1.0 : 0.0), "skip flag at t %lld", static_cast<long long>(c.t));
+    CHECK(position == (c.skip ? c.t : c.t + 1), "position after t %lld: %lld", static_cast<long long>(c.t),
+          static_cast<long long>(position));
+  }
+}
+
+std::vector<double> step_row(double prior_on, double c1, double k, double freeze, double skip) {
+  std::vector<double> row(kNumCurrentSlots);
+  row[kSchedulePriorOn] = prior_on;
+  row[kScheduleC1] = c1;
+  row[kScheduleK] = k;
+  row[kScheduleFreeze] = freeze;
+  row[kCurrentSkip] = skip;
+  return row;
+}
+
+// A fused step reading the step's row equals the host-scheduled step whose scalars hold that
+// row's prior (c1 and on/off); a skipped step writes nothing; only a step that prunes counts.
+void test_scheduled_fused_step() {
+  std::mt19937 rng(11);
+  const double c1 = -9.5;
+  struct Case { std::vector<double> row; bool host_prior_on; bool counts; };
+  for (const Case& c : {Case{step_row(1, c1, 0, 0, 0), true, false},
+                        Case{step_row(1, c1, 3, 0, 0), true, true},
+                        Case{step_row(0, c1, 3, 1, 0), false, true},
+                        Case{step_row(1, c1, 0, 0, 1), true, false}}) {
+    const bool skip = c.row[kCurrentSkip] != 0.0;
+    const size_t n = 4099;
+    Buffer param(DType::Float32, test_values(n, 0.01f, rng, false), 0);
+    Buffer grad(DType::Float32, test_values(n, 0.01f, rng, false), 0);
+    std::vector<float> sq = test_values(n, 1e-4f, rng, false);
+    for (auto& x : sq) x = std::fabs(x);
+    Buffer exp_avg(DType::Float32, test_values(n, 0.001f, rng, false), 0);
+    Buffer exp_avg_sq(DType::Float32, sq, 0);
+    Buffer e_param(param), e_grad(grad), e_exp_avg(exp_avg), e_exp_avg_sq(exp_avg_sq);
+    const std::vector<uint8_t> before = param.content();
+    // The device schedule's scalars: the prior on, 0 in c1's place (the row gives it).
+    double scalars[kNumStepScalars] = {1e-3, 0.9, 0.999, 1e-8, 0.01, 1.0, 0.0, 5e9, 1e-3, 1e10, 20.0};
+    double host_scalars[kNumStepScalars];
+    std::copy(scalars, scalars + kNumStepScalars, host_scalars);
+    host_scalars[kPriorOn] = c.host_prior_on ? 1.0 : 0.0;
+    host_scalars[kPriorC1] = c1;
+    const float step = 3.0f;
+    std::vector<int64_t> histogram(kHistHighBins, 0), host_histogram(kHistHighBins, 0);
+
+    const cuda::StepTensor scheduled{param.data(), grad.data(), exp_avg.data(), exp_avg_sq.data(),
+                                     nullptr, &step, -1.0f, static_cast<int64_t>(n)};
+    const cuda::StepLaunch launch{DType::Float32, DType::Float32, scalars, nullptr, histogram.data(),
+                                  c.row.data(), nullptr};
+    AccessStats stats;
+    emulate_all<cuda::FusedStepKernel<F32, F32>>(
+        cuda::plan_fused_step(&scheduled, 1, launch, cuda::kSharedHistogram, 512), 16,
+        counter_bytes(cuda::kSharedHistogram, kHistHighBins), stats);
+    const cuda::StepTensor host{e_param.data(), e_grad.data(), e_exp_avg.data(), e_exp_avg_sq.data(),
+                                nullptr, &step, -1.0f, static_cast<int64_t>(n)};
+    const cuda::StepLaunch host_launch{DType::Float32, DType::Float32, host_scalars, nullptr,
+                                       host_histogram.data(), nullptr, nullptr};
+    emulate_all<cuda::FusedStepKernel<F32, F32>>(
+        cuda::plan_fused_step(&host, 1, host_launch, cuda::kSharedHistogram, 512), 16,
+        counter_bytes(cuda::kSharedHistogram, kHistHighBins), stats);
+
+    if (skip) {
+      CHECK(param.content() == before, "a skipped step changed the parameters");
+      CHECK(std::all_of(histogram.begin(), histogram.end(), [](int64_t h) { return h == 0; }),
+            "a skipped step counted its histogram");
+      continue;
+    }
+    CHECK(param.content() == e_param.content() && exp_avg.content() == e_exp_avg.content() &&
+              exp_avg_sq.content() == e_exp_avg_sq.content(),
+          "the step's row (prior_on %g, k %g) gives another update than the host's scalars",
+          c.row[kSchedulePriorOn], c.row[kScheduleK]);
+    CHECK(param.content() != before, "the update changed nothing");
+    const bool counted = std::any_of(histogram.begin(), histogram.end(), [](int64_t h) { return h != 0; });
+    CHECK(counted == c.counts, "the histogram was %s counted at k = %g", counted ? "" : "not",
+          c.row[kScheduleK]);
+    if (c.counts) CHECK(histogram == host_histogram, "the scheduled histogram differs from the host's");
+  }
+}
+
+// The event kernels do nothing when the step does not prune (k = 0); they prune as the host
+// schedule does when it does, and the threshold writes masks at the freeze only.
+void test_scheduled_events() {
+  std::mt19937 rng(13);
+  for (const auto& row : {step_row(1, 0, 0, 0, 0), step_row(1, 0, 40, 0, 0), step_row(1, 0, 40, 1, 0)}) {
+    const bool prunes = row[kScheduleK] != 0.0;
+    const bool freezes = row[kScheduleFreeze] != 0.0;
+    std::vector<Buffer> buffers = value_buffers(DType::Float32, rng);
+    std::vector<Buffer> expected = buffers;
+    std::vector<Buffer> original = buffers;
+    const auto views = views_of(buffers);
+    const auto expected_views = views_of(expected);
+    const int64_t count = static_cast<int64_t>(views.size());
+    std::vector<std::vector<uint8_t>> masks, expected_masks;
+    std::vector<uint8_t*> mask_ptrs, expected_mask_ptrs;
+    for (auto& b : buffers) {
+      masks.emplace_back((b.size() + 7) / 8, 0xFF);
+      expected_masks.emplace_back((b.size() + 7) / 8, 0xFF);
+    }
+    for (size_t t = 0; t < buffers.size(); ++t) {
+      mask_ptrs.push_back(masks[t].data());
+      expected_mask_ptrs.push_back(expected_masks[t].data());
+    }
+    int64_t selection[3] = {40, 0, 0};
+    int64_t host_selection[3] = {40, 0, 0};
+    AccessStats stats;
+    for (int level : {0, 1}) {
+      std::vector<int64_t> histogram(level == 0 ? kHistHighBins : kHistLowBins, 0);
+      std::vector<int64_t> host_histogram(histogram.size(), 0);
+      const size_t bytes = counter_bytes(cuda::kSharedHistogram, static_cast<uint32_t>(histogram.size()));
+      emulate_all<cuda::HistogramKernel<F32>>(
+          cuda::plan_histogram(views.data(), count, level, selection, histogram.data(), row.data(),
+                               cuda::kSharedHistogram, 64), 16, bytes, stats);
+      emulate_all<cuda::HistogramKernel<F32>>(
+          cuda::plan_histogram(expected_views.data(), count, level, host_selection,
+                               host_histogram.data(), nullptr, cuda::kSharedHistogram, 64), 16, bytes, stats);
+      CHECK(prunes ? histogram == host_histogram
+                   : std::all_of(histogram.begin(), histogram.end(), [](int64_t h) { return h == 0; }),
+            "level-%d histogram at k = %g", level, row[kScheduleK]);
+      emulate<cuda::SelectKernel>(cuda::SelectArgs{histogram.data(), selection, level, row.data()}, 1,
+                                  64, 0, stats);
+      emulate<cuda::SelectKernel>(cuda::SelectArgs{host_histogram.data(), host_selection, level, nullptr},
+                                  1, 64, 0, stats);
+    }
+    const int64_t untouched[3] = {40, 0, 0};
+    CHECK(std::equal(selection, selection + 3, prunes ? host_selection : untouched),
+          "selection at k = %g", row[kScheduleK]);
+    emulate_all<cuda::ThresholdKernel<F32>>(
+        cuda::plan_threshold(views.data(), mask_ptrs.data(), count, selection, row.data(), 64), 16, 0,
+        stats);
+    emulate_all<cuda::ThresholdKernel<F32>>(
+        cuda::plan_threshold(expected_views.data(), freezes ? expected_mask_ptrs.data() : nullptr, count,
+                             host_selection, nullptr, 64), 16, 0, stats);
+    for (size_t t = 0; t < buffers.size(); ++t) {
+      CHECK(buffers[t].content() == (prunes ? expected[t] : original[t]).content(),
+            "scheduled threshold values, tensor %zu (k %g)", t, row[kScheduleK]);
+      CHECK(masks[t] == expected_masks[t], "scheduled keep mask, tensor %zu (k %g, freeze %d)", t,
+            row[kScheduleK], freezes);
+    }
   }
 }
 
@@ -492,5 +656,8 @@ int main() {
   }
   for (int threads : {1, 64, cuda::kSelectThreads}) test_select(threads);
   test_tau_end_to_end();
+  test_schedule_kernel();
+  test_scheduled_fused_step();
+  test_scheduled_events();
   return TEST_MAIN_RESULT();
 }

@@ -6,13 +6,15 @@ import torch
 
 from .. import ops
 from ..ops.checks import check_parameter
-from ..ops.layout import HIGH_BINS, LOW_BINS, LOW_BITS, SELECTION, step_scalars
-from .types import PruneEvent, Threshold, UpdateGroup
+from ..ops.layout import (CURRENT, HIGH_BINS, LOW_BINS, LOW_BITS, NUM_STEP_SCALARS, SELECTION,
+                          step_scalar_values, step_scalars, write_tensor_lr)
+from .types import DeviceSchedule, PruneEvent, Threshold, UpdateGroup
 
 if not ops.BUILT:
     raise ImportError(f"mgpp_kernels._C cannot be used: {ops.LOAD_ERROR}")
 
 _RANK, _KEY, _BELOW = (SELECTION.index(slot) for slot in ("rank", "key", "below"))
+_CURRENT_K = CURRENT.index("k")
 
 
 # +inf's high bin: from it on, τ may be NaN (nothing below it), which the one-pass event cannot
@@ -35,11 +37,7 @@ def _select_first_level(tensors, k, high_histogram, counted, process_group):
     uncounted = [t for t in tensors if id(t) not in counted_ids]
     if uncounted:
         ops.abs_histogram_(uncounted, high_histogram, selection, level=0)
-    # bfloat16 keys have no bits below the first level: τ is already exact. Another rank's shards
-    # may have other dtypes, so a process group always takes the second level (on bfloat16 keys
-    # it selects low bits 0, the same τ): asking the others would be a collective read on the
-    # host.
-    needs_low_level = process_group is not None or any(t.dtype != torch.bfloat16 for t in tensors)
+    needs_low_level = _needs_low_level(tensors, process_group)
     local_histogram = high_histogram
     if process_group is not None:
         local_histogram = high_histogram.clone()
@@ -48,13 +46,23 @@ def _select_first_level(tensors, k, high_histogram, counted, process_group):
     return selection, local_histogram, needs_low_level
 
 
-def _select_second_level(tensors, selection, process_group):
-    """Level 1 over the elements of τ's high bin, counted in a pass over the tensors."""
-    low_histogram = torch.zeros(LOW_BINS, dtype=torch.int64, device=selection.device)
-    ops.abs_histogram_(tensors, low_histogram, selection, level=1)
+def _needs_low_level(tensors, process_group) -> bool:
+    """bfloat16 keys have no bits below the first level: τ is exact after it. Another rank's
+    shards may have other dtypes, so a process group always takes the second level (on bfloat16
+    keys it selects low bits 0, the same τ): asking the others would be a collective read on the
+    host."""
+    return process_group is not None or any(t.dtype != torch.bfloat16 for t in tensors)
+
+
+def _select_second_level(tensors, selection, process_group, low_histogram=None, current=None):
+    """Level 1 over the elements of τ's high bin, counted in a pass over the tensors (into
+    `low_histogram`, zero, when given)."""
+    if low_histogram is None:
+        low_histogram = torch.zeros(LOW_BINS, dtype=torch.int64, device=selection.device)
+    ops.abs_histogram_(tensors, low_histogram, selection, level=1, current=current)
     if process_group is not None:
         torch.distributed.all_reduce(low_histogram, group=process_group)
-    ops.radix_select_(low_histogram, selection, level=1)
+    ops.radix_select_(low_histogram, selection, level=1, current=current)
 
 
 def select_threshold(tensors: list[torch.Tensor], k: int, high_histogram: torch.Tensor,
@@ -114,6 +122,15 @@ def tau_of(selection: torch.Tensor) -> torch.Tensor:
     return selection[_KEY:_KEY + 1].to(torch.int32).view(torch.float32)[0]
 
 
+class _Workspace:
+    """The radix histograms of the device-schedule steps on one device, kept so that every step
+    uses the same memory (zeroed before each use)."""
+
+    def __init__(self, device: torch.device):
+        self.high_histogram = torch.zeros(HIGH_BINS, dtype=torch.int64, device=device)
+        self.low_histogram = torch.zeros(LOW_BINS, dtype=torch.int64, device=device)
+
+
 class OpsBackend:
     """A backend of the torch.ops.mgpp kernels on one device type."""
 
@@ -123,10 +140,11 @@ class OpsBackend:
         self.device_type = device_type
         self.steps_on_device = steps_on_device
         self.ranks_across_processes = ranks_across_processes
-        # The kernels read GradScaler's found_inf and the schedule position on the host.
-        self.schedules_on_device = False
+        # scheduled_step: the ops take the step's row of the device schedule.
+        self.schedules_on_device = True
         # Whether the device has partition_at_bin_ and prune_collected_ (prune_in_one_pass).
         self.one_pass_events = one_pass_events
+        self._workspaces: dict[torch.device, _Workspace] = {}
 
     def check_params(self, params: list[torch.Tensor]) -> None:
         for p in params:
@@ -162,6 +180,59 @@ class OpsBackend:
                                          event.process_group)
             ops.apply_threshold_(event.params, event.keep_masks, selection)
         return Threshold(tau=tau_of(selection), below=selection[_BELOW])
+
+    def scheduled_step(self, groups: list[UpdateGroup], event: PruneEvent | None,
+                       grad_scale: torch.Tensor | None, schedule: DeviceSchedule) -> None:
+        """`step` on the device schedule, one fixed sequence of ops whatever t (what a CUDA
+        graph replays): schedule_step_ writes the step's row, then every op reads it on the
+        device (a skipped step moves nothing; the event's ops do nothing when it does not prune;
+        masks are written at the freeze). An event is the level-0 histogram of the candidates
+        without a gradient, the level-0 selection, the level-1 histogram and selection (unless
+        every candidate is bfloat16 and there is no process group) and the threshold; with a
+        process group, the histograms are all-reduced at every step (zero ones when it does not
+        prune). The step scalars, histograms, selection state and τ stay at fixed addresses."""
+        if event is not None and len(event.keep_masks) != len(event.params):
+            raise ValueError("a step on the device schedule needs a keep mask per candidate")
+        device = schedule.position.device
+        current = schedule.current
+        ops.schedule_step_(schedule.table, schedule.position, current,
+                           found_inf=schedule.found_inf)
+        host_values = [v for group in groups for v in step_scalar_values(group)]
+        scalars = schedule.stage_scalars(host_values, device)
+        workspace = self._workspaces.get(device)
+        if workspace is None:
+            workspace = self._workspaces[device] = _Workspace(device)
+        high_histogram = workspace.high_histogram
+        if event is not None:
+            high_histogram.zero_()
+        counted = []
+        for g, group in enumerate(groups):
+            row = scalars[g * NUM_STEP_SCALARS:(g + 1) * NUM_STEP_SCALARS]
+            write_tensor_lr(group, row)
+            count = event is not None and group.count
+            ops.fused_step_(
+                group.params, group.grads, group.exp_avgs, group.exp_avg_sqs, group.state_steps,
+                group.keep_masks, row, grad_scale=grad_scale,
+                histogram=high_histogram if count else None, current=current)
+            if count:
+                counted.extend(group.params)
+        if event is None:
+            return
+        selection = schedule.selection
+        selection[_RANK].copy_(current[_CURRENT_K])
+        counted_ids = {id(t) for t in counted}
+        uncounted = [t for t in event.params if id(t) not in counted_ids]
+        if uncounted:
+            ops.abs_histogram_(uncounted, high_histogram, selection, level=0, current=current)
+        if event.process_group is not None:
+            torch.distributed.all_reduce(high_histogram, group=event.process_group)
+        ops.radix_select_(high_histogram, selection, level=0, current=current)
+        if _needs_low_level(event.params, event.process_group):
+            workspace.low_histogram.zero_()
+            _select_second_level(event.params, selection, event.process_group,
+                                 workspace.low_histogram, current)
+        ops.apply_threshold_(event.params, event.keep_masks, selection, current=current)
+        schedule.tau.copy_(tau_of(selection))
 
     def global_threshold(self, tensors: list[torch.Tensor], k: int) -> torch.Tensor:
         histogram = torch.zeros(HIGH_BINS, dtype=torch.int64, device=tensors[0].device)

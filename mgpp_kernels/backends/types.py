@@ -73,6 +73,22 @@ class DeviceSchedule:
     staged_values: tuple[float, ...] = ()
     staged_host: torch.Tensor | None = None
 
+    def stage_scalars(self, host_values: list[float], device: torch.device) -> torch.Tensor:
+        """The step scalars in `scalars`, the persistent device buffer: copied from a pinned
+        host buffer only when their values change, so that the buffer's address, and what a
+        captured graph's copy reads, stay fixed while the hyperparameters do (a tensor lr is
+        written into it on the device by the backend)."""
+        values = tuple(host_values)
+        if self.scalars is None or self.scalars.numel() != len(values):
+            self.scalars = torch.empty(len(values), dtype=torch.float64, device=device)
+            self.staged_values = ()
+        if values != self.staged_values:
+            staged = torch.tensor(values, dtype=torch.float64)
+            self.staged_host = staged.pin_memory() if device.type != "cpu" else staged
+            self.scalars.copy_(self.staged_host, non_blocking=True)
+            self.staged_values = values
+        return self.scalars
+
 
 class Backend(Protocol):
     name: str

@@ -58,42 +58,62 @@ def build_info() -> str:
     return torch.ops.mgpp.build_info()
 
 
+# `current`, the keyword of the step's ops below: the step's row of the device schedule
+# (float64, len(layout.CURRENT), on the tensors' device; written by schedule_step_), which the
+# kernels read there: a skipped step changes nothing (the step counts included), the event ops do
+# nothing when its k is 0, apply_threshold_ writes masks only at the freeze, and a group whose
+# scalars turn the prior on takes its on/off and c1 from the row. None: the host schedule.
+
+
 def fused_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
                 exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor],
                 state_steps: Sequence[torch.Tensor], keep_masks: Sequence[torch.Tensor],
                 scalars: torch.Tensor, *, grad_scale: torch.Tensor | None = None,
-                histogram: torch.Tensor | None = None) -> None:
+                histogram: torch.Tensor | None = None,
+                current: torch.Tensor | None = None) -> None:
     """One MGPP step (prior gradient, AdamW, frozen mask) over every tensor of one update group.
 
     Adds 1 to each `state_steps` entry, then updates params, exp_avgs and exp_avg_sqs in place.
     `scalars` holds the group's float64 step scalars in layout.STEP_SCALARS order; `keep_masks`
     is empty or one packed mask per parameter (mgpp_kernels.masks); gradients are divided by
     `grad_scale` when given. With `histogram` (int64, layout.HIGH_BINS counters), the level-0
-    radix histogram of the updated |θ| is added to it.
+    radix histogram of the updated |θ| is added to it (on the device schedule, at events only).
     """
     torch.ops.mgpp.fused_step_(params, grads, exp_avgs, exp_avg_sqs, state_steps, keep_masks,
-                               scalars, grad_scale, histogram)
+                               scalars, grad_scale, histogram, current)
 
 
 def abs_histogram_(tensors: Sequence[torch.Tensor], histogram: torch.Tensor,
-                   selection: torch.Tensor, *, level: int) -> None:
+                   selection: torch.Tensor, *, level: int,
+                   current: torch.Tensor | None = None) -> None:
     """Adds the radix histogram of |x| over `tensors` at `level` to `histogram`: level 0 counts
     the 16 high key bits (layout.HIGH_BINS counters), level 1 the 15 low bits of the keys in the
     high bin that `selection` has chosen (layout.LOW_BINS counters)."""
-    torch.ops.mgpp.abs_histogram_(tensors, histogram, selection, level)
+    torch.ops.mgpp.abs_histogram_(tensors, histogram, selection, level, current)
 
 
-def radix_select_(histogram: torch.Tensor, selection: torch.Tensor, *, level: int) -> None:
+def radix_select_(histogram: torch.Tensor, selection: torch.Tensor, *, level: int,
+                  current: torch.Tensor | None = None) -> None:
     """Narrows `selection` (int64 [rank, key, below]) to the bin of `histogram` that holds the
-    rank-th smallest key, and resets the histogram to zero."""
-    torch.ops.mgpp.radix_select_(histogram, selection, level)
+    rank-th smallest key. The histogram is left as it is."""
+    torch.ops.mgpp.radix_select_(histogram, selection, level, current)
 
 
 def apply_threshold_(tensors: Sequence[torch.Tensor], keep_masks: Sequence[torch.Tensor],
-                     selection: torch.Tensor) -> None:
+                     selection: torch.Tensor, *, current: torch.Tensor | None = None) -> None:
     """Zeroes every element with |x| < τ (τ's key in `selection`); with keep masks (one per
     tensor, or none), writes which elements survive."""
-    torch.ops.mgpp.apply_threshold_(tensors, keep_masks, selection)
+    torch.ops.mgpp.apply_threshold_(tensors, keep_masks, selection, current)
+
+
+def schedule_step_(table: torch.Tensor, position: torch.Tensor, current: torch.Tensor, *,
+                   found_inf: torch.Tensor | None = None) -> None:
+    """The first op of a step on the device schedule: copies row min(t, rows − 1) of `table`
+    (float64, rows × len(layout.SCHEDULE_COLUMNS)) at t = `position` (int64, one element) into
+    `current`, with k = 0 and the skip flag set when `found_inf` (GradScaler's, one floating
+    element) is nonzero, and advances `position` unless the step is skipped. All on one device,
+    read there."""
+    torch.ops.mgpp.schedule_step_(table, position, current, found_inf)
 
 
 def partition_at_bin_(tensors: Sequence[torch.Tensor], keep_masks: Sequence[torch.Tensor],
@@ -117,8 +137,16 @@ def prune_collected_(tensors: Sequence[torch.Tensor], keep_masks: Sequence[torch
 # ---- fake implementations ----------------------------------------------------------------------
 
 
+def _check_current(current):
+    if current is not None and (current.dtype != torch.float64
+                                or current.numel() != len(layout.CURRENT)):
+        raise ValueError(f"mgpp: current must be a float64 tensor of {len(layout.CURRENT)} "
+                         f"elements")
+
+
 def _fused_step_fake(params, grads, exp_avgs, exp_avg_sqs, state_steps, keep_masks, scalars,
-                     grad_scale, histogram):
+                     grad_scale, histogram, current=None):
+    _check_current(current)
     if params:
         check_step_lists(params, grads, exp_avgs, exp_avg_sqs, state_steps, keep_masks,
                          params[0].device)
@@ -129,20 +157,35 @@ def _fused_step_fake(params, grads, exp_avgs, exp_avg_sqs, state_steps, keep_mas
         check_histogram(histogram, layout.HIGH_BINS)
 
 
-def _abs_histogram_fake(tensors, histogram, selection, level):
+def _abs_histogram_fake(tensors, histogram, selection, level, current=None):
     check_histogram(histogram, _bins(level))
     check_selection(selection)
+    _check_current(current)
 
 
-def _radix_select_fake(histogram, selection, level):
+def _radix_select_fake(histogram, selection, level, current=None):
     check_histogram(histogram, _bins(level))
     check_selection(selection)
+    _check_current(current)
 
 
-def _apply_threshold_fake(tensors, keep_masks, selection):
+def _apply_threshold_fake(tensors, keep_masks, selection, current=None):
     if len(keep_masks) not in (0, len(tensors)):
         raise ValueError("mgpp: keep_masks must be empty or one per tensor")
     check_selection(selection)
+    _check_current(current)
+
+
+def _schedule_step_fake(table, position, current, found_inf):
+    if (table.dtype != torch.float64 or table.dim() != 2 or table.shape[0] < 1
+            or table.shape[1] != len(layout.SCHEDULE_COLUMNS)):
+        raise ValueError(f"mgpp: table must be a float64 tensor of shape (rows >= 1, "
+                         f"{len(layout.SCHEDULE_COLUMNS)})")
+    if position.dtype != torch.int64 or position.numel() != 1:
+        raise ValueError("mgpp: position must be an int64 tensor of one element")
+    _check_current(current)
+    if found_inf is not None and (found_inf.numel() != 1 or not found_inf.is_floating_point()):
+        raise ValueError("mgpp: found_inf must be a floating tensor of one element")
 
 
 def _check_positions(positions):
@@ -165,6 +208,7 @@ if BUILT:
     for _name, _fake in (("fused_step_", _fused_step_fake), ("abs_histogram_", _abs_histogram_fake),
                          ("radix_select_", _radix_select_fake),
                          ("apply_threshold_", _apply_threshold_fake),
+                         ("schedule_step_", _schedule_step_fake),
                          ("partition_at_bin_", _partition_at_bin_fake),
                          ("prune_collected_", _prune_collected_fake)):
         torch.library.register_fake(f"mgpp::{_name}", _fake)

@@ -41,7 +41,7 @@ CURRENT = SCHEDULE_COLUMNS + ("skip",)
 def describe() -> str:
     """This layout in mgpp::layout()'s format."""
     return (f"step_scalars={','.join(STEP_SCALARS)};high_bins={HIGH_BINS};low_bins={LOW_BINS};"
-            f"selection={','.join(SELECTION)}")
+            f"selection={','.join(SELECTION)};schedule={','.join(SCHEDULE_COLUMNS)}")
 
 
 def prior_c1(lambda_t: float, sigma0_sq: float, sigma1_sq: float) -> float:

@@ -279,7 +279,7 @@ class TritonBackend:
                     scalars = to_device(host_scalars, device)
                     current, rank = scalars, scalars[rank_index:]
                 else:
-                    scalars = _persistent_scalars(schedule, host_values, device)
+                    scalars = schedule.stage_scalars(host_values, device)
                     current = schedule.current
                     kernels.schedule_kernel[(1,)](
                         schedule.table, schedule.table.shape[0], schedule.position,
@@ -469,24 +469,6 @@ class TritonBackend:
                                         BINS=kernels.LOW_BINS.value,
                                         CHUNK=min(SELECT_CHUNK, kernels.LOW_BINS.value),
                                         **LAUNCH_OPTIONS)
-
-
-def _persistent_scalars(schedule: DeviceSchedule, host_values: list[float],
-                        device: torch.device) -> torch.Tensor:
-    """The step scalars in the schedule's persistent device buffer: copied from a pinned host
-    buffer only when their values change, so that the buffer's address, and what a captured
-    graph's copy reads, stay fixed while the hyperparameters do (lr as a tensor changes through
-    write_tensor_lr, a copy on the device)."""
-    values = tuple(host_values)
-    if schedule.scalars is None or schedule.scalars.numel() != len(values):
-        schedule.scalars = torch.empty(len(values), dtype=torch.float64, device=device)
-        schedule.staged_values = ()
-    if values != schedule.staged_values:
-        staged = torch.tensor(values, dtype=torch.float64)
-        schedule.staged_host = staged.pin_memory() if device.type != "cpu" else staged
-        schedule.scalars.copy_(schedule.staged_host, non_blocking=True)
-        schedule.staged_values = values
-    return schedule.scalars
 
 
 BACKEND = TritonBackend()
