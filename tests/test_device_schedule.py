@@ -301,7 +301,8 @@ def test_every_step_launches_the_same_kernels_on_the_same_memory(row, monkeypatc
 def test_a_device_schedule_state_dict_resumes_exactly(row, resume_capturable):
     """Saved at t = 20 (after skipped steps, before the freeze; every candidate holds its
     all-ones mask) and loaded into a fresh optimizer with the schedule on the device or on the
-    host: the rest of the run equals the uninterrupted one."""
+    host: the rest of the run equals the uninterrupted one. The step after the resume prunes
+    nothing, so its stats() still report the τ of the event at t = 18, carried over."""
     params = make_params(SHAPES, DTYPES, seed=5, device=row.device)
     optimizer = build_optimizer(params, row, PRUNE, capturable=True)
     run_on_device(optimizer, params, 20)
@@ -310,13 +311,15 @@ def test_a_device_schedule_state_dict_resumes_exactly(row, resume_capturable):
     resumed_params = clone_params(params)
     resumed = build_optimizer(resumed_params, row, PRUNE, capturable=resume_capturable)
     resumed.load_state_dict(saved)
-    run_on_device(optimizer, params, SCHEDULE["total_steps"], start=20)
-    if resume_capturable:
-        run_on_device(resumed, resumed_params, SCHEDULE["total_steps"], start=20)
-    else:
-        run_steps(resumed, resumed_params, 20, SCHEDULE["total_steps"], has_grad=has_grad)
+    for start, stop in ((20, 21), (21, SCHEDULE["total_steps"])):
+        run_on_device(optimizer, params, stop, start=start)
+        if resume_capturable:
+            run_on_device(resumed, resumed_params, stop, start=start)
+        else:
+            run_steps(resumed, resumed_params, start, stop, has_grad=has_grad)
+        assert resumed.stats()["tau"] > 0
+        assert_same_schedule_view(resumed, optimizer)
     assert_runs_identical(resumed_params, resumed, params, optimizer)
-    assert_same_schedule_view(resumed, optimizer)
 
 
 def test_capturable_needs_a_backend_with_the_schedule_on_the_device():
