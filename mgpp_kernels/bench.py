@@ -1,12 +1,15 @@
 """`python -m mgpp_kernels bench` (also benchmarks/bench_step.py): one optimizer step of MGPP and of
 torch.optim.AdamW on a BERT-base-shaped model, side by side in one process.
 
-Every time is the median of several steps after a warm-up. Effective GB/s counts the bytes
-docs/spec.md §3 says a step must move: θ, g, m, v read and θ, m, v written once per element
-(3 × the parameter's bytes + 4 × the state's). The storage section times every storage
-combination (fp32; bf16 + bf16 state; bf16 + fp32 state; fp16 + fp16 state) on the BERT-base
-tensor list and on one tensor of its candidates' size, beside torch.optim.AdamW(fused=True) in the
-same parameter dtype, without and with a pruning event, with all threads and with one. Each is
+Every time is the median of several steps after a warm-up; the steps whose ratios are the bars
+(fused AdamW and MGPP without and with an event, in each storage combination) take turns, one
+step each per round, so that a slow spell of a shared machine falls on all of them. Effective
+GB/s counts the bytes docs/spec.md §3 says a step must move: θ, g, m, v read and θ, m, v written
+once per element (3 × the parameter's bytes + 4 × the state's). The storage section times every
+storage combination (fp32; bf16 + bf16 state; bf16 + fp32 state; fp16 + fp16 state) on the
+BERT-base tensor list and on one tensor of its candidates' size, beside
+torch.optim.AdamW(fused=True) in the same parameter dtype, without and with a pruning event, each
+on its own copy of the same parameters, with all threads and with one. Each is
 also given against the bandwidth of a copy measured in the same run and against its roofline: the
 time its bytes need at the fp32 MGPP step's measured bandwidth. The benchmark suite with every
 peer, scaling and plots is benchmarks/suite.py in the repository.
@@ -53,6 +56,22 @@ def median_time(fn, repeats: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def interleaved_median_times(steps: dict, repeats: int, warmup: int = 1) -> dict:
+    """The median time of each of `steps` (name: callable), the steps taking turns, one call each
+    per round: a slow spell of a shared machine then falls on all of them alike, and their ratios
+    hold where back-to-back blocks of repeats swing with it."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def peak_rss_growth(fn) -> int:
     """Bytes by which the process's peak resident set grows during fn() (Linux)."""
     def read(field):
@@ -80,6 +99,13 @@ def mgpp_optimizer(candidates, others, backend, pruning_interval, state_dtype=to
 
 
 NO_EVENTS, EVERY_STEP = 1_000_000, 1
+
+
+def started_step(optimizer):
+    """The optimizer's step, after a first step that prunes to s_i and allocates the state."""
+    optimizer.step()
+    return optimizer.step
+
 
 # (label, parameter dtype, MGPP's state_dtype) of each storage combination.
 STORAGE = (("fp32", torch.float32, torch.float32),
@@ -127,16 +153,27 @@ def storage_rows(layers: int, repeats: int) -> list[dict]:
         print(f"  copy bandwidth, {threads} thread(s): {bandwidth:.1f} GB/s", flush=True)
         for layout, candidate_shapes, other_shapes in layouts:
             for label, param_dtype, state_dtype in STORAGE:
-                generator = torch.Generator().manual_seed(0)
-                candidates = random_parameters(candidate_shapes, generator, std=0.04,
-                                               grad_std=1e-3, dtype=param_dtype)
-                others = random_parameters(other_shapes, generator, std=0.04, grad_std=1e-3,
-                                           dtype=param_dtype)
-                elements = sum(p.numel() for p in candidates + others)
-                step_bytes = bytes_per_element(param_dtype, state_dtype) * elements
+                def parameters():
+                    generator = torch.Generator().manual_seed(0)
+                    return (random_parameters(candidate_shapes, generator, std=0.04,
+                                              grad_std=1e-3, dtype=param_dtype),
+                            random_parameters(other_shapes, generator, std=0.04, grad_std=1e-3,
+                                              dtype=param_dtype))
 
-                def record(implementation, event, step):
-                    seconds = with_threads(threads, lambda: median_time(step, repeats))
+                elements = sum(math.prod(shape) for shape in candidate_shapes + other_shapes)
+                step_bytes = bytes_per_element(param_dtype, state_dtype) * elements
+                # (implementation, event): its step, each on its own copy of the same parameters.
+                steps = {}
+                if label != "bf16 + fp32 state":   # AdamW keeps its state in the parameter dtype
+                    steps["torch AdamW fused", False] = torch.optim.AdamW(
+                        sum(parameters(), []), lr=1e-5, weight_decay=0.0, fused=True).step
+                for interval, event in ((NO_EVENTS, False), (EVERY_STEP, True)):
+                    steps["MGPP cpu", event] = started_step(
+                        mgpp_optimizer(*parameters(), "cpu", interval, state_dtype))
+                seconds_of = with_threads(threads,
+                                          lambda: interleaved_median_times(steps, repeats))
+                for (implementation, event), step in steps.items():
+                    seconds = seconds_of[implementation, event]
                     row = dict(section="storage", layout=layout, storage=label, threads=threads,
                                implementation=implementation, event=event, seconds=seconds,
                                elements=elements, bytes=step_bytes,
@@ -148,18 +185,7 @@ def storage_rows(layers: int, repeats: int) -> list[dict]:
                     print(f"  {layout:<16} {label:<18} {threads:>2} thr  {implementation:<22}"
                           f" {'event' if event else '':<5} {seconds * 1e3:9.2f} ms"
                           f" {row['gbps']:6.1f} GB/s", flush=True)
-
-                if label != "bf16 + fp32 state":   # AdamW keeps its state in the parameter dtype
-                    adamw = torch.optim.AdamW(candidates + others, lr=1e-5, weight_decay=0.0,
-                                              fused=True)
-                    record("torch AdamW fused", False, adamw.step)
-                    del adamw
-                for interval, event in ((NO_EVENTS, False), (EVERY_STEP, True)):
-                    optimizer = mgpp_optimizer(candidates, others, "cpu", interval, state_dtype)
-                    optimizer.step()  # the first step prunes to s_i and allocates the state
-                    record("MGPP cpu", event, optimizer.step)
-                    del optimizer
-                del candidates, others
+                del steps
     add_storage_ratios(rows)
     return rows
 
@@ -231,34 +257,44 @@ def run(quick: bool = False, repeats: int = 5, output: str = "bench_results.json
         rows.append(dict(name=name, seconds=seconds, gbps=bytes_moved / seconds / 1e9))
         print(f"  {name:<48} {seconds * 1e3:10.2f} ms", flush=True)
 
-    def record_step(name, step, repeats, bytes_moved=step_bytes):
-        """Times `step`, then records how much the peak RSS grows during one more step."""
-        record(name, median_time(step, repeats), bytes_moved)
+    def record_step_time(name, seconds, step):
+        """Records a step's time, then how much the peak RSS grows during one more step."""
+        record(name, seconds)
         rows[-1]["peak_extra_bytes"] = peak_rss_growth(step)
+
+    def record_step(name, step, repeats):
+        record_step_time(name, median_time(step, repeats), step)
 
     print("load average (1, 5, 15 min): " + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
     print(f"BERT-base shape, {layers} layers: {candidate_numel:,} candidate + "
           f"{numel - candidate_numel:,} other elements, fp32, {torch.get_num_threads()} threads")
-    for options in ({}, {"foreach": True}, {"fused": True}):
+    for options in ({}, {"foreach": True}):
         adamw = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0, **options)
         label = "torch AdamW " + (next(iter(options)) + "=True" if options else "default")
         record_step(label, adamw.step, repeats)
         del adamw
-    fused_adamw = rows[-1]["seconds"]
 
     built = [b for b in available_backends() if b in ("cpu", "reference")]
-    mgpp_steps = {}
-    for backend in built:
-        optimizer = mgpp_optimizer(candidates, others, backend, NO_EVENTS)
-        optimizer.step()  # the first step prunes to s_i and allocates the state
-        record_step(f"MGPP {backend} step without event", optimizer.step,
-                    1 if backend == "reference" and quick else repeats)
-        mgpp_steps[backend] = rows[-1]["seconds"]
-        del optimizer
-        if backend != "reference":
-            optimizer = mgpp_optimizer(candidates, others, backend, EVERY_STEP)
-            record_step(f"MGPP {backend} step with pruning event", optimizer.step, repeats)
-            del optimizer
+    # Fused AdamW and the cpu backend's steps, whose ratios are the bars, take turns, each on its
+    # own copy of the same parameters.
+    side_by_side = {"torch AdamW fused=True": torch.optim.AdamW(
+        sum(bert_base_parameters(layers, torch.float32), []), lr=1e-5, weight_decay=0.0,
+        fused=True).step}
+    if "cpu" in built:
+        for name, interval in (("without event", NO_EVENTS), ("with pruning event", EVERY_STEP)):
+            side_by_side[f"MGPP cpu step {name}"] = started_step(
+                mgpp_optimizer(*bert_base_parameters(layers, torch.float32), "cpu", interval))
+    for name, seconds in interleaved_median_times(side_by_side, repeats).items():
+        record_step_time(name, seconds, side_by_side[name])
+    del side_by_side
+    by_name = {r["name"]: r["seconds"] for r in rows}
+    fused_adamw = by_name["torch AdamW fused=True"]
+    mgpp_steps = {"cpu": by_name["MGPP cpu step without event"]} if "cpu" in built else {}
+    if "reference" in built:
+        record_step("MGPP reference step without event",
+                    started_step(mgpp_optimizer(candidates, others, "reference", NO_EVENTS)),
+                    1 if quick else repeats)
+        mgpp_steps["reference"] = rows[-1]["seconds"]
 
     if "cpu" in built:
         cpu = load_backend("cpu")

@@ -17,8 +17,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import mgpp_kernels.__main__ as cli  # noqa: E402
-from benchmarks import suite  # noqa: E402
+from benchmarks import bench_arithmetic, suite  # noqa: E402
 from benchmarks.common import models, peers, report, results, runner, timing  # noqa: E402
+from mgpp_kernels import bench, ops  # noqa: E402
+from mgpp_kernels.bench import STORAGE  # noqa: E402
 
 
 def test_quick_suite_writes_consistent_results(tmp_path):
@@ -114,3 +116,41 @@ def test_cli_without_a_checkout_says_so_in_one_line(tmp_path, monkeypatch, capsy
     captured = capsys.readouterr()
     assert captured.out == ""
     assert len(captured.err.strip().splitlines()) == 1 and "repository checkout" in captured.err
+
+
+@pytest.mark.skipif(not ops.BUILT, reason="needs the compiled kernels")
+def test_arithmetic_benchmark_prints_every_storage_and_regime(capsys):
+    threads = torch.get_num_threads()
+    assert bench_arithmetic.main(["--elements", "4096", "--calls", "2", "--rounds", "2",
+                                 "--copy-repeats", "1"]) == 0
+    assert torch.get_num_threads() == threads
+    rows = [line for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and not line.startswith(("| storage", "| ---"))]
+    assert [row.split(" | ")[0][2:] for row in rows] == [label for label, *_ in STORAGE]
+    for row in rows:
+        cells = row.strip("| ").split(" | ")[1:]
+        memory = float(cells[0])
+        assert memory > 0
+        for cell in cells[1:]:  # "ns (ratio x)", the ratio against the memory time
+            ns, ratio = cell.split(" (")
+            assert float(ns) > 0 and float(ratio.rstrip("x)")) == pytest.approx(
+                float(ns) / memory, rel=0.02, abs=0.01)
+
+
+def test_interleaved_steps_take_turns_and_each_gets_its_own_median(monkeypatch):
+    calls = []
+    clock = iter(range(1000))
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
+    durations = {"a": iter([0, 5, 1, 9]), "b": iter([0, 2, 2, 2])}
+
+    def step(name):
+        def run():
+            calls.append(name)
+            for _ in range(next(durations[name])):
+                next(clock)
+        return run
+
+    medians = bench.interleaved_median_times({"a": step("a"), "b": step("b")}, repeats=3)
+    assert calls == ["a", "b"] * 4  # the warm-up round, then three rounds
+    # Each timed call lasts its ticks plus the one between its two clock reads.
+    assert medians == {"a": 6, "b": 3}

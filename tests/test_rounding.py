@@ -110,6 +110,7 @@ def test_triton_steps_as_the_cpu_backend_bit_for_bit_in_fp32(grad_scale, weight_
 
 
 @pytest.mark.parametrize("dtype,state_dtype", [(torch.bfloat16, torch.float32),
+                                               (torch.bfloat16, "param"),
                                                (torch.float16, "param")])
 def test_triton_steps_as_the_cpu_backend_bit_for_bit_in_16_bit_storage(dtype, state_dtype):
     weights = near_spike_weights(SHAPES, seed=3)

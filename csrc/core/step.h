@@ -120,18 +120,33 @@ MGPP_HD void adamw_update(float& theta, float& exp_avg, float& exp_avg_sq, float
 // slab's alone (equal to it where prior_uses_spike is false: the CPU kernel's fast path).
 enum class PriorTerm { kNone, kSpikeAndSlab, kSlab };
 
-// One element of a fused step (docs/spec.md §2) on its values loaded as float32: the gradient unscaled,
-// the prior gradient added, AdamW, then the frozen mask (keep false: θ = 0). The CPU and CUDA
-// kernels both call this; they differ only in how they load, store and count.
+// The first half of a fused step: the gradient AdamW sees, unscaled with the prior term added.
+template <PriorTerm kPrior>
+MGPP_HD float step_gradient(float theta, float grad, float inv_grad_scale,
+                            const PriorConstants& prior) {
+  float g = grad * inv_grad_scale;
+  if constexpr (kPrior == PriorTerm::kSpikeAndSlab) g = g + prior_gradient(theta, prior);
+  if constexpr (kPrior == PriorTerm::kSlab) g = g + slab_prior_gradient(theta, prior);
+  return g;
+}
+
+// The second half: AdamW with that gradient, then the frozen mask (keep false: θ = 0).
+MGPP_HD void step_update(float& theta, float& exp_avg, float& exp_avg_sq, float g, bool keep,
+                         const AdamWScalars& adamw) {
+  adamw_update(theta, exp_avg, exp_avg_sq, g, adamw);
+  theta = keep ? theta : 0.0f;
+}
+
+// One element of a fused step (docs/spec.md §2) on its values loaded as float32: the gradient
+// unscaled, the prior gradient added, AdamW, then the frozen mask. The CUDA kernels call this, the
+// CPU kernels its two halves (for bfloat16 storage, the spike path's in two loops); they differ
+// only in how they load, store and count.
 template <PriorTerm kPrior>
 MGPP_HD void step_element(float& theta, float& exp_avg, float& exp_avg_sq, float grad, bool keep,
                           float inv_grad_scale, const PriorConstants& prior,
                           const AdamWScalars& adamw) {
-  float g = grad * inv_grad_scale;
-  if constexpr (kPrior == PriorTerm::kSpikeAndSlab) g = g + prior_gradient(theta, prior);
-  if constexpr (kPrior == PriorTerm::kSlab) g = g + slab_prior_gradient(theta, prior);
-  adamw_update(theta, exp_avg, exp_avg_sq, g, adamw);
-  theta = keep ? theta : 0.0f;
+  step_update(theta, exp_avg, exp_avg_sq, step_gradient<kPrior>(theta, grad, inv_grad_scale, prior),
+              keep, adamw);
 }
 
 // ---- from the step scalars --------------------------------------------------------------------

@@ -157,6 +157,15 @@ void stage_out(const float* buffer, typename F::T* data, int64_t n) {
   if constexpr (kStaged<F>) narrow(F{}, buffer, data, n);
 }
 
+// bfloat16 parameters with bfloat16 state: with every array in 16 bits GCC vectorises 32 lanes
+// at a time, two vectors per value, and the spike path's loop then spills. Its prior gradient and
+// its AdamW update in two loops, with the gradients in an L1 buffer between them, measured 1.4x
+// faster on tensors larger than the caches. The other storage combinations keep one loop: split,
+// float32 measured 1.2x slower there (each loop then streams only some of the arrays) and the
+// rest the same.
+template <typename P, typename S>
+constexpr bool kSplitSpikePath = std::is_same_v<P, BF16> && std::is_same_v<S, BF16>;
+
 template <typename P, typename S, bool kPrior, bool kHist, bool kMask>
 void update_chunk(const StepTensor& t, const Chunk& chunk, const StepOptions& options,
                   uint32_t* histogram) {
@@ -174,6 +183,8 @@ void update_chunk(const StepTensor& t, const Chunk& chunk, const StepOptions& op
   using SL = LoopFormat<S>;
   // The L1-resident buffers of staged arrays (kStaged).
   alignas(64) float theta_buffer[kBlock], grad_buffer[kBlock], m_buffer[kBlock], v_buffer[kBlock];
+  // The split spike path's gradients, between its two loops (kSplitSpikePath).
+  alignas(64) float gradient_buffer[kBlock];
   uint32_t bins[kBlock];
   uint8_t keep[kBlock];
   bool uses_spike[kBlock / kSpikeSpan];
@@ -198,16 +209,28 @@ void update_chunk(const StepTensor& t, const Chunk& chunk, const StepOptions& op
     // Everything by value: float stores through theta, m and v could otherwise alias captured
     // references and reload the scalars every iteration.
     const uint8_t* __restrict keep_flags = keep;
-    auto update = [theta, g, m, v, keep_flags, inv_grad_scale, prior, adamw](
+    float* __restrict gradient = gradient_buffer;
+    auto update = [theta, g, m, v, keep_flags, gradient, inv_grad_scale, prior, adamw](
                       int64_t begin, int64_t end, auto prior_term) __attribute__((noinline)) {
       constexpr PriorTerm kTerm = decltype(prior_term)::value;
+      constexpr bool kSplit = kTerm == PriorTerm::kSpikeAndSlab && kSplitSpikePath<P, S>;
+      if constexpr (kSplit) {
+#pragma omp simd
+        for (int64_t i = begin; i < end; ++i) {
+          gradient[i] = step_gradient<kTerm>(PL::load(theta[i]), PL::load(g[i]), inv_grad_scale,
+                                             prior);
+        }
+      }
+      // step_element, with the gradient from the first loop when the path is split.
 #pragma omp simd
       for (int64_t i = begin; i < end; ++i) {
         float theta_i = PL::load(theta[i]);
         float m_i = SL::load(m[i]);
         float v_i = SL::load(v[i]);
-        step_element<kTerm>(theta_i, m_i, v_i, PL::load(g[i]), !kMask || keep_flags[i] != 0,
-                            inv_grad_scale, prior, adamw);
+        const float g_i = kSplit ? gradient[i]
+                                 : step_gradient<kTerm>(theta_i, PL::load(g[i]), inv_grad_scale,
+                                                        prior);
+        step_update(theta_i, m_i, v_i, g_i, !kMask || keep_flags[i] != 0, adamw);
         theta[i] = PL::store(theta_i);
         m[i] = SL::store(m_i);
         v[i] = SL::store(v_i);
