@@ -1,12 +1,18 @@
-"""The repository's benchmarks, outside the package (they need matplotlib and tqdm).
+"""The repository's benchmarks, outside the package (the suite needs matplotlib and tqdm).
 
 Scripts:
 - suite.py: the kernel microbenchmarks against every peer, with plots (`python -m mgpp_kernels
   bench-suite` runs it from a checkout).
-- bench_step.py: one MGPP step against torch.optim.AdamW on BERT-base, the package's
-  `python -m mgpp_kernels bench`.
+- bench_step.py: one MGPP step against torch.optim.AdamW on BERT-base, every storage combination
+  (`python -m mgpp_kernels bench` runs it from a checkout).
+- bench_arithmetic.py: the cpu step's arithmetic per element against its memory time.
+- gpu/bench_gpu.py: MGPP cuda and triton against fused AdamW on one GPU (gpu/run.sh runs it).
 
-Shared modules, in common/: models (the ladder of candidate sets and their tensors), timing (CPU
-and CUDA timers, peak memory), peers (every implementation measured, τ selection methods), runner
-(the suite's run), results (rows and CSV), report (bars, tables, README.md) and plots.
+Shared modules, in common/, the one library every script measures with: storage (the table of
+storage combinations and the bytes their steps move), settings (the optimizers' workload
+settings), timing (CPU and CUDA timers, the copy bandwidth, thread counts, the suite's
+platforms), memory (peak memory), machine (CPU model and features, versions), models (the suite's
+ladder of candidate sets and their tensors), peers (every implementation the suite measures, τ
+selection methods), runner (the suite's run), results (rows and CSV), report (targets, tables,
+README.md) and plots.
 """

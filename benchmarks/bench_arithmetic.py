@@ -18,34 +18,37 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
-# Run as a script, this folder is on sys.path, not the checkout: measure the mgpp_kernels beside it.
+# Run as a script, this folder is on sys.path, not the checkout: put the checkout first, so that
+# the script finds benchmarks.common and measures the mgpp_kernels beside it.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
 from mgpp_kernels import ops  # noqa: E402
-from mgpp_kernels.bench import STORAGE, bytes_per_element, copy_bandwidth  # noqa: E402
-from mgpp_kernels.ops import layout  # noqa: E402
+from mgpp_kernels.backends.scalars import step_scalars  # noqa: E402
+from mgpp_kernels.backends.types import Prior, UpdateGroup  # noqa: E402
 
-SIGMA0_SQ, SIGMA1_SQ, LAMBDA, NUM_TRAIN_EXAMPLES = 1e-10, 0.05, 0.1, 67349
+from benchmarks.common.settings import (BETAS, EPS, LAMBDA_MIX, LR,  # noqa: E402
+                                        NUM_TRAIN_EXAMPLES, SIGMA0_SQ, SIGMA1_SQ)
+from benchmarks.common.storage import STORAGE, Storage  # noqa: E402
+from benchmarks.common.timing import call_seconds, copy_bandwidth  # noqa: E402
+
 REGIMES = ("prior off", "slab only", "spike path")
 
 
-def step_scalars(prior_on: bool) -> torch.Tensor:
-    """The float64 step scalars of docs/spec.md's defaults (lr 1e-5, no weight decay)."""
-    values = dict(lr=1e-5, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
-                  prior_on=1.0 if prior_on else 0.0,
-                  c1=layout.prior_c1(LAMBDA, SIGMA0_SQ, SIGMA1_SQ),
-                  c2=layout.prior_c2(SIGMA0_SQ, SIGMA1_SQ), inv_n=1 / NUM_TRAIN_EXAMPLES,
-                  inv_sigma0_sq=1 / SIGMA0_SQ, inv_sigma1_sq=1 / SIGMA1_SQ)
-    return torch.tensor([values[name] for name in layout.STEP_SCALARS], dtype=torch.float64)
+def regime_scalars(prior_on: bool) -> torch.Tensor:
+    """The float64 step scalars of the benchmarks' settings without weight decay, as the kernel
+    backends build them for a group with the prior (candidates) or without (the others)."""
+    prior = Prior(LAMBDA_MIX, SIGMA0_SQ, SIGMA1_SQ, NUM_TRAIN_EXAMPLES) if prior_on else None
+    group = UpdateGroup([], [], [], [], [], [], lr=LR, beta1=BETAS[0], beta2=BETAS[1], eps=EPS,
+                        weight_decay=0.0, prior=prior, count=False)
+    return step_scalars([group], torch.device("cpu"))
 
 
-def fused_step_call(regime: str, param_dtype: torch.dtype, state_dtype, elements: int):
+def fused_step_call(regime: str, storage: Storage, elements: int):
     """One fused_step_ call over `elements` elements (8 tensors) in the regime, as a function."""
-    state_dtype = param_dtype if state_dtype == "param" else state_dtype
+    param_dtype, state_dtype = storage.param_dtype, storage.moment_dtype
     generator = torch.Generator().manual_seed(0)
     sizes = [elements // 8] * 8
     magnitude = 1e-5 if regime == "spike path" else 0.04
@@ -56,17 +59,12 @@ def fused_step_call(regime: str, param_dtype: torch.dtype, state_dtype, elements
     exp_avgs = [torch.zeros(n, dtype=state_dtype) for n in sizes]
     exp_avg_sqs = [torch.zeros(n, dtype=state_dtype) for n in sizes]
     steps = [torch.zeros((), dtype=torch.float32) for _ in sizes]
-    scalars = step_scalars(prior_on=regime != "prior off")
+    scalars = regime_scalars(prior_on=regime != "prior off")
     return lambda: ops.fused_step_(params, grads, exp_avgs, exp_avg_sqs, steps, [], scalars)
 
 
 def best_ns_per_element(call, elements: int, calls: int) -> float:
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return min(times) / elements * 1e9
+    return min(call_seconds(call) for _ in range(calls)) / elements * 1e9
 
 
 def main(argv=None) -> int:
@@ -91,19 +89,19 @@ def main(argv=None) -> int:
             f"{regime} ns/element (vs memory)" for regime in REGIMES) + " |")
         print("| --- | --- |" + " --- |" * len(REGIMES))
         elements = args.elements // 8 * 8
-        cells = {(label, regime): fused_step_call(regime, param_dtype, state_dtype, elements)
-                 for label, param_dtype, state_dtype in STORAGE for regime in REGIMES}
+        cells = {(storage.label, regime): fused_step_call(regime, storage, elements)
+                 for storage in STORAGE for regime in REGIMES}
         # Every cell once per round, the best over the rounds: a slow spell of a shared machine
         # then spoils a round, not a cell.
         best = {cell: float("inf") for cell in cells}
         for _ in range(args.rounds):
             for cell, call in cells.items():
                 best[cell] = min(best[cell], best_ns_per_element(call, elements, args.calls))
-        for label, param_dtype, state_dtype in STORAGE:
-            memory = bytes_per_element(param_dtype, state_dtype) / bandwidth
-            row = [f"{best[label, regime]:.2f} ({best[label, regime] / memory:.2f}x)"
-                   for regime in REGIMES]
-            print(f"| {label} | {memory:.2f} | " + " | ".join(row) + " |", flush=True)
+        for storage in STORAGE:
+            memory = storage.step_bytes() / bandwidth
+            ns = [best[storage.label, regime] for regime in REGIMES]
+            row = [f"{cell:.2f} ({cell / memory:.2f}x)" for cell in ns]
+            print(f"| {storage.label} | {memory:.2f} | " + " | ".join(row) + " |", flush=True)
     finally:
         torch.set_num_threads(threads)
     return 0

@@ -19,9 +19,10 @@ Everything runs in one process on the same tensors, in three sections:
 - selection: τ, the k-th smallest |θ| (k = 0.9 N), by radix histograms against torch.cat + kthvalue,
   topk and sort (those two only up to sizes where they take seconds, not minutes, on a CPU).
 
-Bytes per step are what docs/spec.md §3 says a step must move, per element: θ, g, m, v read and
-θ, m, v written once (fp32: 28 B; bf16 or fp16 parameters with 16-bit state: 14 B; bf16 with fp32
-state: 22 B); an event adds one read and one write of θ (the pass that zeroes below τ's bin). Achieved GB/s = those bytes / step time; the fraction is of the roofline.
+Bytes per step are what docs/spec.md §3 says a step must move, per element, in each storage
+combination (the table of benchmarks/common/storage.py): θ, g, m, v read and θ, m, v written once;
+an event adds one read and one write of θ (the pass that zeroes below τ's bin). Achieved GB/s =
+those bytes / step time; the fraction is of the roofline.
 
 Peak memory is how far the process's peak grows above what it holds before the timed steps
 (parameters, gradients, the optimizer's state): resident set on a CPU,

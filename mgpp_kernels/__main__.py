@@ -9,12 +9,15 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, bench, verify
+from . import __version__, verify
 from .backends import BACKENDS, BackendUnavailableError, load_backend
+from .machine import cpu_features, cpu_model
 
-# The benchmark suite is not part of the package (it needs matplotlib and tqdm): it is the
-# repository's benchmarks/suite.py, found beside the package in a checkout.
+# The benchmarks are not part of the package (the suite needs matplotlib and tqdm, and every
+# benchmark shares benchmarks/common/): they are the repository's benchmarks/, found beside the
+# package in a checkout. Each command runs one of its scripts.
 BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+BENCHMARK_SCRIPTS = {"bench": "bench_step.py", "bench-suite": "suite.py"}
 
 
 def info() -> int:
@@ -25,7 +28,7 @@ def info() -> int:
     except ImportError:
         print("triton: not installed")
     print(f"CUDA available: {torch.cuda.is_available()}; torch threads: {torch.get_num_threads()}")
-    print(f"CPU: {bench.cpu_model()}; features: {' '.join(_cpu_features()) or 'unknown'}")
+    print(f"CPU: {cpu_model()}; features: {' '.join(cpu_features()) or 'unknown'}")
     for name in BACKENDS:
         try:
             load_backend(name)
@@ -37,28 +40,16 @@ def info() -> int:
     return 0
 
 
-def _cpu_features() -> list[str]:
-    wanted = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_bf16", "asimd", "sve")
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith(("flags", "Features")):
-                    flags = set(line.split(":", 1)[1].split())
-                    return [f for f in wanted if f in flags]
-    except OSError:
-        pass
-    return []
-
-
-def bench_suite(argv: list[str]) -> int:
-    """Runs benchmarks/suite.py of the checkout this package sits in, in its own process."""
-    suite = BENCHMARKS_DIR / "suite.py"
-    if not suite.is_file():
-        print(f"bench-suite runs from a repository checkout: it is benchmarks/suite.py, which is "
-              f"not beside this mgpp_kernels ({Path(__file__).parent}); run `python "
-              f"benchmarks/suite.py` in a clone of the repository", file=sys.stderr)
+def run_benchmark(command: str, argv: list[str]) -> int:
+    """Runs the benchmarks/ script of `command` of the checkout this package sits in, in its own
+    process."""
+    script = BENCHMARKS_DIR / BENCHMARK_SCRIPTS[command]
+    if not script.is_file():
+        print(f"{command} runs from a repository checkout: it is benchmarks/{script.name}, which "
+              f"is not beside this mgpp_kernels ({Path(__file__).parent}); run `python "
+              f"benchmarks/{script.name}` in a clone of the repository", file=sys.stderr)
         return 1
-    return subprocess.run([sys.executable, str(suite), *argv]).returncode
+    return subprocess.run([sys.executable, str(script), *argv]).returncode
 
 
 def main(argv=None) -> int:
@@ -69,7 +60,9 @@ def main(argv=None) -> int:
     verify_parser.add_argument("--backend", action="append", help="only this backend (repeatable)")
     verify_parser.add_argument("--layers", type=int, default=2,
                                help="BERT-base encoder layers (default 2; 12 for the whole model)")
-    commands.add_parser("bench", help="step time against torch.optim.AdamW", add_help=False)
+    commands.add_parser("bench", add_help=False,
+                        help="step time against torch.optim.AdamW on BERT-base "
+                             "(benchmarks/bench_step.py of a repository checkout)")
     commands.add_parser("bench-suite", add_help=False,
                         help="microbenchmarks against every peer, with plots (benchmarks/suite.py "
                              "of a repository checkout)")
@@ -80,9 +73,7 @@ def main(argv=None) -> int:
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         return verify.run(args.backend, args.layers)
-    if args.command == "bench-suite":
-        return bench_suite(rest)
-    return bench.main(rest)
+    return run_benchmark(args.command, rest)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
-"""MGPP's state_dict layout: torch's (state, param_groups) plus an "mgpp" entry with the schedule
-position and the last threshold, and the checks that a saved state fits this optimizer's
-parameters before anything is loaded."""
+"""MGPP's state_dict layout: torch's (state, param_groups) plus an "mgpp" entry with the run's
+Progress (the schedule position and the last threshold), and the checks that a saved state fits
+this optimizer's parameters before anything is loaded."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -14,22 +15,42 @@ from .sharding import local
 KEY = "mgpp"
 
 
-def schedule_entry(schedule_step: int, total_steps: int | None, lambda_t: float,
-                   last_target: float | None, last_threshold: Threshold | None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Progress:
+    """Where a run stands after its last step: t (the steps taken, skipped ones not counted),
+    that step's λ_t, and the last event's target sparsity, threshold and N (the candidate
+    elements it ranked, over every rank)."""
+
+    t: int
+    lambda_t: float
+    last_target: float | None = None
+    last_threshold: Threshold | None = None
+    last_numel: int | None = None
+
+
+def schedule_entry(progress: Progress, total_steps: int | None) -> dict[str, Any]:
+    threshold = progress.last_threshold
     return {
-        "schedule_step": schedule_step,
+        "schedule_step": progress.t,
         "total_steps": total_steps,
-        "lambda_t": lambda_t,
-        "last_target": last_target,
-        "last_tau": None if last_threshold is None else last_threshold.tau.clone(),
-        "last_below": None if last_threshold is None else last_threshold.below.clone(),
+        "lambda_t": progress.lambda_t,
+        "last_target": progress.last_target,
+        "last_tau": None if threshold is None else threshold.tau.clone(),
+        "last_below": None if threshold is None else threshold.below.clone(),
+        "last_numel": progress.last_numel,
     }
 
 
-def saved_threshold(entry: dict[str, Any], device: torch.device) -> Threshold | None:
-    if entry["last_tau"] is None:
-        return None
-    return Threshold(tau=entry["last_tau"].to(device), below=entry["last_below"].to(device))
+def saved_progress(entry: dict[str, Any], device: torch.device) -> Progress:
+    threshold = None
+    if entry["last_tau"] is not None:
+        threshold = Threshold(tau=entry["last_tau"].to(device),
+                              below=entry["last_below"].to(device))
+    # A state_dict saved before last_numel was recorded has none: N is known again at the next
+    # event.
+    return Progress(t=entry["schedule_step"], lambda_t=entry["lambda_t"],
+                    last_target=entry["last_target"], last_threshold=threshold,
+                    last_numel=entry.get("last_numel"))
 
 
 def check_layout(state_dict: dict[str, Any],

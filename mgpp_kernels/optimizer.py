@@ -2,24 +2,27 @@
 on a cubic schedule (docs/spec.md §1-2), as a torch.optim.Optimizer.
 
 The optimizer orchestrates: it validates its arguments (config), asks the schedule what step t
-does (schedule), gathers the step's tensors (backends.types) and hands them to the backend bound
-at construction; sharding and the checkpoint layout live in their own modules.
+does (schedule) unless the schedule is on the device (backends.device_schedule), gathers the
+step's tensors (backends.types) and hands them to the backend bound at construction; sharding and
+the checkpoint layout live in their own modules.
 """
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch.optim import Optimizer
 
 from . import checkpoint
-from .backends import auto_backend, load_backend
-from .backends.types import Backend, DeviceSchedule, Prior, PruneEvent, Threshold, UpdateGroup
+from .backends import Backend, auto_backend, load_backend
+from .backends.device_schedule import DeviceSchedule
+from .backends.types import Prior, PruneEvent, Threshold, UpdateGroup
 from .config import MGPPConfig, check_adamw_hyperparameters
 from .masks import packed_mask_bytes
-from .ops.layout import CURRENT, SCHEDULE_COLUMNS, SELECTION, to_device
-from .schedule import SchedulePoint, device_schedule_rows, plan_event, schedule_at
+from .checkpoint import Progress
+from .schedule import EventPlan, SchedulePoint, device_schedule_rows, plan_event, schedule_at
 from .sharding import Sharding, local
 
 _CONFIG_KEYS = ("num_train_examples", "initial_warmup_steps", "total_steps", "final_warmup_steps",
@@ -142,14 +145,9 @@ class MGPP(Optimizer):
             warnings.warn("MGPP: no param group has prune=True, so nothing is pruned (this is "
                           "plain AdamW); pass mgpp_kernels.param_groups(model) to mark the "
                           "weight matrices as pruning candidates", UserWarning, stacklevel=2)
-        self._schedule_step = 0
-        self._last_target: float | None = None
-        self._last_threshold: Threshold | None = None
-        self._lambda_t = self.config.lambda_mix
-        # Whether t lives on the device (then the host values above are as of the last sync) and
-        # its buffers, made at the first step there.
-        self._schedule_on_device = capturable
-        self._device_schedule: DeviceSchedule | None = None
+        # Where the run stands; while the schedule is on the device, as of the last read-back.
+        self._progress = Progress(t=0, lambda_t=self.config.lambda_mix)
+        self._device_schedule = DeviceSchedule(on=capturable)
 
     # ---- parameters ----------------------------------------------------------------------------
 
@@ -180,9 +178,8 @@ class MGPP(Optimizer):
         if sharding.group is not None and not self._backend.ranks_across_processes:
             raise ValueError(f"the {self._backend.name} backend cannot rank candidates across "
                              f"processes (process_group=)")
-        if prune and getattr(self, "_device_schedule", None) is not None:
-            self._sync_device_schedule()
-            self._device_schedule = None   # N changed: the next step tabulates the schedule anew
+        if prune and hasattr(self, "_device_schedule"):
+            self._stop_device_schedule()   # N changes: the next step tabulates the schedule anew
         super().add_param_group(param_group)
         self._sharding = sharding
 
@@ -214,9 +211,7 @@ class MGPP(Optimizer):
     def set_total_steps(self, total_steps: int) -> None:
         """Sets T when it was not known at construction (the transformers callback does this)."""
         self.config = self.config.with_total_steps(total_steps)
-        if self._device_schedule is not None:
-            self._sync_device_schedule()
-            self._device_schedule = None
+        self._stop_device_schedule()
 
     def _candidates(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups if group["prune"] for p in group["params"]]
@@ -246,98 +241,105 @@ class MGPP(Optimizer):
                                         group["weight_decay"], read_tensor_lr=False)
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        schedule = self._device_schedule
         # Reading found_inf on the host would wait for the device where the backend keeps its
         # step counts on it (cuda, triton); the cpu backend reads it for free and keeps its
         # host schedule (and one-pass events) unless capturable=True.
         if (found_inf is not None and self._backend.schedules_on_device
                 and self._backend.steps_on_device):
-            self._schedule_on_device = True
+            schedule.switch_on()
         # Each parameter's local tensor, made once: a backend tells the candidates it updated
         # from the others by identity (DTensor.to_local() returns a new object on every call).
         local_of = {id(p): local(p) for group in self.param_groups for p in group["params"]}
         candidates = self._candidates()
-        local_candidates = [local_of[id(p)] for p in candidates]
-        if self._schedule_on_device:
-            self._scheduled_step(local_of, candidates, local_candidates, grad_scale, found_inf)
-            return loss
-        point = schedule_at(self.config, self._schedule_step)
-        if found_inf is not None and bool(found_inf.any()):
-            return loss  # a skipped step: nothing moves, the schedule does not advance
+        if schedule.on:
+            self._start_device_schedule(candidates, local_of)
+            schedule.found_inf = found_inf
+            point = plan = None
+        else:
+            point = schedule_at(self.config, self._progress.t)
+            if found_inf is not None and bool(found_inf.any()):
+                return loss  # a skipped step: nothing moves, the schedule does not advance
+            plan = self._plan_event(point, [local_of[id(p)] for p in candidates])
         groups = self._update_groups(point, local_of)
-        event = None
-        if point.prune_to is not None:
-            plan = plan_event(point, self._sharding.global_numel(local_candidates))
-            if plan is not None:
-                event = PruneEvent(params=local_candidates, k=plan.k,
-                                   process_group=self._sharding.group)
-                if plan.freeze:
-                    event.keep_masks = [torch.empty(packed_mask_bytes(p.numel()),
-                                                    dtype=torch.uint8, device=p.device)
-                                        for p in local_candidates]
-        threshold = self._backend.step(groups, event, grad_scale)
-        if event is not None:
-            self._last_target = point.prune_to
-            self._last_threshold = threshold
-            for p, mask in zip(candidates, event.keep_masks):
-                self.state[p]["keep_mask"] = mask
-        self._lambda_t = point.lambda_t
-        self._schedule_step += 1
+        event = self._prune_event(plan, candidates, local_of, on_device=schedule.on)
+        threshold = self._backend.step(groups, event, grad_scale,
+                                       schedule if schedule.on else None)
+        if point is not None:
+            progress = replace(self._progress, t=point.t + 1, lambda_t=point.lambda_t)
+            if event is not None:
+                progress = replace(progress, last_target=plan.sparsity, last_threshold=threshold,
+                                   last_numel=plan.numel)
+                for p, mask in zip(candidates, event.keep_masks):
+                    self.state[p]["keep_mask"] = mask
+            self._progress = progress
         return loss
 
-    def _scheduled_step(self, local_of: dict[int, torch.Tensor], candidates: list[torch.Tensor],
-                        local_candidates: list[torch.Tensor], grad_scale: torch.Tensor | None,
-                        found_inf: torch.Tensor | None) -> None:
-        """A step on the device schedule: the kernels read t, λ_t, k and found_inf there."""
-        schedule = self._device_schedule
-        if schedule is None:
-            schedule = self._device_schedule = self._start_device_schedule(candidates,
-                                                                           local_candidates)
-        schedule.found_inf = found_inf
-        groups = self._update_groups(None, local_of)
-        event = (PruneEvent(params=local_candidates, k=None,
-                            keep_masks=[self.state[p]["keep_mask"] for p in candidates],
-                            process_group=self._sharding.group) if candidates else None)
-        self._backend.scheduled_step(groups, event, grad_scale, schedule)
+    def _plan_event(self, point: SchedulePoint,
+                    local_candidates: list[torch.Tensor]) -> EventPlan | None:
+        """The event of host schedule point `point`; N over every rank only where it prunes
+        (with a process group, counting N is a collective)."""
+        if point.prune_to is None:
+            return None
+        return plan_event(point, self._sharding.global_numel(local_candidates))
+
+    def _prune_event(self, plan: EventPlan | None, candidates: list[torch.Tensor],
+                     local_of: dict[int, torch.Tensor], on_device: bool) -> PruneEvent | None:
+        """The step's pruning event over the candidates: on the host schedule, the one `plan`
+        says (None without one; fresh keep masks at the freeze); on the device schedule, an
+        event at every step, with the candidates' keep masks, whose k the device reads."""
+        local_candidates = [local_of[id(p)] for p in candidates]
+        if on_device:
+            if not candidates:
+                return None
+            return PruneEvent(params=local_candidates, k=None,
+                              keep_masks=[self.state[p]["keep_mask"] for p in candidates],
+                              process_group=self._sharding.group)
+        if plan is None:
+            return None
+        keep_masks = ([torch.empty(packed_mask_bytes(p.numel()), dtype=torch.uint8,
+                                   device=p.device) for p in local_candidates]
+                      if plan.freeze else [])
+        return PruneEvent(params=local_candidates, k=plan.k, keep_masks=keep_masks,
+                          process_group=self._sharding.group)
 
     def _start_device_schedule(self, candidates: list[torch.Tensor],
-                               local_candidates: list[torch.Tensor]) -> DeviceSchedule:
-        """The device schedule from the host's position (as of the host's last sync or a loaded
-        state_dict) and last threshold. Every candidate gets a keep mask in its state: all ones
-        (keeping every element) until the freeze, which writes it on the device, so that the
-        step's kernels and memory are the same before and after the freeze."""
-        device = next(local(p).device for g in self.param_groups for p in g["params"])
-        rows = device_schedule_rows(self.config, self._sharding.global_numel(local_candidates))
-        selection = torch.zeros(len(SELECTION), dtype=torch.int64, device=device)
-        tau = torch.zeros((), dtype=torch.float32, device=device)
-        if self._last_threshold is not None:
-            tau.copy_(self._last_threshold.tau)
-            selection[SELECTION.index("key")].copy_(tau.view(torch.int32))
-            selection[SELECTION.index("below")].copy_(self._last_threshold.below)
+                               local_of: dict[int, torch.Tensor]) -> None:
+        """Starts the device schedule from the host's progress, unless it runs. Every candidate
+        gets a keep mask in its state: all ones (keeping every element) until the freeze, which
+        writes it on the device, so that the step's kernels and memory are the same before and
+        after the freeze."""
+        schedule = self._device_schedule
+        if schedule.started:
+            return
+        device = next(local_of[id(p)].device for g in self.param_groups for p in g["params"])
+        local_candidates = [local_of[id(p)] for p in candidates]
+        numel = self._sharding.global_numel(local_candidates)
+        schedule.start(device_schedule_rows(self.config, numel), numel, self._progress.t,
+                       self._progress.last_threshold, device)
         for p, local_p in zip(candidates, local_candidates):
             if "keep_mask" not in self.state[p]:
                 self.state[p]["keep_mask"] = _keep_everything_mask(local_p.numel(), device)
-        return DeviceSchedule(
-            table=to_device(torch.tensor(rows, dtype=torch.float64), device),
-            position=to_device(torch.tensor(self._schedule_step, dtype=torch.int64), device),
-            current=torch.zeros(len(CURRENT), dtype=torch.float64, device=device),
-            selection=selection, tau=tau)
 
-    def _sync_device_schedule(self) -> None:
-        """Reads the device schedule into the host's view (t, the last event's target and
-        threshold, λ_t): for stats() and state_dict(), never in step()."""
+    def _read_device_schedule(self) -> None:
+        """The host's progress read from the device schedule, when it runs: for stats() and
+        state_dict(), never in step()."""
         schedule = self._device_schedule
-        if schedule is None:
+        if not schedule.started:
             return
-        t = int(schedule.position)
-        self._schedule_step = t
-        self._lambda_t = (schedule_at(self.config, t - 1).lambda_t if t > 0
-                          else self.config.lambda_mix)
-        table = schedule.table[:t].cpu()
-        events = torch.nonzero(table[:, SCHEDULE_COLUMNS.index("k")]).flatten().tolist()
-        if events:
-            self._last_target = schedule_at(self.config, events[-1]).prune_to
-            self._last_threshold = Threshold(tau=schedule.tau,
-                                             below=schedule.selection[SELECTION.index("below")])
+        t, last_event = schedule.read()
+        lambda_t = schedule_at(self.config, t - 1).lambda_t if t > 0 else self.config.lambda_mix
+        progress = replace(self._progress, t=t, lambda_t=lambda_t)
+        if last_event is not None:
+            progress = replace(progress, last_target=schedule_at(self.config, last_event).prune_to,
+                               last_threshold=schedule.threshold(), last_numel=schedule.numel)
+        self._progress = progress
+
+    def _stop_device_schedule(self) -> None:
+        """Reads the device schedule back and drops its buffers (N or T change): the next step
+        on the device starts it anew."""
+        self._read_device_schedule()
+        self._device_schedule.discard()
 
     def _check_grads(self) -> None:
         for group in self.param_groups:
@@ -398,16 +400,15 @@ class MGPP(Optimizer):
     # ---- checkpoints ---------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        self._sync_device_schedule()
+        self._read_device_schedule()
         state_dict = super().state_dict()
-        state_dict[checkpoint.KEY] = checkpoint.schedule_entry(
-            self._schedule_step, self.config.total_steps, self._lambda_t, self._last_target,
-            self._last_threshold)
+        state_dict[checkpoint.KEY] = checkpoint.schedule_entry(self._progress,
+                                                               self.config.total_steps)
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         param_of = checkpoint.check_layout(state_dict, self.param_groups)
-        self._device_schedule = None   # the next step on the device starts from the loaded t
+        self._device_schedule.discard()   # the next step on the device starts from the loaded t
         super().load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
         for index, saved in state_dict["state"].items():
             p = param_of[index]
@@ -416,16 +417,13 @@ class MGPP(Optimizer):
         entry = state_dict[checkpoint.KEY]
         if self.config.total_steps is None and entry["total_steps"] is not None:
             self.set_total_steps(entry["total_steps"])
-        self._schedule_step = entry["schedule_step"]
-        self._lambda_t = entry["lambda_t"]
-        self._last_target = entry["last_target"]
-        self._last_threshold = checkpoint.saved_threshold(
-            entry, self.param_groups[0]["params"][0].device)
+        self._progress = checkpoint.saved_progress(entry,
+                                                   self.param_groups[0]["params"][0].device)
 
     # ---- copying and pickling ------------------------------------------------------------------
 
-    _PICKLED = ("config", "_state_dtype", "_backend_name", "_schedule_step", "_last_target",
-                "_last_threshold", "_lambda_t", "_sharding", "use_prior", "_schedule_on_device")
+    _PICKLED = ("config", "_state_dtype", "_backend_name", "_progress", "_device_schedule",
+                "_sharding", "use_prior")
 
     def __getstate__(self) -> dict[str, Any]:
         # torch's Optimizer keeps only defaults, state and param_groups; the schedule position and
@@ -433,17 +431,17 @@ class MGPP(Optimizer):
         if self._sharding.group is not None:
             raise TypeError("an MGPP optimizer with a process group cannot be copied or pickled "
                             "(a process group cannot): save and load its state_dict() instead")
-        self._sync_device_schedule()
+        self._read_device_schedule()
         state = super().__getstate__()
         state.update({key: self.__dict__[key] for key in self._PICKLED})
-        if self._last_threshold is not None:   # not views of the device schedule's buffers
-            state["_last_threshold"] = Threshold(tau=self._last_threshold.tau.clone(),
-                                                 below=self._last_threshold.below.clone())
+        threshold = self._progress.last_threshold
+        if threshold is not None:   # not views of the device schedule's buffers
+            state["_progress"] = replace(self._progress, last_threshold=Threshold(
+                tau=threshold.tau.clone(), below=threshold.below.clone()))
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self._device_schedule = None
         self._backend = _bind_backend(self._backend_name, _first_device(self.param_groups))
 
     # ---- logging -------------------------------------------------------------------------------
@@ -453,21 +451,27 @@ class MGPP(Optimizer):
 
         ``sparsity`` counts the exact zeros among the candidates now (one pass over them, with no
         temporary the size of a candidate), so call this when logging, not every step; with a
-        process group, among this rank's shards.
+        process group, among this rank's shards. In the pruning stage the pruned weights regrow
+        at once (as the paper intends), so between events it reads near 0; ``event_sparsity``
+        is the sparsity the last event reached, ``pruned`` (below τ, over every rank) over the N
+        candidate elements it ranked.
         """
-        self._sync_device_schedule()
+        self._read_device_schedule()
+        progress = self._progress
         candidates = [local(p) for p in self._candidates()]
         numel = sum(p.numel() for p in candidates)
         zeros = numel - sum(int(torch.count_nonzero(p)) for p in candidates)
-        last = max(self._schedule_step - 1, 0)
-        threshold = self._last_threshold
+        last = max(progress.t - 1, 0)
+        threshold = progress.last_threshold
         return {
             "stage": schedule_at(self.config, last).stage
             if self.config.total_steps is not None else "dense",
-            "step": self._schedule_step,
-            "target_sparsity": self._last_target or 0.0,
+            "step": progress.t,
+            "target_sparsity": progress.last_target or 0.0,
             "sparsity": zeros / numel if numel else 0.0,
             "tau": None if threshold is None else float(threshold.tau),
             "pruned": 0 if threshold is None else int(threshold.below),
-            "lambda_t": self._lambda_t,
+            "event_sparsity": (int(threshold.below) / progress.last_numel
+                               if threshold is not None and progress.last_numel else 0.0),
+            "lambda_t": progress.lambda_t,
         }

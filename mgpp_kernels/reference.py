@@ -6,24 +6,17 @@ float64 tensors (the oracle of the mixed-precision bounds in docs/spec.md §4).
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
+from .prior import prior_c1, prior_c2
+
 # ---- prior gradient ----------------------------------------------------------------------------
-
-
-def prior_constants(lambda_t: float, sigma0_sq: float, sigma1_sq: float) -> tuple[float, float]:
-    """c1 and c2 of docs/spec.md §2, in float64 on the host."""
-    c1 = math.log(lambda_t) - math.log(1 - lambda_t) + 0.5 * math.log(sigma0_sq) - 0.5 * math.log(sigma1_sq)
-    c2 = 1 / (2 * sigma0_sq) - 1 / (2 * sigma1_sq)
-    return c1, c2
 
 
 def prior_gradient(theta: torch.Tensor, lambda_t: float, sigma0_sq: float, sigma1_sq: float,
                    n: int) -> torch.Tensor:
     """Gradient of the negative log spike-and-slab prior, scaled by 1/n."""
-    c1, c2 = prior_constants(lambda_t, sigma0_sq, sigma1_sq)
+    c1, c2 = prior_c1(lambda_t, sigma0_sq, sigma1_sq), prior_c2(sigma0_sq, sigma1_sq)
     rho0 = 1 / (1 + torch.exp(c1 + c2 * theta * theta))  # exp overflow -> inf -> rho0 = 0
     return theta / n * (rho0 / sigma0_sq + (1 - rho0) / sigma1_sq)
 

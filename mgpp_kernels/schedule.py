@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .config import MGPPConfig
-from .ops.layout import SCHEDULE_COLUMNS, prior_c1
+from .ops.layout import SCHEDULE_COLUMNS
+from .prior import prior_c1
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class EventPlan:
     sparsity: float
     k: int                       # 1 <= k <= N
     freeze: bool                 # keep the mask from now on
+    numel: int                   # N: the candidate elements, over every rank
 
 
 def lambda_factor(config: MGPPConfig, t: int) -> float:
@@ -76,7 +78,7 @@ def plan_event(point: SchedulePoint, numel: int) -> EventPlan | None:
     k = prune_count(numel, point.prune_to)
     if k == 0:
         return None
-    return EventPlan(sparsity=point.prune_to, k=k, freeze=point.freeze)
+    return EventPlan(sparsity=point.prune_to, k=k, freeze=point.freeze, numel=numel)
 
 
 def device_schedule_rows(config: MGPPConfig, numel: int) -> list[list[float]]:

@@ -18,10 +18,10 @@ import torch
 from . import reference, schedule
 from .backends import available_backends, load_backend
 from .optimizer import MGPP
-from .workloads import SMALL_BERT, BertShapes, bert_base, random_parameters
+from .workloads import SMALL_BERT, SST2_TRAIN_EXAMPLES, BertShapes, bert_base, random_parameters
 
 SCHEDULE = dict(total_steps=16, initial_warmup_steps=2, final_warmup_steps=3, pruning_interval=3,
-                initial_sparsity=0.3, final_sparsity=0.9, num_train_examples=67349)
+                initial_sparsity=0.3, final_sparsity=0.9, num_train_examples=SST2_TRAIN_EXAMPLES)
 # Steps 0-1 dense, 2 prunes to s_i, 3/6/9 cubic events, 12 = t_end freezes, 13-15 frozen.
 
 
@@ -173,13 +173,18 @@ def run(backends: list[str] | None = None, layers: int = 2) -> int:
     for name in names:
         device = torch.device("cpu")
         shapes = bert_base(layers)
-        if name in ("triton", "cuda") and torch.cuda.is_available():
+        if name == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+            asked = shapes
+            shapes = dataclasses.replace(asked, hidden=SMALL_BERT.hidden)
+            print(f"triton: --layers {layers} asks for {layers} BERT-base layers of width "
+                  f"{asked.hidden}; the Triton interpreter (TRITON_INTERPRET=1) runs every "
+                  f"program instance in Python, far too slowly for that width, so this runs "
+                  f"{shapes.layers} layers of width {shapes.hidden} instead")
+        elif name in ("triton", "cuda") and torch.cuda.is_available():
             device = torch.device("cuda")
         elif name == "triton":
-            if os.environ.get("TRITON_INTERPRET") != "1":
-                print("triton: skipped (no GPU; set TRITON_INTERPRET=1 to run it in the interpreter)")
-                continue
-            shapes = SMALL_BERT  # the interpreter is slow: a small set
+            print("triton: skipped (no GPU; set TRITON_INTERPRET=1 to run it in the interpreter)")
+            continue
         elif name == "cuda":
             print("cuda: skipped (no GPU)")
             continue

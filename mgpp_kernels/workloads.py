@@ -1,6 +1,6 @@
-"""The BERT-shaped workloads that `verify`, `bench`, benchmarks/ and the tests run on: one
-definition of the tensors of a BERT encoder, so that every check and measurement means the same
-model.
+"""The BERT-shaped workloads that `verify`, benchmarks/ and the tests run on: one definition of the
+tensors of a BERT encoder and of the number of training examples its prior is scaled by, so that
+every check and measurement means the same model and the same prior.
 
 The shapes are those of transformers' BertModel (with its pooler). Per encoder layer, the six
 weight matrices that are MGPP's candidates (docs/spec.md §1): query, key, value and attention
@@ -76,6 +76,9 @@ class BertShapes:
 
 
 BERT_BASE = BertShapes(layers=12, hidden=768)
+# n, the number of training examples that scales the prior (docs/spec.md §1): SST-2's training
+# set, the task examples/prune_sst2.py fine-tunes on.
+SST2_TRAIN_EXAMPLES = 67_349
 # Small enough for the Triton interpreter, which runs every program instance in Python.
 SMALL_BERT = BertShapes(layers=2, hidden=64)
 

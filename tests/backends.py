@@ -29,8 +29,7 @@ import pytest
 import torch
 
 from mgpp_kernels.backends import BackendUnavailableError, load_backend
-
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from mgpp_kernels.ops.layout import KERNEL_DTYPES
 
 
 @dataclass(frozen=True)

@@ -192,7 +192,8 @@ def run_shards(rank: int, out: Path, backend: str, capturable=False) -> None:
     torch.save({"held": {i: p.detach().clone() for i, p in held.items()},
                 "other": other.detach().clone(),
                 "masks": dict(zip(held, keep_masks(optimizer))),
-                "tau": stats["tau"], "pruned": stats["pruned"], "collectives": collectives},
+                "tau": stats["tau"], "pruned": stats["pruned"],
+                "event_sparsity": stats["event_sparsity"], "collectives": collectives},
                out / f"shards_{backend}{'_capturable' if capturable else ''}_rank{rank}.pt")
 
 

@@ -15,7 +15,7 @@ from mgpp_kernels.backends.triton import backend
 SIGNATURES = {
     "schedule_kernel": {"table": "*fp64", "num_rows": "i32", "position": "*i64",
                         "found_inf": "*fp32", "current": "*fp64"},
-    "prepare_kernel": {"prepare_table": "*i64", "scalars": "*fp64", "host_steps_offset": "i32",
+    "prepare_kernel": {"prepare_table": "*i64", "scalars": "*fp64",
                        "grad_scale": "*fp32", "rows": "*fp32", "num_tensors": "i32",
                        "current": "*fp64"},
     "update_kernel": {"update_table": "*i64", "block_table": "*i32", "rows": "*fp32",
@@ -42,10 +42,8 @@ def variants():
     blocks = backend.GPU_BLOCKS
     for has_found_inf in (True, False):
         yield "schedule_kernel", dict(HAS_FOUND_INF=has_found_inf)
-    for has_grad_scale, steps_on_device, scheduled in ((True, True, False), (False, False, False),
-                                                       (True, True, True)):
-        yield "prepare_kernel", dict(HAS_GRAD_SCALE=has_grad_scale,
-                                     STEPS_ON_DEVICE=steps_on_device, SCHEDULED=scheduled,
+    for has_grad_scale, scheduled in ((True, False), (False, False), (True, True)):
+        yield "prepare_kernel", dict(HAS_GRAD_SCALE=has_grad_scale, SCHEDULED=scheduled,
                                      BLOCK=blocks["prepare"])
     # Every dtype (pair) with every flag on but SCHEDULED; then the flags off once and SCHEDULED
     # once (they drop or gate code).

@@ -1,6 +1,6 @@
-"""The inputs of one backend step (Backend.step(groups, event, grad_scale)) for the tests that
-call a backend directly, without the optimizer: θ, g, m, v, step counts and keep masks of a list
-of shapes, and the docs/spec.md §4 bound of one step."""
+"""The inputs of one backend step on the host schedule (Backend.step(groups, event, grad_scale))
+for the tests that call a backend directly, without the optimizer: θ, g, m, v, step counts and
+keep masks of a list of shapes, and the docs/spec.md §4 bound of one step."""
 from __future__ import annotations
 
 from dataclasses import dataclass

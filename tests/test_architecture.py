@@ -13,8 +13,10 @@ import torch
 
 import mgpp_kernels
 from mgpp_kernels import MGPP, MGPPConfig, ops, param_groups
+from mgpp_kernels.backends.scalars import step_scalar_values
 from mgpp_kernels.backends.types import Prior, UpdateGroup
 from mgpp_kernels.ops import layout
+from mgpp_kernels.prior import prior_c1, prior_c2
 from mgpp_kernels.schedule import EventPlan, plan_event, schedule_at
 
 from compare import assert_bitwise_equal
@@ -28,12 +30,23 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+# The compiled extension: a module of the package without a .py file.
+EXTENSIONS = {"mgpp_kernels._C"}
+
+
 def _imports(path: Path, modules: set[str]) -> set[str]:
-    """The package's modules that `path` imports by name (including `from . import module`)."""
     name = _module_name(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    return _imports_of_source(path.read_text(), name, package, modules)
+
+
+def _imports_of_source(source: str, name: str, package: str, modules: set[str]) -> set[str]:
+    """The package's modules that module `name` of `package` imports by name (including
+    `from . import module`), with the subpackages whose __init__ such an import runs: every
+    package between the root and the imported module that `name` is not inside (the root's
+    __init__ runs first anyway)."""
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -47,13 +60,64 @@ def _imports(path: Path, modules: set[str]) -> set[str]:
             # loaded first anyway); importing any other name runs the package's own code.
             if len(submodules) < len(node.names):
                 found.add(base)
+    for module in list(found):
+        parts = module.split(".")
+        for end in range(2, len(parts)):
+            parent = ".".join(parts[:end])
+            if not (package + ".").startswith(parent + "."):
+                found.add(parent)
     return {m for m in found if m in modules and m != name}
 
 
 def _import_graph() -> dict[str, set[str]]:
     paths = sorted(PACKAGE.rglob("*.py"))
-    modules = {_module_name(p) for p in paths}
-    return {_module_name(p): _imports(p, modules) for p in paths}
+    modules = {_module_name(p) for p in paths} | EXTENSIONS
+    graph = {_module_name(p): _imports(p, modules) for p in paths}
+    return graph | {module: set() for module in EXTENSIONS}
+
+
+# The package's units from the bottom up: a module imports only modules of lower layers, type
+# checking imports included, so that no import runs back up. A new module takes its place here.
+LAYERS = (
+    # torch-only leaves: the layout shared with the kernels, the settings, the prior's constants,
+    # the packed masks, the data a backend takes and returns
+    ("_C", "ops.layout", "config", "prior", "masks", "sharding", "groups", "workloads",
+     "machine", "backends.types", "integrations"),
+    ("ops.checks", "reference"),
+    ("ops",),   # loads the compiled kernels: importing ops.layout runs it
+    ("schedule", "backends.scalars"),
+    ("backends.device_schedule", "backends.triton.kernels"),
+    ("backends.kernel_ops", "backends.reference", "backends.triton.backend"),
+    ("backends.cpu", "backends.cuda", "backends.triton"),
+    ("backends",),   # the registry and the Backend protocol: importing backends.types runs it
+    ("checkpoint",),
+    ("optimizer",),
+    ("", "verify", "integrations.export", "integrations.transformers"),
+    ("__main__",),
+)
+
+
+def _layer_of() -> dict[str, int]:
+    return {f"mgpp_kernels.{name}".rstrip("."): layer
+            for layer, names in enumerate(LAYERS) for name in names}
+
+
+def test_every_import_goes_down_the_layers():
+    graph, layer = _import_graph(), _layer_of()
+    assert set(graph) == set(layer), "a module is missing from LAYERS, or LAYERS names a gone one"
+    upward = sorted((module, target) for module, targets in graph.items() for target in targets
+                    if layer[target] >= layer[module])
+    assert not upward
+
+
+def test_an_upward_import_is_seen():
+    """What the test above reads: a type-checking import counts, and importing a module of a
+    subpackage runs that subpackage's __init__ (the backend registry, for backends.types)."""
+    source = ("from typing import TYPE_CHECKING\n"
+              "if TYPE_CHECKING:\n    from ..backends.types import UpdateGroup\n")
+    found = _imports_of_source(source, "mgpp_kernels.ops.layout", "mgpp_kernels.ops",
+                               set(_import_graph()))
+    assert found == {"mgpp_kernels.backends.types", "mgpp_kernels.backends"}
 
 
 def test_no_module_imports_a_module_that_imports_it():
@@ -113,14 +177,14 @@ def test_kernels_of_another_layout_are_refused(monkeypatch):
 def test_step_scalar_values_follow_the_layout():
     group = UpdateGroup([], [], [], [], [], [], lr=0.25, beta1=0.5, beta2=0.75, eps=1e-3,
                         weight_decay=0.125, prior=Prior(0.1, 1e-10, 0.05, 1000), count=True)
-    values = dict(zip(layout.STEP_SCALARS, layout.step_scalar_values(group)))
-    c1, c2 = layout.prior_c1(0.1, 1e-10, 0.05), layout.prior_c2(1e-10, 0.05)
+    values = dict(zip(layout.STEP_SCALARS, step_scalar_values(group)))
+    c1, c2 = prior_c1(0.1, 1e-10, 0.05), prior_c2(1e-10, 0.05)
     assert values == {"lr": 0.25, "beta1": 0.5, "beta2": 0.75, "eps": 1e-3, "weight_decay": 0.125,
                       "prior_on": 1.0, "c1": c1, "c2": c2, "inv_n": 1e-3,
                       "inv_sigma0_sq": 1 / 1e-10, "inv_sigma1_sq": 1 / 0.05}
     assert c2 == pytest.approx(0.5e10 - 10.0)
     scheduled = replace(group, prior=Prior(None, 1e-10, 0.05, 1000))
-    values = dict(zip(layout.STEP_SCALARS, layout.step_scalar_values(scheduled)))
+    values = dict(zip(layout.STEP_SCALARS, step_scalar_values(scheduled)))
     assert values["prior_on"] == 1.0 and values["c1"] == 0.0 and values["c2"] == c2
 
 
@@ -133,10 +197,10 @@ def param_groups_of_two():
 
 @pytest.mark.parametrize("t, numel, expected", [
     (0, 1000, None),                                        # dense
-    (4, 1000, EventPlan(sparsity=0.3, k=300, freeze=False)),  # t_i: s_i
+    (4, 1000, EventPlan(sparsity=0.3, k=300, freeze=False, numel=1000)),  # t_i: s_i
     (5, 1000, None),                                        # between events
     (4, 3, None),                                           # int(3 · 0.3) = 0: nothing to prune
-    (24, 1000, EventPlan(sparsity=0.9, k=900, freeze=True)),  # t_end: s_f and the freeze
+    (24, 1000, EventPlan(sparsity=0.9, k=900, freeze=True, numel=1000)),  # t_end: the freeze
     (25, 1000, None),                                       # frozen: no more events
 ])
 def test_plan_event_is_a_pure_function_of_the_point_and_n(t, numel, expected):
@@ -148,7 +212,7 @@ def test_plan_event_between_t_i_and_t_end_follows_the_cubic():
     config = MGPPConfig(**SCHEDULE)
     plan = plan_event(schedule_at(config, 14), 10**6)
     s = 0.9 + (0.3 - 0.9) * (1 - (14 - 4) / (24 - 4)) ** 3
-    assert plan == EventPlan(sparsity=s, k=int(10**6 * s), freeze=False)
+    assert plan == EventPlan(sparsity=s, k=int(10**6 * s), freeze=False, numel=10**6)
 
 
 # ---- the optimizer's arguments beyond AdamW's ----------------------------------------------------

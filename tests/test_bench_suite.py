@@ -1,7 +1,8 @@
-"""The benchmark suite (benchmarks/) end to end on tiny models: every section runs, the CSV has its
-columns and a row per measurement, every τ selection method agrees, and the plots and summary are
-written; `python -m mgpp_kernels bench-suite` runs it from a checkout and says plainly when there
-is none."""
+"""The benchmarks (benchmarks/) and their library (benchmarks/common/): the suite end to end on
+tiny models (every section runs, the CSV has its columns and a row per measurement, every τ
+selection method agrees, the plots and summary are written); `python -m mgpp_kernels bench-suite`
+and `bench` run the checkout's scripts and say plainly when there is none; the storage table's
+bytes, the timers, and the step benchmark's table."""
 from __future__ import annotations
 
 import csv
@@ -17,10 +18,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import mgpp_kernels.__main__ as cli  # noqa: E402
-from benchmarks import bench_arithmetic, suite  # noqa: E402
-from benchmarks.common import models, peers, report, results, runner, timing  # noqa: E402
-from mgpp_kernels import bench, ops  # noqa: E402
-from mgpp_kernels.bench import STORAGE  # noqa: E402
+from benchmarks import bench_arithmetic, bench_step, suite  # noqa: E402
+from benchmarks.common import models, peers, report, results, runner, storage, timing  # noqa: E402
+from mgpp_kernels import ops  # noqa: E402
 
 
 def test_quick_suite_writes_consistent_results(tmp_path):
@@ -48,7 +48,7 @@ def test_quick_suite_writes_consistent_results(tmp_path):
     assert {r["precision"] for r in steps if r["model"] == one_tensor
             and r["implementation"] == peers.FUSED_ADAMW} == {"fp32", "bf16", "fp16"}
     for r in steps:
-        expected = models.step_bytes(r["precision"], r["event"] == "True")
+        expected = storage.BY_LABEL[r["precision"]].step_bytes(r["event"] == "True")
         assert int(r["bytes_per_element"]) == expected
         assert float(r["gbps"]) == pytest.approx(
             expected * int(r["elements"]) / float(r["seconds"]) / 1e9, rel=1e-4)
@@ -62,7 +62,7 @@ def test_quick_suite_writes_consistent_results(tmp_path):
 
     assert len(list(tmp_path.glob("*.png"))) == 2
     summary = (tmp_path / "README.md").read_text()
-    assert "| MGPP cpu | fp32 | no |" in summary and "## Bars" in summary
+    assert "| MGPP cpu | fp32 | no |" in summary and "## Targets" in summary
 
     rendered_again = tmp_path / "again"
     assert suite.main(["--from-csv", str(csv_path), "--output-dir", str(rendered_again)]) == 0
@@ -71,12 +71,19 @@ def test_quick_suite_writes_consistent_results(tmp_path):
 
 
 def test_step_bytes_follow_spec():
-    assert models.step_bytes("fp32", False) == 28
-    assert models.step_bytes("bf16", False) == 14
-    assert models.step_bytes("bf16, fp32 state", False) == 22
-    assert models.step_bytes("fp16", False) == 14
-    assert models.step_bytes("fp32", True) == 36
-    assert models.step_bytes("bf16", True) == 18
+    by_label = storage.BY_LABEL
+    assert by_label["fp32"].step_bytes(False) == 28
+    assert by_label["bf16"].step_bytes(False) == 14
+    assert by_label["bf16, fp32 state"].step_bytes(False) == 22
+    assert by_label["fp16"].step_bytes(False) == 14
+    assert by_label["fp32"].step_bytes(True) == 36
+    assert by_label["bf16"].step_bytes(True) == 18
+
+
+def test_adamw_runs_the_storage_of_its_parameter_dtype():
+    counterparts = {s.label: storage.adamw_counterpart(s).label for s in storage.STORAGE}
+    assert counterparts == {"fp32": "fp32", "bf16": "bf16", "bf16, fp32 state": "bf16",
+                            "fp16": "fp16"}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
@@ -103,16 +110,19 @@ def test_suite_without_thread_counts_as_on_a_gpu(tmp_path):
     assert "| MGPP cpu | fp32 | no |" in summary and "thread" not in summary.split("## Scaling")[1]
 
 
-def test_cli_runs_the_suite_of_the_checkout():
-    run = subprocess.run([sys.executable, "-m", "mgpp_kernels", "bench-suite", "--help"], cwd=ROOT,
+@pytest.mark.parametrize("command, script, option", [("bench-suite", "suite.py", "--from-csv"),
+                                                     ("bench", "bench_step.py", "--repeats")])
+def test_cli_runs_the_script_of_the_checkout(command, script, option):
+    run = subprocess.run([sys.executable, "-m", "mgpp_kernels", command, "--help"], cwd=ROOT,
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    assert run.stdout.startswith("usage: benchmarks/suite.py") and "--from-csv" in run.stdout
+    assert run.stdout.startswith(f"usage: benchmarks/{script}") and option in run.stdout
 
 
-def test_cli_without_a_checkout_says_so_in_one_line(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("command", ["bench-suite", "bench"])
+def test_cli_without_a_checkout_says_so_in_one_line(command, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cli, "BENCHMARKS_DIR", tmp_path / "benchmarks")
-    assert cli.main(["bench-suite", "--quick"]) == 1
+    assert cli.main([command, "--quick"]) == 1
     captured = capsys.readouterr()
     assert captured.out == ""
     assert len(captured.err.strip().splitlines()) == 1 and "repository checkout" in captured.err
@@ -126,7 +136,7 @@ def test_arithmetic_benchmark_prints_every_storage_and_regime(capsys):
     assert torch.get_num_threads() == threads
     rows = [line for line in capsys.readouterr().out.splitlines()
             if line.startswith("| ") and not line.startswith(("| storage", "| ---"))]
-    assert [row.split(" | ")[0][2:] for row in rows] == [label for label, *_ in STORAGE]
+    assert [row.split(" | ")[0][2:] for row in rows] == [s.label for s in storage.STORAGE]
     for row in rows:
         cells = row.strip("| ").split(" | ")[1:]
         memory = float(cells[0])
@@ -140,7 +150,7 @@ def test_arithmetic_benchmark_prints_every_storage_and_regime(capsys):
 def test_interleaved_steps_take_turns_and_each_gets_its_own_median(monkeypatch):
     calls = []
     clock = iter(range(1000))
-    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: next(clock))
     durations = {"a": iter([0, 5, 1, 9]), "b": iter([0, 2, 2, 2])}
 
     def step(name):
@@ -150,7 +160,55 @@ def test_interleaved_steps_take_turns_and_each_gets_its_own_median(monkeypatch):
                 next(clock)
         return run
 
-    medians = bench.interleaved_median_times({"a": step("a"), "b": step("b")}, repeats=3)
+    medians = timing.interleaved_median_times({"a": step("a"), "b": step("b")}, repeats=3)
     assert calls == ["a", "b"] * 4  # the warm-up round, then three rounds
     # Each timed call lasts its ticks plus the one between its two clock reads.
     assert medians == {"a": 6, "b": 3}
+
+
+def test_step_table_says_when_peak_memory_is_unknown():
+    rows = [dict(name="measured", seconds=0.5, gbps=1.0, vs_fused_adamw=1.0,
+                 peak_extra_bytes=3 * 2**20),
+            dict(name="unmeasurable", seconds=0.5, gbps=1.0, vs_fused_adamw=1.0,
+                 peak_extra_bytes=None),
+            dict(name="not a step", seconds=0.5, gbps=1.0, vs_fused_adamw=1.0)]
+    measured, unknown, blank = bench_step.format_table(rows).splitlines()[2:]
+    assert measured.endswith("|       3.0 |")
+    assert unknown.endswith("|   unknown |")
+    assert blank.endswith("|           |")
+
+
+class FakeDoBench:
+    """triton.testing.do_bench's contract: it refuses an unknown return_mode with an
+    AssertionError before it calls fn (`all_mode`: whether "all" is known), then calls fn."""
+
+    def __init__(self, all_mode: bool):
+        self.all_mode = all_mode
+        self.modes = []
+
+    def __call__(self, fn, warmup, rep, return_mode):
+        self.modes.append(return_mode)
+        assert return_mode != "all" or self.all_mode
+        fn()
+        return [1.0, 2.0] if return_mode == "all" else 1.5
+
+
+@pytest.mark.parametrize("all_mode, expected", [(True, [1.0, 2.0]), (False, [1.5])])
+def test_do_bench_without_return_mode_all_falls_back_to_the_median(all_mode, expected):
+    do_bench = FakeDoBench(all_mode)
+    assert timing.do_bench_milliseconds(do_bench, lambda: None, 1, 1) == expected
+    assert do_bench.modes == (["all"] if all_mode else ["all", "median"])
+
+
+@pytest.mark.parametrize("all_mode", [True, False])
+def test_do_bench_lets_an_assertion_of_the_measured_function_through(all_mode):
+    do_bench = FakeDoBench(all_mode)
+    calls = []
+
+    def failing():
+        calls.append(1)
+        raise AssertionError("the measured step's own check")
+
+    with pytest.raises(AssertionError, match="the measured step's own check"):
+        timing.do_bench_milliseconds(do_bench, failing, 1, 1)
+    assert len(calls) == 1   # not retried

@@ -14,7 +14,7 @@ from mgpp_kernels import MGPP, ops as mgpp_ops, reference
 from mgpp_kernels.masks import pack_mask
 from mgpp_kernels.backends import BackendUnavailableError, load_backend
 from mgpp_kernels.backends.types import Prior, PruneEvent, UpdateGroup
-from mgpp_kernels.ops.layout import step_scalars
+from mgpp_kernels.backends.scalars import step_scalars
 
 CUDA_EXPECTED = torch.version.cuda is not None and os.environ.get("MGPP_SKIP_CUDA") != "1"
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -54,11 +54,12 @@ def test_every_op_keeps_its_cpu_kernel():
 
 
 def test_layout_exports_the_header_constants():
-    """csrc/core/layout.h as mgpp_kernels/ops/layout.py checks it at import."""
+    """csrc/core/layout.h and formats.h's dtype codes as mgpp_kernels/ops/layout.py checks them
+    at import."""
     assert torch.ops.mgpp.layout() == (
         "step_scalars=lr,beta1,beta2,eps,weight_decay,prior_on,c1,c2,inv_n,inv_sigma0_sq,"
         "inv_sigma1_sq;high_bins=65536;low_bins=32768;selection=rank,key,below;"
-        "schedule=prior_on,c1,k,freeze")
+        "schedule=prior_on,c1,k,freeze;dtypes=float32,bfloat16,float16")
 
 
 def test_build_info_names_the_cpu_target():
@@ -144,29 +145,28 @@ def bits(x: torch.Tensor) -> torch.Tensor:
 
 @requires_gpu
 @pytest.mark.parametrize("param_dtype,state_dtype", DTYPE_PAIRS)
-@pytest.mark.parametrize("masked,prior_on,scaled,steps_on_device",
-                         [(False, True, False, True), (True, False, True, False)])
+@pytest.mark.parametrize("masked,prior_on,scaled", [(False, True, False), (True, False, True)])
 def test_fused_step_matches_the_cpu_kernel_bit_for_bit(param_dtype, state_dtype, masked, prior_on,
-                                                       scaled, steps_on_device):
+                                                       scaled):
     cuda_tensors = step_case(param_dtype, state_dtype, "cuda")
     cpu_tensors = [[t.cpu().contiguous() for t in ts] for ts in cuda_tensors]
-    step_device = "cuda" if steps_on_device else "cpu"
-    cuda_steps = [torch.tensor(float(i), device=step_device) for i in range(len(SIZES))]
+    cuda_steps = [torch.tensor(float(i), device="cuda") for i in range(len(SIZES))]
     cpu_steps = [torch.tensor(float(i)) for i in range(len(SIZES))]
     cuda_group = update_group(cuda_tensors, cuda_steps, masked, prior_on)
     cpu_group = update_group(cpu_tensors, cpu_steps, masked, prior_on)
     scale = torch.tensor(256.0) if scaled else None
     histogram = torch.zeros(1 << 16, dtype=torch.int64, device="cuda")
     cpu_histogram = torch.zeros(1 << 16, dtype=torch.int64)
+    cuda_scalars = step_scalars([cuda_group], torch.device("cuda"))
+    cpu_scalars = step_scalars([cpu_group], torch.device("cpu"))
     for _ in range(2):
         torch.ops.mgpp.fused_step_(
             cuda_group.params, cuda_group.grads, cuda_group.exp_avgs, cuda_group.exp_avg_sqs,
-            cuda_group.state_steps, cuda_group.keep_masks, step_scalars(cuda_group, torch.device("cuda")),
+            cuda_group.state_steps, cuda_group.keep_masks, cuda_scalars,
             None if scale is None else scale.cuda(), histogram)
         torch.ops.mgpp.fused_step_(
             cpu_group.params, cpu_group.grads, cpu_group.exp_avgs, cpu_group.exp_avg_sqs,
-            cpu_group.state_steps, cpu_group.keep_masks, step_scalars(cpu_group, torch.device("cpu")),
-            scale, cpu_histogram)
+            cpu_group.state_steps, cpu_group.keep_masks, cpu_scalars, scale, cpu_histogram)
     for i, (on_gpu, on_cpu) in enumerate(zip(cuda_tensors, cpu_tensors)):
         for index, name in ((0, "param"), (2, "exp_avg"), (3, "exp_avg_sq")):
             assert torch.equal(bits(on_gpu[index]), bits(on_cpu[index])), (
@@ -313,9 +313,14 @@ def test_ops_reject_tensors_on_another_device():
     tensors = step_case(torch.float32, torch.float32, "cuda")
     group = update_group(tensors, [torch.tensor(0.0, device="cuda") for _ in tensors], False, False)
     before = tensors[0][0].clone()
+    scalars = step_scalars([group], torch.device("cuda"))
     with pytest.raises(ValueError, match="is on cpu"):
         torch.ops.mgpp.fused_step_(group.params, [g.cpu() for g in group.grads], group.exp_avgs,
-                                   group.exp_avg_sqs, group.state_steps, [],
-                                   step_scalars(group, torch.device("cuda")), None, None)
+                                   group.exp_avg_sqs, group.state_steps, [], scalars, None, None)
+    # The step counts live on the device, where the kernels read them.
+    host_steps = [s.cpu() for s in group.state_steps]
+    with pytest.raises(ValueError, match=r"state_steps\[0\] must be a float32 tensor on cuda"):
+        torch.ops.mgpp.fused_step_(group.params, group.grads, group.exp_avgs, group.exp_avg_sqs,
+                                   host_steps, [], scalars, None, None)
     assert torch.equal(tensors[0][0], before)
-    assert all(float(s) == 0.0 for s in group.state_steps)
+    assert all(float(s) == 0.0 for s in group.state_steps + host_steps)

@@ -118,22 +118,24 @@ def test_found_inf_moves_the_schedule_to_the_device_where_steps_live_there(row):
     params = make_params(SHAPES, DTYPES, seed=5, device=row.device)
     optimizer = build_optimizer(params, row, PRUNE)
     run_steps(optimizer, params, 0, 10, has_grad=has_grad)
-    assert optimizer._device_schedule is None
+    assert not optimizer._device_schedule.started
     run_on_device(optimizer, params, SCHEDULE["total_steps"], start=10)
-    assert (optimizer._device_schedule is not None) == row.load().steps_on_device
+    assert optimizer._device_schedule.started == row.load().steps_on_device
     assert_runs_identical(params, optimizer, expected_params, expected)
     assert_same_schedule_view(optimizer, expected)
 
 
 def _backend_files(row) -> list[str]:
     """The Python files of a backend, which step() runs through."""
+    from mgpp_kernels.backends import device_schedule, scalars
+    shared = [device_schedule.__file__, scalars.__file__]
     if row.name == "triton":
         from mgpp_kernels.backends.triton import backend, kernels
-        return [backend.__file__, kernels.__file__]
+        return [backend.__file__, kernels.__file__] + shared
     from mgpp_kernels import ops
     from mgpp_kernels.backends import kernel_ops
     module = importlib.import_module(f"mgpp_kernels.backends.{row.name}")
-    return [kernel_ops.__file__, module.__file__, ops.__file__]
+    return [kernel_ops.__file__, module.__file__, ops.__file__] + shared
 
 
 @OVER_ROWS
@@ -177,7 +179,7 @@ def test_step_reads_nothing_on_the_host_with_a_skipping_grad_scaler(row, forbid_
                        config.__file__, layout.__file__] + _backend_files(row))
     model, optimizer = train(with_scaler=True)
     monkeypatch.undo()   # stats() and state_dict() may read the device
-    assert optimizer._device_schedule is not None
+    assert optimizer._device_schedule.started
     assert optimizer.stats()["step"] == 10
     assert_runs_identical(list(model.parameters()), optimizer,
                           list(expected_model.parameters()), expected)

@@ -37,12 +37,13 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.skipif(
     reason="needs torch.distributed with gloo and the cpu backend")]
 
 
-def ranking_rows():
-    """Every row: those that rank across processes on CPU tensors run (gloo); the others skip
-    with the reason (no ranks_across_processes, or tensors on another device)."""
+def ranking_rows(rows=backends.ROWS, requires: tuple[str, ...] = ()):
+    """Every row of `rows` (the table of tests/backends.py): those that rank across processes,
+    have the capabilities `requires` names and take CPU tensors run (gloo); the others skip with
+    the reason."""
     params = []
-    for row in backends.ROWS:
-        marks = row.marks(("ranks_across_processes",))
+    for row in rows:
+        marks = row.marks(("ranks_across_processes",) + requires)
         if row.device != "cpu":
             marks.append(pytest.mark.skip(reason=f"backend {row.name!r}: these ranks run gloo on "
                                                  f"CPU tensors, its tensors are on {row.device}"))
@@ -50,8 +51,15 @@ def ranking_rows():
     return params
 
 
-assert {p.values[0] for p in ranking_rows()
-        if not any(m.name == "skip" for m in p.marks)} == set(worker.BACKENDS)
+def running(params) -> set[str]:
+    """The backends of `params` that are not skipped."""
+    return {p.values[0] for p in params if not any(m.name == "skip" for m in p.marks)}
+
+
+# The ranks (tests/distributed_worker.py) run exactly the scenarios these tests compare.
+assert running(ranking_rows()) == set(worker.BACKENDS)
+assert running(ranking_rows(requires=("schedules_on_device",))) == set(
+    worker.DEVICE_SCHEDULE_BACKENDS)
 
 
 def free_port() -> int:
@@ -150,10 +158,10 @@ def test_fsdp2_shards_equal_single_process(ranks, backend):
 
 
 def sharded_scenarios():
-    """(backend, capturable): ranking_rows(), and those with the schedule on the device."""
-    params = [pytest.param(p.values[0], False, id=p.id, marks=p.marks) for p in ranking_rows()]
-    return params + [pytest.param(p.values[0], True, id=f"{p.id}-capturable", marks=p.marks)
-                     for p in params if backends.BY_NAME[p.values[0]].schedules_on_device]
+    """(backend, capturable): ranking_rows(), and again with the schedule on the device."""
+    host = [pytest.param(p.values[0], False, id=p.id, marks=p.marks) for p in ranking_rows()]
+    return host + [pytest.param(p.values[0], True, id=f"{p.id}-capturable", marks=p.marks)
+                   for p in ranking_rows(requires=("schedules_on_device",))]
 
 
 @pytest.mark.parametrize("backend,capturable", sharded_scenarios())
@@ -173,6 +181,8 @@ def test_sharded_candidates_with_process_group_equal_single_process(ranks, backe
         assert_bitwise_equal(result["other"], other.detach(), f"rank {rank}: non-candidate")
         assert result["tau"] == stats["tau"], f"rank {rank}: τ"
         assert result["pruned"] == stats["pruned"], f"rank {rank}: pruned count (global)"
+        assert result["event_sparsity"] == stats["event_sparsity"], f"rank {rank}: over global N"
+    assert stats["event_sparsity"] == stats["pruned"] / sum(p.numel() for p in held.values())
     # Rank 1 holds only bfloat16 candidates: it must still join rank 0's second radix level.
     assert {results[1]["held"][i].dtype for i in results[1]["held"]} == {torch.bfloat16}
 
@@ -182,10 +192,8 @@ def test_sharded_candidates_with_process_group_equal_single_process(ranks, backe
 EVENT_COLLECTIVES = [1, HIGH_BINS, LOW_BINS]
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("backend", ranking_rows(backends.KERNELS))
 def test_kernel_backends_send_histograms_never_weights(ranks, backend):
-    if backend not in worker.BACKENDS:
-        pytest.skip(f"backend {backend!r} does not rank across processes here")
     events = sum(1 for t in range(worker.SCHEDULE["total_steps"])
                  if schedule.target_sparsity(mgpp_kernels.MGPPConfig(
                      **{k: v for k, v in worker.SCHEDULE.items()}), t) is not None)
@@ -196,13 +204,10 @@ def test_kernel_backends_send_histograms_never_weights(ranks, backend):
             [("all_reduce", size) for size in EVENT_COLLECTIVES] * events), f"rank {rank}"
 
 
-
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("backend", ranking_rows(backends.KERNELS, ("schedules_on_device",)))
 def test_the_device_schedule_all_reduces_histograms_at_every_step(ranks, backend):
     """On the device schedule the host does not know which step prunes: both histograms are
     all-reduced at every step (zeros when it does not), N once; never a weight."""
-    if backend not in worker.DEVICE_SCHEDULE_BACKENDS:
-        pytest.skip(f"backend {backend!r} does not rank across processes here")
     steps = worker.SCHEDULE["total_steps"]
     for rank, result in enumerate(ranks(f"shards_{backend}_capturable")):
         assert sorted(result["collectives"]) == sorted(

@@ -51,8 +51,12 @@ def run_example(tmp_path, *options: str) -> subprocess.CompletedProcess:
     command = [sys.executable, os.path.join(ROOT, "examples", "prune_sst2.py"),
                "--model", tiny_model_folder(tmp_path / "model"),
                "--data-dir", tiny_sst2_folder(tmp_path / "data"), *options]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRITON_INTERPRET": "1"}
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    # As a user runs it: mgpp_kernels from the installed package (make installs the checkout in
+    # editable mode), examples/glue.py from beside the script, from any working directory.
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", TRITON_INTERPRET="1")
+    return subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600)
 
 
 def check_exports(results: dict, prune_embeddings: bool) -> None:

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 import mgpp_kernels
 from mgpp_kernels import MGPP, masks, reference, schedule
+from mgpp_kernels.ops.layout import KERNEL_DTYPES
 
 from compare import (assert_bitwise_equal, assert_fp32_bound, assert_mixed_precision_bound,
                      fp32_bound, ulp)
@@ -34,7 +35,6 @@ import backends
 # Every kernel row of tests/backends.py is fuzzed against the reference.
 EXAMPLES_PER_BACKEND = 200
 
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 STORAGE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -63,7 +63,7 @@ def cases(draw) -> Case:
     count = draw(st.integers(1, 4))
     shapes = tuple(tuple(draw(st.lists(st.integers(0, 9), min_size=1, max_size=3)))
                    for _ in range(count))
-    dtypes = tuple(draw(st.sampled_from(DTYPES)) for _ in range(count))
+    dtypes = tuple(draw(st.sampled_from(KERNEL_DTYPES)) for _ in range(count))
     prune = tuple(draw(st.booleans()) for _ in range(count))
     state_dtype = draw(st.sampled_from(["fp32", "param"]))
     # The prior's gradient is about θ/(n·σ0²) near 0: keep it (and v ~ g²) inside float16's range

@@ -52,7 +52,7 @@ def test_no_module_imports_matplotlib_or_tqdm():
                          capture_output=True, text=True, check=True)
     report = json.loads(run.stdout.strip().splitlines()[-1])
     assert report["found"] == [], report["found"]
-    for name in ("__main__", "bench", "verify", "workloads"):
+    for name in ("__main__", "machine", "verify", "workloads"):
         assert f"mgpp_kernels.{name}" in report["imported"], report["skipped"]
 
 

@@ -8,6 +8,7 @@ import torch
 
 from mgpp_kernels import MGPPConfig, masks, reference, schedule
 from mgpp_kernels.ops import layout
+from mgpp_kernels.prior import prior_c1
 
 from helpers import SCHEDULE, build_optimizer, make_params, run_steps
 
@@ -187,5 +188,5 @@ def test_device_schedule_rows_are_the_host_schedule():
     assert column["prior_on"] == [1.0] * (t_end + 1) + [0.0]
     assert column["c1"][t_end + 1] == 0.0
     for t in (0, 5, 23, 24):
-        assert column["c1"][t] == layout.prior_c1(schedule.schedule_at(CONFIG, t).lambda_t,
-                                                  CONFIG.sigma0_sq, CONFIG.sigma1_sq)
+        assert column["c1"][t] == prior_c1(schedule.schedule_at(CONFIG, t).lambda_t,
+                                           CONFIG.sigma0_sq, CONFIG.sigma1_sq)

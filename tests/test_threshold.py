@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from mgpp_kernels import MGPP, masks, reference
+from mgpp_kernels.ops.layout import KERNEL_DTYPES
 
 from compare import assert_bitwise_equal, bits
 from helpers import gradient
@@ -377,8 +378,7 @@ def test_pruning_without_gradients_on_large_and_infinite_values(backend, case, a
             assert_bitwise_equal(c, r, f"k={k}")
 
 
-FUSED_DTYPES = [(torch.float32,), (torch.bfloat16,), (torch.float16,),
-                (torch.float32, torch.bfloat16, torch.float16)]
+FUSED_DTYPES = [(dtype,) for dtype in KERNEL_DTYPES] + [KERNEL_DTYPES]
 
 
 @pytest.mark.parametrize("backend,dtypes", backends.over(

@@ -115,7 +115,20 @@ def test_trainer_prunes_to_target_and_freezes_the_mask(tmp_path, backend):
     assert [entry["step"] for entry in logged] == list(range(2, steps + 1, 2))
     # A log at global step s reports the stage of schedule position s - 1.
     assert [entry["mgpp_stage"] for entry in logged] == ["dense"] + ["pruning"] * 3 + ["frozen"] * 2
-    assert logged[-1]["mgpp_sparsity"] == pytest.approx(candidate_sparsity(model))
+    numel = sum(p.numel() for p in candidates_of(model))
+    assert logged[0]["mgpp_sparsity"] == logged[0]["mgpp_zero_fraction"] == 0.0
+    for entry in logged[1:]:
+        # SPEC: an event zeroes the weights below τ, the int(N·s)-th smallest (τ itself stays).
+        # mgpp_sparsity is what the last event reached; the pruned weights regrow at once in the
+        # pruning stage (every log here follows a step without an event), so the zeros now are
+        # fewer until the freeze, and then the same.
+        reached = (int(numel * entry["mgpp_target_sparsity"]) - 1) / numel
+        assert entry["mgpp_sparsity"] == reached
+        if entry["mgpp_stage"] == "pruning":
+            assert entry["mgpp_zero_fraction"] < entry["mgpp_sparsity"]
+        else:
+            assert entry["mgpp_zero_fraction"] == entry["mgpp_sparsity"]
+    assert logged[-1]["mgpp_zero_fraction"] == candidate_sparsity(model)
     assert logged[-1]["mgpp_target_sparsity"] == 0.75
     assert logged[-1]["mgpp_tau"] > 0
     assert logged[0]["mgpp_lambda_t"] == pytest.approx(0.1)
@@ -147,6 +160,7 @@ def test_optimizer_cls_and_kwargs_with_gmp_baseline(tmp_path):
     assert abs(candidate_sparsity(model) - 0.5) <= 1e-3
     final = [entry for entry in recorder.logs if "loss" in entry][-1]
     assert final["mgpp_stage"] == "frozen" and "mgpp_lambda_t" not in final
+    assert final["mgpp_sparsity"] == final["mgpp_zero_fraction"] == candidate_sparsity(model)
 
 
 def test_builder_checks_settings_before_training(tmp_path):

@@ -18,10 +18,9 @@ tl = pytest.importorskip("triton.language")
 
 from mgpp_kernels import MGPP, schedule  # noqa: E402
 from mgpp_kernels import optimizer as optimizer_module  # noqa: E402
-from mgpp_kernels.backends import load_backend  # noqa: E402
+from mgpp_kernels.backends import load_backend, scalars  # noqa: E402
 from mgpp_kernels.backends.triton import backend as triton_backend  # noqa: E402
 from mgpp_kernels.backends.triton import kernels  # noqa: E402
-from mgpp_kernels.ops import layout  # noqa: E402
 
 from compare import assert_bitwise_equal, assert_within, ulp  # noqa: E402
 from helpers import make_params  # noqa: E402
@@ -170,7 +169,7 @@ def test_step_never_reads_device_values_on_the_host(forbid_host_reads):
     others = make_model([(5,)], torch.bfloat16, seed=4)
     optimizer = MGPP([{"params": candidates, "prune": True}, {"params": others, "prune": False}],
                      lr=1e-3, backend="triton", **SHORT_SCHEDULE)
-    forbid_host_reads([triton_backend.__file__, kernels.__file__, layout.__file__,
+    forbid_host_reads([triton_backend.__file__, kernels.__file__, scalars.__file__,
                        optimizer_module.__file__, schedule.__file__])
     for t in range(8):  # dense, events, the freeze, frozen
         for i, p in enumerate(candidates + others):
@@ -178,20 +177,6 @@ def test_step_never_reads_device_values_on_the_host(forbid_host_reads):
         optimizer.grad_scale = torch.tensor(1.0)
         optimizer.step()
     TRITON.global_threshold(candidates, 3)
-
-
-@interpreted
-def test_step_counts_kept_on_the_host_give_the_same_results(monkeypatch):
-    """With the step counts in CPU tensors next to GPU parameters (the optimizer's default), the
-    host increments them and stages them with the scalars: same results as on the device."""
-    shapes = [(4097,), (7,), (1,)]
-    before = StepTensors.make(shapes, torch.float32, torch.float32, step=9.0)
-    on_device, on_host = before.clone(), before.clone()
-    TRITON.step([on_device.group()], None, torch.tensor(2.0))
-    monkeypatch.setattr(triton_backend, "_steps_on_device", lambda steps, device: False)
-    TRITON.step([on_host.group()], None, torch.tensor(2.0))
-    on_device.assert_equal(on_host, "steps on the device vs on the host")
-    assert [s.item() for s in on_host.steps] == [10.0] * 3
 
 
 # ---- bad input ---------------------------------------------------------------------------------

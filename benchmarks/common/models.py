@@ -1,5 +1,5 @@
-"""The models the suite steps over (candidate matrices only), their tensors, and the bytes a step
-must move."""
+"""The models the suite steps over (candidate matrices only) and their tensors in every storage
+combination."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from mgpp_kernels.workloads import BertShapes, random_parameters
+
+from .storage import Storage
 
 
 @dataclass(frozen=True)
@@ -46,13 +48,6 @@ FULL_LADDER = (
     llama("LLaMA-style 7 blocks H2048/F5504", 7, 2048, 5504),
 )
 QUICK_LADDER = (bert("BERT-tiny L2/H128", 2, 128), llama("LLaMA-style 1 block H128/F344", 1, 128, 344))
-# Where every storage combination runs, beside fused AdamW in its dtype, with all threads and one:
-# the peers model and one tensor of its size.
-STORAGE_COMBINATIONS = ("bf16", "bf16, fp32 state", "fp16")
-# Each precision's parameter dtype and MGPP state_dtype.
-PRECISIONS = {"fp32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, "param"),
-              "bf16, fp32 state": (torch.bfloat16, torch.float32),
-              "fp16": (torch.float16, "param")}
 
 
 class Workload:
@@ -65,8 +60,8 @@ class Workload:
         self.fp32 = random_parameters(model.shapes, generator, std=0.04, grad_std=1e-3)
         self._copies: dict[torch.dtype, list[torch.nn.Parameter]] = {}
 
-    def params(self, precision: str) -> list[torch.nn.Parameter]:
-        dtype = PRECISIONS[precision][0]
+    def params(self, storage: Storage) -> list[torch.nn.Parameter]:
+        dtype = storage.param_dtype
         if dtype == torch.float32:
             return self.fp32
         if dtype not in self._copies:
@@ -78,12 +73,3 @@ class Workload:
                 copies.append(copy)
             self._copies[dtype] = copies
         return self._copies[dtype]
-
-
-def step_bytes(precision: str, event: bool) -> int:
-    """Bytes per element docs/spec.md §3 says a step must move (see benchmarks/suite.py)."""
-    param_bytes, state_bytes = {"fp32": (4, 4), "bf16": (2, 2), "bf16, fp32 state": (2, 4),
-                                 "fp16": (2, 2)}[precision]
-    update = 3 * param_bytes + 4 * state_bytes   # θ read and written, g read; m, v read and written
-    # An event: one more read and write of θ (the pass that zeroes below τ's bin).
-    return update + 2 * param_bytes if event else update

@@ -14,15 +14,12 @@ from mgpp_kernels.schedule import prune_count
 from mgpp_kernels.backends import BackendUnavailableError, available_backends, load_backend
 from mgpp_kernels.optimizer import MGPP
 
-from .models import PRECISIONS, STORAGE_COMBINATIONS
+from .settings import (BETAS, DENSE_SCHEDULE, EPS, EVENT_SCHEDULE, FINAL_SPARSITY, LAMBDA_MIX, LR,
+                       NUM_TRAIN_EXAMPLES, SIGMA0_SQ, SIGMA1_SQ)
+from .storage import BF16, FP32, STORAGE, Storage
 
-LR, BETAS, EPS, WEIGHT_DECAY = 1e-5, (0.9, 0.999), 1e-8, 0.01
-LAMBDA_MIX, SIGMA0_SQ, SIGMA1_SQ, NUM_TRAIN_EXAMPLES = 0.1, 1e-10, 0.05, 67349
-FINAL_SPARSITY = 0.9
-# Dense stage with the prior on: every step is a step without an event.
-NO_EVENT_SCHEDULE = dict(total_steps=2_000_000, initial_warmup_steps=1_000_000)
-# Pruning stage from step 0 with an event every step.
-EVENT_SCHEDULE = dict(total_steps=1_000_000, initial_warmup_steps=0, pruning_interval=1)
+# torch.optim.AdamW's default weight decay, in every peer's step.
+WEIGHT_DECAY = 0.01
 
 FUSED_ADAMW = "torch AdamW fused"
 RECIPE = "unfused recipe"
@@ -38,12 +35,12 @@ class Stepper:
         self.close = close
 
 
-def mgpp_stepper(params, backend: str, event: bool, state_dtype) -> Stepper:
+def mgpp_stepper(params, backend: str, event: bool, storage: Storage) -> Stepper:
     optimizer = MGPP([{"params": params, "prune": True}], lr=LR, betas=BETAS, eps=EPS,
-                     weight_decay=WEIGHT_DECAY, backend=backend, state_dtype=state_dtype,
+                     weight_decay=WEIGHT_DECAY, backend=backend, state_dtype=storage.state_dtype,
                      num_train_examples=NUM_TRAIN_EXAMPLES, sigma0_sq=SIGMA0_SQ,
                      sigma1_sq=SIGMA1_SQ, lambda_mix=LAMBDA_MIX,
-                     **(EVENT_SCHEDULE if event else NO_EVENT_SCHEDULE))
+                     **(EVENT_SCHEDULE if event else DENSE_SCHEDULE))
     optimizer.step()  # allocates the state (and, with events, prunes to s_i)
     return Stepper(optimizer.step)
 
@@ -147,7 +144,7 @@ def recipe_stepper(params, event: bool) -> Stepper:
 @dataclass(frozen=True)
 class StepCase:
     implementation: str
-    precision: str             # "fp32", "bf16" (bf16 state), "bf16, fp32 state", "fp16" (fp16 state)
+    storage: Storage
     event: bool
     threads: int | None
     build: Callable[[list[torch.nn.Parameter]], Stepper]
@@ -181,47 +178,48 @@ def step_cases(device: torch.device, thread_counts: list, peers: bool, compile_r
     cases = []
     for threads in reversed(thread_counts):
         for backend in kernels:
-            cases.append(StepCase(f"MGPP {backend}", "fp32", False, threads,
-                                  lambda p, b=backend: mgpp_stepper(p, b, False, torch.float32)))
-        cases.append(StepCase(FUSED_ADAMW, "fp32", False, threads,
+            cases.append(StepCase(f"MGPP {backend}", FP32, False, threads,
+                                  lambda p, b=backend: mgpp_stepper(p, b, False, FP32)))
+        cases.append(StepCase(FUSED_ADAMW, FP32, False, threads,
                               lambda p: adamw_stepper(p, fused=True)))
     if peers:
         if "reference" in backends:
-            cases.append(StepCase("MGPP reference", "fp32", False, all_threads,
-                                  lambda p: mgpp_stepper(p, "reference", False, torch.float32)))
+            cases.append(StepCase("MGPP reference", FP32, False, all_threads,
+                                  lambda p: mgpp_stepper(p, "reference", False, FP32)))
         if compile_reference:
-            cases.append(StepCase(COMPILED_REFERENCE, "fp32", False, all_threads,
+            cases.append(StepCase(COMPILED_REFERENCE, FP32, False, all_threads,
                                   compiled_reference_stepper))
         cases += [
-            StepCase("torch AdamW default", "fp32", False, all_threads, lambda p: adamw_stepper(p)),
-            StepCase("torch AdamW foreach", "fp32", False, all_threads,
+            StepCase("torch AdamW default", FP32, False, all_threads, lambda p: adamw_stepper(p)),
+            StepCase("torch AdamW foreach", FP32, False, all_threads,
                      lambda p: adamw_stepper(p, foreach=True)),
-            StepCase(RECIPE, "fp32", False, all_threads, lambda p: recipe_stepper(p, False)),
+            StepCase(RECIPE, FP32, False, all_threads, lambda p: recipe_stepper(p, False)),
         ]
     for backend in shown:
-        cases.append(StepCase(f"MGPP {backend}", "fp32", True, all_threads,
-                              lambda p, b=backend: mgpp_stepper(p, b, True, torch.float32)))
+        cases.append(StepCase(f"MGPP {backend}", FP32, True, all_threads,
+                              lambda p, b=backend: mgpp_stepper(p, b, True, FP32)))
     if peers:
-        cases.append(StepCase(RECIPE, "fp32", True, all_threads, lambda p: recipe_stepper(p, True)))
+        cases.append(StepCase(RECIPE, FP32, True, all_threads, lambda p: recipe_stepper(p, True)))
     if not storage:   # the size ladder's bf16 series
         for backend in kernels:
-            cases.append(StepCase(f"MGPP {backend}", "bf16", False, all_threads,
-                                  lambda p, b=backend: mgpp_stepper(p, b, False, "param")))
+            cases.append(StepCase(f"MGPP {backend}", BF16, False, all_threads,
+                                  lambda p, b=backend: mgpp_stepper(p, b, False, BF16)))
     else:
         for threads in reversed(thread_counts):
-            for precision in STORAGE_COMBINATIONS:
-                state_dtype = PRECISIONS[precision][1]
+            for combination in STORAGE:
+                if combination == FP32:   # its steps are above
+                    continue
                 for backend in kernels:
                     for event in (False, True):
                         cases.append(StepCase(
-                            f"MGPP {backend}", precision, event, threads,
-                            lambda p, b=backend, e=event, s=state_dtype: mgpp_stepper(p, b, e, s)))
-                if state_dtype == "param":   # torch's AdamW keeps its state in the param dtype
-                    cases.append(StepCase(FUSED_ADAMW, precision, False, threads,
+                            f"MGPP {backend}", combination, event, threads,
+                            lambda p, b=backend, e=event, s=combination: mgpp_stepper(p, b, e, s)))
+                if combination.runs_on_adamw:
+                    cases.append(StepCase(FUSED_ADAMW, combination, False, threads,
                                           lambda p: adamw_stepper(p, fused=True)))
     if peers and "reference" in shown:
-        cases.append(StepCase("MGPP reference", "bf16", False, all_threads,
-                              lambda p: mgpp_stepper(p, "reference", False, "param")))
+        cases.append(StepCase("MGPP reference", BF16, False, all_threads,
+                              lambda p: mgpp_stepper(p, "reference", False, BF16)))
     return cases
 
 

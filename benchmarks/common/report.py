@@ -1,4 +1,4 @@
-"""The suite's report: the issue's bars, markdown tables, README.md and the terminal summary."""
+"""The suite's report: the targets, markdown tables, README.md and the terminal summary."""
 from __future__ import annotations
 
 import os
@@ -7,24 +7,25 @@ from dataclasses import dataclass
 from .peers import COMPILED_REFERENCE, FUSED_ADAMW, RECIPE, SELECTION_METHODS
 from .plots import write_plots
 from .results import machine_slug, roofline_gbps, series_label, write_csv
+from .storage import FP32, STORAGE
 
 
 @dataclass
-class Bar:
+class Target:
     text: str
     value: str
     met: bool
 
 
-def evaluate_bars(rows: list[dict], peers_model: str) -> list[Bar]:
-    """The issue's bars for every kernel backend in the run (the cpu backend on a CPU), judged on
+def evaluate_targets(rows: list[dict], peers_model: str) -> list[Target]:
+    """The targets for every kernel backend in the run (the cpu backend on a CPU), judged on
     median times; the value from each measurement's best call follows in brackets."""
     bandwidth = roofline_gbps(rows)
     steps = [r for r in rows if r["section"] == "step"]
     all_threads = max((r["threads"] for r in steps if r["threads"] != ""), default="")
     main = [r for r in steps if r["threads"] == all_threads]
 
-    def find(implementation, model, precision="fp32", event=False):
+    def find(implementation, model, precision=FP32.label, event=False):
         for r in main:
             if (r["implementation"], r["model"], r["precision"], r["event"]) == (
                     implementation, model, precision, event):
@@ -35,7 +36,7 @@ def evaluate_bars(rows: list[dict], peers_model: str) -> list[Bar]:
                       and r["implementation"] != "MGPP reference"})
     largest = max((r for r in main if r["implementation"] == FUSED_ADAMW),
                   key=lambda r: r["elements"], default=None)
-    bars = []
+    targets = []
     for kernel in kernels:
         for model in dict.fromkeys(m for m in (peers_model, largest and largest["model"]) if m):
             row = find(kernel, model)
@@ -44,31 +45,34 @@ def evaluate_bars(rows: list[dict], peers_model: str) -> list[Bar]:
             size = _millions(row["elements"])
             best_fraction = row["bytes_per_element"] * row["elements"] / row["best_seconds"] / 1e9 \
                 / bandwidth
-            bars.append(Bar(f"{kernel} fp32 no-event at {size} ({model}): >= 80% of bandwidth",
-                            f"{row['fraction_of_bandwidth']:.0%} ({best_fraction:.0%})",
-                            row["fraction_of_bandwidth"] >= 0.8))
+            targets.append(Target(
+                f"{kernel} fp32 no-event at {size} ({model}): >= 80% of bandwidth",
+                f"{row['fraction_of_bandwidth']:.0%} ({best_fraction:.0%})",
+                row["fraction_of_bandwidth"] >= 0.8))
             fused = find(FUSED_ADAMW, model)
-            bars.append(Bar(f"{kernel} fp32 no-event at {size}: <= 1.15x {FUSED_ADAMW}",
-                            f"{row['vs_fused_adamw']:.2f}x "
-                            f"({row['best_seconds'] / fused['best_seconds']:.2f}x)",
-                            row["vs_fused_adamw"] <= 1.15))
+            targets.append(Target(
+                f"{kernel} fp32 no-event at {size}: <= 1.15x {FUSED_ADAMW}",
+                f"{row['vs_fused_adamw']:.2f}x "
+                f"({row['best_seconds'] / fused['best_seconds']:.2f}x)",
+                row["vs_fused_adamw"] <= 1.15))
         ours = find(kernel, peers_model)
         for peer in (RECIPE, COMPILED_REFERENCE):
             theirs = find(peer, peers_model)
             if ours is not None and theirs is not None:
                 ratio = theirs["seconds"] / ours["seconds"]
                 best_ratio = theirs["best_seconds"] / ours["best_seconds"]
-                bars.append(Bar(f"{peer} >= 2x slower than {kernel} (fp32 no-event, "
-                                f"{peers_model})", f"{ratio:.1f}x ({best_ratio:.1f}x)", ratio >= 2))
-        scaled = [r for r in main if r["implementation"] == kernel and r["precision"] == "fp32"
+                targets.append(Target(f"{peer} >= 2x slower than {kernel} (fp32 no-event, "
+                                      f"{peers_model})", f"{ratio:.1f}x ({best_ratio:.1f}x)",
+                                      ratio >= 2))
+        scaled = [r for r in main if r["implementation"] == kernel and r["precision"] == FP32.label
                   and not r["event"] and r["elements"] >= 10_000_000]
         if len(scaled) >= 2:
             spread = _spread([r["seconds"] / r["elements"] for r in scaled])
             best_spread = _spread([r["best_seconds"] / r["elements"] for r in scaled])
-            bars.append(Bar(f"{kernel} fp32 no-event time per element varies < 25% from 10M to "
-                            f"{_millions(largest['elements'])}", f"{spread:.0%} ({best_spread:.0%})",
-                            spread < 0.25))
-    return bars
+            targets.append(Target(f"{kernel} fp32 no-event time per element varies < 25% from "
+                                  f"10M to {_millions(largest['elements'])}",
+                                  f"{spread:.0%} ({best_spread:.0%})", spread < 0.25))
+    return targets
 
 
 def _spread(values: list[float]) -> float:
@@ -143,7 +147,13 @@ def _fmt(value, fmt: str, suffix: str = "") -> str:
     return "-" if value == "" else format(value, fmt) + suffix
 
 
-def write_markdown(path: str, rows: list[dict], peers_model: str, bars: list[Bar],
+def _step_bytes_text() -> str:
+    """The bytes per element of every storage combination's step, for the summary."""
+    return "; ".join(f"{s.label}: {s.step_bytes()} B (+{s.step_bytes(True) - s.step_bytes()} B "
+                     f"with an event)" for s in STORAGE)
+
+
+def write_markdown(path: str, rows: list[dict], peers_model: str, targets: list[Target],
                    files: list[str]) -> None:
     context = rows[0]
     command = context["command"]
@@ -157,7 +167,7 @@ def write_markdown(path: str, rows: list[dict], peers_model: str, bars: list[Bar
     lines = [
         "# Kernel microbenchmarks: latest results",
         "",
-        *(["**A --quick smoke run: tiny models, the bars are meant for the full run.**", ""]
+        *(["**A --quick smoke run: tiny models, the targets are meant for the full run.**", ""]
           if quick else []),
         f"Machine: **{context['machine']}** ({context['device']}); {versions}; run started "
         f"{context['started']} with `{command}`.",
@@ -187,9 +197,9 @@ def write_markdown(path: str, rows: list[dict], peers_model: str, bars: list[Bar
         "candidate elements), all threads",
         "",
         "One optimizer step over the candidate matrices only. \"event\": a step with a pruning event "
-        "(τ selection and zeroing). GB/s counts the bytes docs/spec.md §3 says the step must move "
-        "(fp32 28 B per element, +8 B with an event; bf16 or fp16 with 16-bit state 14 B, +4 B; "
-        "bf16 with fp32 state 22 B, +4 B), whatever the implementation really moves. Peak extra: growth of the peak "
+        "(τ selection and zeroing). GB/s counts the bytes per element docs/spec.md §3 says the "
+        f"step must move ({_step_bytes_text()}), whatever the implementation really moves. Peak "
+        "extra: growth of the peak "
         + ("resident set" if context["device"] == "cpu" else "allocated CUDA memory")
         + " above parameters, gradients and optimizer state during the timed steps.",
         "",
@@ -199,13 +209,13 @@ def write_markdown(path: str, rows: list[dict], peers_model: str, bars: list[Bar
         "",
         tables["peers"],
         "",
-        "## Bars",
+        "## Targets",
         "",
         "Judged on median times; in brackets, the same from each measurement's fastest call.",
         "",
-        "| bar | measured | met |",
+        "| target | measured | met |",
         "|---|---:|---|",
-        *[f"| {b.text} | {b.value} | {'yes' if b.met else '**no**'} |" for b in bars],
+        *[f"| {t.text} | {t.value} | {'yes' if t.met else '**no**'} |" for t in targets],
         "",
         "## Scaling",
         "",
@@ -229,20 +239,21 @@ def write_markdown(path: str, rows: list[dict], peers_model: str, bars: list[Bar
 
 
 def report(rows: list[dict], peers_model: str, output_dir: str) -> None:
-    """The CSV, the plots and README.md in output_dir, and the tables and bars on the terminal."""
+    """The CSV, the plots and README.md in output_dir, and the tables and targets on the
+    terminal."""
     os.makedirs(output_dir, exist_ok=True)
     slug = machine_slug(rows[0]["machine"])
     csv_path = os.path.join(output_dir, f"bench_suite_{slug}.csv")
     write_csv(csv_path, rows)
     files = [csv_path] + write_plots(rows, peers_model, output_dir, slug)
-    bars = evaluate_bars(rows, peers_model)
+    targets = evaluate_targets(rows, peers_model)
     markdown_path = os.path.join(output_dir, "README.md")
-    write_markdown(markdown_path, rows, peers_model, bars, files)
+    write_markdown(markdown_path, rows, peers_model, targets, files)
 
     tables = markdown_tables(rows, peers_model)
     print(f"\n{rows[0]['machine']}: every peer on {peers_model}\n")
     print(tables["peers"])
     print(f"\nScaling\n\n{tables['scaling']}\n\nτ selection\n\n{tables['selection']}\n")
-    for bar in bars:
-        print(f"[{'met' if bar.met else 'NOT MET'}] {bar.text}: {bar.value}")
+    for target in targets:
+        print(f"[{'met' if target.met else 'NOT MET'}] {target.text}: {target.value}")
     print("\nwrote " + ", ".join(files + [markdown_path]))

@@ -17,10 +17,13 @@ from tqdm import tqdm
 from mgpp_kernels import __version__
 from mgpp_kernels.schedule import prune_count
 
-from .models import Model, Workload, one_tensor, step_bytes
-from .peers import (COMPILED_REFERENCE, FINAL_SPARSITY, FUSED_ADAMW, SELECTION_METHODS, StepCase,
+from .machine import triton_version
+from .models import Model, Workload, one_tensor
+from .peers import (COMPILED_REFERENCE, FUSED_ADAMW, SELECTION_METHODS, StepCase,
                     compiled_reference_math, kernel_backends, selection_function, step_cases)
 from .results import COLUMNS, roofline_gbps
+from .settings import FINAL_SPARSITY
+from .storage import FP32
 from .timing import CpuPlatform, CudaPlatform, num_threads
 
 
@@ -37,7 +40,7 @@ class Suite:
 
     def __post_init__(self):
         self.context = dict(machine=self.platform.machine, device=self.platform.kind,
-                            torch=torch.__version__, triton=_triton_version(),
+                            torch=torch.__version__, triton=triton_version(),
                             mgpp_kernels=__version__, python=python_version(),
                             command=self.command,
                             started=datetime.datetime.now().isoformat(timespec="seconds"))
@@ -69,7 +72,7 @@ class Suite:
                     samples, _ = self.platform.time(fn, self.budget, max(self.max_repeats, 5))
                 # the best call: what the memory system can do when nothing else intrudes
                 self.record(progress, section="bandwidth", model=f"{when} of the run", elements=n,
-                            implementation=name, precision="fp32", threads=threads or "",
+                            implementation=name, precision=FP32.label, threads=threads or "",
                             repeats=len(samples), seconds=min(samples), best_seconds=min(samples),
                             bytes_per_element=bytes_per_element)
         del a, b, c
@@ -97,17 +100,17 @@ class Suite:
             if case.implementation == COMPILED_REFERENCE:
                 _, compile_seconds = compiled_reference_math(self.platform.device)
                 note = f"compiled once in {compile_seconds:.0f} s, not counted"
-            stepper = case.build(workload.params(case.precision))
+            stepper = case.build(workload.params(case.storage))
             samples, peak = self.platform.time(stepper.step, self.budget, self.max_repeats)
             stepper.close()
         del stepper  # frees the optimizer state (no reference cycles: no gc pass needed)
         self.platform.empty_cache()
         self.record(progress, section="step", model=workload.model.name,
                     elements=workload.model.elements, implementation=case.implementation,
-                    precision=case.precision, event=case.event, threads=case.threads or "",
+                    precision=case.storage.label, event=case.event, threads=case.threads or "",
                     repeats=len(samples), seconds=statistics.median(samples),
                     best_seconds=min(samples),
-                    bytes_per_element=step_bytes(case.precision, case.event),
+                    bytes_per_element=case.storage.step_bytes(case.event),
                     peak_extra_mib="" if peak is None else peak / 2**20, note=note)
 
     def measure_selection(self, progress, workload: Workload) -> None:
@@ -118,7 +121,7 @@ class Suite:
         taus = {}
         for method in SELECTION_METHODS:
             common = dict(section="selection", model=workload.model.name, elements=numel,
-                          implementation=method, precision="fp32",
+                          implementation=method, precision=FP32.label,
                           threads=self.platform.thread_counts[-1] or "")
             limit = self.platform.selection_limits.get(method)
             if limit is not None and numel > limit:
@@ -167,14 +170,6 @@ class Suite:
             baseline = fused.get((row["model"], row["precision"], row["threads"]))
             if row["section"] == "step" and baseline:
                 row["vs_fused_adamw"] = row["seconds"] / baseline
-
-
-def _triton_version() -> str:
-    try:
-        import triton
-    except ImportError:
-        return ""
-    return triton.__version__
 
 
 def _progress_header() -> str:

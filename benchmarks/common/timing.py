@@ -1,43 +1,110 @@
-"""How the suite times a call and measures its memory, on a CPU and on a CUDA device."""
+"""How the benchmarks time a call, on a CPU and on a CUDA device: one call, the median of several,
+steps taking turns, the copy bandwidth, thread counts, and the suite's platforms (which also
+measure each call's peak memory)."""
 from __future__ import annotations
 
-import os
+import statistics
 import time
 from contextlib import contextmanager
 from typing import Callable
 
 import torch
 
-from mgpp_kernels.bench import cpu_model, peak_rss_growth
+from .machine import cpu_description
+from .memory import peak_cuda_growth, peak_rss_growth
+
+CPU = torch.device("cpu")
+# Bytes a copy moves per float32 element: a CPU's write-allocate caches read the target before
+# they write it; a GPU writes whole lines without reading them.
+COPY_BYTES_PER_ELEMENT = {"cpu": 12, "cuda": 8}
+
+
+def call_seconds(fn: Callable[[], object], device: torch.device = CPU) -> float:
+    """Seconds of one call: the wall clock on a CPU, CUDA events around it on a GPU."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    start_seconds = time.perf_counter()
+    fn()
+    return time.perf_counter() - start_seconds
+
+
+def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1,
+                device: torch.device = CPU) -> float:
+    """The median seconds of `repeats` calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    return statistics.median(call_seconds(fn, device) for _ in range(repeats))
+
+
+def interleaved_median_times(steps: dict, repeats: int, warmup: int = 1) -> dict:
+    """The median time of each of `steps` (name: callable), the steps taking turns, one call each
+    per round: a slow spell of a shared machine then falls on all of them alike, and their ratios
+    hold where back-to-back blocks of repeats swing with it."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            times[name].append(call_seconds(step))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def copy_bandwidth(repeats: int, elements: int = 1 << 26, device: torch.device = CPU) -> float:
+    """GB/s of `target.copy_(source)` on float32 arrays far larger than the caches, the median of
+    `repeats` calls."""
+    source = torch.ones(elements, device=device)
+    target = torch.empty(elements, device=device)
+    seconds = median_time(lambda: target.copy_(source), repeats, device=device)
+    return COPY_BYTES_PER_ELEMENT[device.type] * elements / seconds / 1e9
+
+
+@contextmanager
+def num_threads(threads: int | None):
+    """torch's intra-op threads set to `threads` inside the block (None: left as they are)."""
+    if threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class CpuPlatform:
-    device = torch.device("cpu")
+    device = CPU
     kind = "cpu"
     bandwidth_elements = 64 * 2**20        # 256 MiB per array, far beyond any cache
     # sort and topk over hundreds of millions of elements take minutes on a CPU
     selection_limits = {"torch topk": 100_000_000, "torch sort": 30_000_000}
 
     def __init__(self, thread_counts: list[int] | None = None):
-        self.machine = f"{cpu_model()} ({os.cpu_count()} CPUs)"
+        self.machine = cpu_description()
         self.thread_counts = sorted(set(thread_counts or (1, torch.get_num_threads())))
 
     def time(self, fn: Callable[[], object], budget: float, max_repeats: int
              ) -> tuple[list[float], int | None]:
-        """(seconds of each timed call, peak bytes above the start).
+        """(seconds of each timed call, peak bytes above the start; None where unknown).
 
         The first call is a warm-up, unless it alone takes the whole budget: then it is the sample.
         """
         samples: list[float] = []
 
         def calls():
-            samples.append(_seconds(fn))
+            samples.append(call_seconds(fn))
             if samples[0] < budget:
                 repeats = max(1, min(max_repeats, int(budget / max(samples[0], 1e-9))))
-                samples[:] = [_seconds(fn) for _ in range(repeats)]
+                samples[:] = [call_seconds(fn) for _ in range(repeats)]
 
         peak = peak_rss_growth(calls)
-        return samples, peak if peak >= 0 else None
+        return samples, peak
 
     def empty_cache(self) -> None:
         pass
@@ -55,22 +122,10 @@ class CudaPlatform:
 
     def time(self, fn: Callable[[], object], budget: float, max_repeats: int
              ) -> tuple[list[float], int | None]:
-        samples = _cuda_samples(fn, budget)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        start = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return samples, torch.cuda.max_memory_allocated() - start
+        return _cuda_samples(fn, budget), peak_cuda_growth(fn)
 
     def empty_cache(self) -> None:
         torch.cuda.empty_cache()
-
-
-def _seconds(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def _cuda_samples(fn: Callable[[], object], budget: float) -> list[float]:
@@ -81,35 +136,29 @@ def _cuda_samples(fn: Callable[[], object], budget: float) -> list[float]:
         do_bench = None
     if do_bench is not None:
         warmup_ms, rep_ms = max(1, int(budget * 250)), max(1, int(budget * 1000))
-        try:
-            milliseconds = do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="all")
-        except AssertionError:  # a triton without return_mode="all": its median stands for all
-            milliseconds = [do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")]
-        return [ms / 1e3 for ms in milliseconds]
+        return [ms / 1e3 for ms in do_bench_milliseconds(do_bench, fn, warmup_ms, rep_ms)]
     fn()
     torch.cuda.synchronize()
-    first = _cuda_event_seconds(fn)
+    first = call_seconds(fn, CudaPlatform.device)
     repeats = max(1, min(100, int(budget / max(first, 1e-9))))
-    return [_cuda_event_seconds(fn) for _ in range(repeats)]
+    return [call_seconds(fn, CudaPlatform.device) for _ in range(repeats)]
 
 
-def _cuda_event_seconds(fn: Callable[[], object]) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3
+def do_bench_milliseconds(do_bench, fn: Callable[[], object], warmup_ms: int, rep_ms: int
+                          ) -> list[float]:
+    """Milliseconds of every call do_bench (triton.testing's) times. A triton without
+    return_mode="all" refuses it with an AssertionError before it calls fn: then its median
+    stands for all. An AssertionError that fn raises is fn's failure, and propagates."""
+    calls = 0
 
+    def counted():
+        nonlocal calls
+        calls += 1
+        return fn()
 
-@contextmanager
-def num_threads(threads: int | None):
-    if threads is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
     try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+        return do_bench(counted, warmup=warmup_ms, rep=rep_ms, return_mode="all")
+    except AssertionError:
+        if calls:
+            raise
+    return [do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")]

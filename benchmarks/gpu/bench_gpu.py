@@ -4,10 +4,11 @@ every ratio is measured side by side.
 
     python benchmarks/gpu/bench_gpu.py OUT_DIR [--dry-run]
 
-Measures, in fp32 and bf16, on the BERT-base candidate set and on about 1B elements (a 7B LLaMA's
-layers per rank): a step without and with a pruning event, τ selection against torch.kthvalue and
-torch.topk on the same weights (same τ asserted), effective GB/s against the device-to-device copy
-bandwidth measured in the same run, whether step() synchronises with the host under a GradScaler
+Measures, in fp32 and in bf16 with bf16 state, on the BERT-base candidate set and on about 1B
+elements (a 7B LLaMA's layers per rank): a step without and with a pruning event, τ selection
+against torch.kthvalue and torch.topk on the same weights (same τ asserted), effective GB/s (the
+bytes of benchmarks/common/storage.py) against the device-to-device copy bandwidth measured in the
+same run, whether step() synchronises with the host under a GradScaler
 (torch.cuda.set_sync_debug_mode("error")), and whether a CUDA graph of one captured step of
 MGPP cuda and of MGPP triton with capturable=True, replayed through events, skipped steps and the
 freeze, equals eager steps bit for bit (and how long a replay takes). Writes OUT_DIR/gpu_bench.json and
@@ -22,7 +23,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 if "--dry-run" in sys.argv:
@@ -30,49 +30,26 @@ if "--dry-run" in sys.argv:
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout's mgpp_kernels
+# The checkout's mgpp_kernels and benchmarks.common.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import mgpp_kernels  # noqa: E402
 from mgpp_kernels import MGPP  # noqa: E402
-from mgpp_kernels.workloads import BERT_BASE, BertShapes  # noqa: E402
+from mgpp_kernels.workloads import BERT_BASE, BertShapes, random_parameters  # noqa: E402
+
+from benchmarks.common.machine import triton_version  # noqa: E402
+from benchmarks.common.settings import LR, NUM_TRAIN_EXAMPLES  # noqa: E402
+from benchmarks.common.storage import BF16, FP32, Storage  # noqa: E402
+from benchmarks.common.timing import copy_bandwidth, median_time  # noqa: E402
 
 LLAMA_LAYER_ELEMENTS = 1 << 30   # about a 7B LLaMA's decoder layers held by one rank
 # The dry run's sizes: a few interpreted Triton programs per step.
 DRY_RUN_BERT = BertShapes(layers=1, hidden=32)
 DRY_RUN_LARGE_ELEMENTS = 1 << 14
 # T = 20,000 (t_end is never reached): the device schedule's table has a row per step up to t_end.
-SCHEDULE = dict(num_train_examples=67349, initial_warmup_steps=0, total_steps=20_000,
+SCHEDULE = dict(num_train_examples=NUM_TRAIN_EXAMPLES, initial_warmup_steps=0, total_steps=20_000,
                 final_warmup_steps=0, initial_sparsity=0.5, final_sparsity=0.9)
-# Bytes one element moves in a step without an event: θ, g, m, v read, θ, m, v written.
-STEP_BYTES = {"fp32": 28, "bf16": 14}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def timer(device: torch.device):
-    """Seconds per call of fn, the median of `repeats` calls after one warm-up."""
-    def measure(fn, repeats: int) -> float:
-        fn()
-        samples = []
-        for _ in range(repeats):
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                samples.append(start.elapsed_time(end) / 1e3)
-            else:
-                began = time.perf_counter()
-                fn()
-                samples.append(time.perf_counter() - began)
-        return sorted(samples)[len(samples) // 2]
-    return measure
-
-
-def copy_bandwidth(device: torch.device, numel: int, measure) -> float:
-    """Bytes per second of a device-to-device copy (read + write) of `numel` float32."""
-    source, target = torch.rand(numel, device=device), torch.empty(numel, device=device)
-    return 8 * numel / measure(lambda: target.copy_(source), 5)
+STORAGES = (FP32, BF16)
 
 
 def workloads(dry_run: bool) -> dict[str, list[tuple[int, ...]]]:
@@ -87,50 +64,47 @@ def workloads(dry_run: bool) -> dict[str, list[tuple[int, ...]]]:
 def make_params(shapes, dtype, device, seed=0):
     """Parameters with normal(0, 0.04) values and gradients, drawn on the device (a billion
     draws on the host would take longer than the measurements)."""
-    torch.manual_seed(seed)
-    params = [torch.nn.Parameter((torch.randn(shape, device=device) * 0.04).to(dtype))
-              for shape in shapes]
-    for p in params:
-        p.grad = torch.randn_like(p) * 1e-3
-    return params
+    generator = torch.Generator(device=device).manual_seed(seed)
+    return random_parameters(shapes, generator, std=0.04, grad_std=1e-3, dtype=dtype)
 
 
-def optimizer_for(name: str, params, interval: int):
+def optimizer_for(name: str, params, interval: int, storage: Storage = FP32):
     """An optimizer by its row name: "AdamW fused", "AdamW capturable", "MGPP <backend>" or
     "MGPP <backend> capturable" (the schedule on the device)."""
     if name == "AdamW fused":
-        return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=True)
+        return torch.optim.AdamW(params, lr=LR, weight_decay=0.0, fused=True)
     if name == "AdamW capturable":
-        return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, capturable=True,
+        return torch.optim.AdamW(params, lr=LR, weight_decay=0.0, capturable=True,
                                  foreach=True)
     words = name.split()
-    return MGPP([{"params": params, "prune": True}], lr=1e-4, weight_decay=0.0,
+    return MGPP([{"params": params, "prune": True}], lr=LR, weight_decay=0.0,
                 backend=words[1], capturable=words[-1] == "capturable",
-                pruning_interval=interval, **SCHEDULE)
+                state_dtype=storage.state_dtype, pruning_interval=interval, **SCHEDULE)
 
 
-def step_rows(device, backends, dry_run, measure, bandwidth) -> list[dict]:
+def step_rows(device, backends, dry_run, bandwidth) -> list[dict]:
+    """A step of every optimizer in every storage, without and with an event: its time, the GB/s
+    of the bytes the storage's step must move, and their fraction of the copy bandwidth."""
     rows = []
     repeats = 1 if dry_run else 10
     for workload, shapes in workloads(dry_run).items():
         numel = sum(torch.Size(s).numel() for s in shapes)
-        for precision, dtype in DTYPES.items():
+        for storage in STORAGES:
             # capturable=True takes GPU tensors only.
             peers = ["AdamW fused", "AdamW capturable"] if device.type == "cuda" else ["AdamW fused"]
             mgpp = [f"MGPP {b}{suffix}" for b in backends for suffix in ("", " capturable")]
             for name in [*peers, *mgpp]:
-                params = make_params(shapes, dtype, device)
+                params = make_params(shapes, storage.param_dtype, device)
                 events = [False, True] if name.startswith("MGPP") else [False]
                 for event in events:
                     # An interval of 1 prunes every step; a huge one never after t_i = 0.
-                    optimizer = optimizer_for(name, params, 1 if event else 10**5)
+                    optimizer = optimizer_for(name, params, 1 if event else 10**5, storage)
                     optimizer.step()  # t = 0 prunes to s_i: later steps are plain or events
-                    seconds = measure(optimizer.step, repeats)
-                    rows.append(dict(workload=workload, precision=precision, optimizer=name,
-                                     event=event, elements=numel, ms=seconds * 1e3,
-                                     gbps=STEP_BYTES[precision] * numel / seconds / 1e9,
-                                     copy_fraction=STEP_BYTES[precision] * numel / seconds
-                                     / bandwidth))
+                    seconds = median_time(optimizer.step, repeats, device=device)
+                    gbps = storage.step_bytes(event) * numel / seconds / 1e9
+                    rows.append(dict(workload=workload, precision=storage.label, optimizer=name,
+                                     event=event, elements=numel, ms=seconds * 1e3, gbps=gbps,
+                                     copy_fraction=gbps / bandwidth))
                 del params
     for row in rows:
         fused = next(r for r in rows if r["workload"] == row["workload"]
@@ -139,7 +113,7 @@ def step_rows(device, backends, dry_run, measure, bandwidth) -> list[dict]:
     return rows
 
 
-def selection_rows(device, backends, dry_run, measure) -> list[dict]:
+def selection_rows(device, backends, dry_run) -> list[dict]:
     """τ over the BERT-base candidates by each backend's radix selection and by torch."""
     shapes = workloads(dry_run)["bert-base candidates"]
     params = [p.detach() for p in make_params(shapes, torch.float32, device, seed=1)]
@@ -161,7 +135,8 @@ def selection_rows(device, backends, dry_run, measure) -> list[dict]:
         tau = select()
         if not torch.equal(tau.reshape(()).float(), expected):
             raise AssertionError(f"{name} selected {float(tau)}, kthvalue {float(expected)}")
-        rows.append(dict(method=name, elements=numel, ms=measure(select, 1 if dry_run else 5) * 1e3))
+        seconds = median_time(select, 1 if dry_run else 5, device=device)
+        rows.append(dict(method=name, elements=numel, ms=seconds * 1e3))
     kth = next(r["ms"] for r in rows if r["method"] == "torch.kthvalue")
     for row in rows:
         row["speedup_vs_kthvalue"] = kth / row["ms"]
@@ -201,14 +176,14 @@ GRAPH_WARMUP_STEPS = 3
 GRAPH_SKIPPED_CALLS = (5, 9)
 
 
-def graph_replay(device, backend, dry_run, measure) -> dict:
+def graph_replay(device, backend, dry_run) -> dict:
     """One step of MGPP `backend` (capturable=True, a GradScaler's scale and found_inf in static
     tensors) captured in a CUDA graph after warm-up steps, replayed for every later step with new
     gradients copied into the static ones, against the same steps run eagerly: parameters and
     state bit for bit, and the time of a replay against an eager step. Without a GPU (the dry
     run) the "replays" are eager calls: only the bookkeeping runs."""
     shapes = workloads(dry_run)["bert-base candidates"][:2 if dry_run else 8]
-    schedule = dict(num_train_examples=67349, initial_warmup_steps=2,
+    schedule = dict(num_train_examples=NUM_TRAIN_EXAMPLES, initial_warmup_steps=2,
                     total_steps=GRAPH_STEPS[dry_run], final_warmup_steps=5, pruning_interval=3,
                     initial_sparsity=0.5, final_sparsity=0.9)
     calls = schedule["total_steps"] + len(GRAPH_SKIPPED_CALLS)
@@ -245,8 +220,8 @@ def graph_replay(device, backend, dry_run, measure) -> dict:
     if graph is not None:
         graphed.found_inf.fill_(1.0)   # timed replays skip: nothing moves
         eager.found_inf.fill_(1.0)
-        result["replay_ms"] = measure(graph.replay, 20) * 1e3
-        result["eager_ms"] = measure(eager.step, 20) * 1e3
+        result["replay_ms"] = median_time(graph.replay, 20, device=device) * 1e3
+        result["eager_ms"] = median_time(eager.step, 20, device=device) * 1e3
     return result
 
 
@@ -293,15 +268,13 @@ def main(argv=None) -> int:
     if missing:
         print(f"backends not available: {missing}", file=sys.stderr)
         return 1
-    import triton
-    measure = timer(device)
-    bandwidth = copy_bandwidth(device, 1 << (16 if args.dry_run else 28), measure)
+    bandwidth = copy_bandwidth(5, 1 << (16 if args.dry_run else 28), device)
     result = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu (dry run)",
-                  torch=torch.__version__, triton=triton.__version__, copy_gbps=bandwidth / 1e9,
-                  steps=step_rows(device, backends, args.dry_run, measure, bandwidth),
-                  selection=selection_rows(device, backends, args.dry_run, measure),
+                  torch=torch.__version__, triton=triton_version(), copy_gbps=bandwidth,
+                  steps=step_rows(device, backends, args.dry_run, bandwidth),
+                  selection=selection_rows(device, backends, args.dry_run),
                   syncs=sync_rows(device, backends),
-                  graph_replay=[graph_replay(device, b, args.dry_run, measure) for b in backends])
+                  graph_replay=[graph_replay(device, b, args.dry_run) for b in backends])
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     (output / "gpu_bench.json").write_text(json.dumps(result, indent=2))

@@ -52,8 +52,17 @@ MGPP_HD uint16_t float_to_f16_bits(float x) {
   return static_cast<uint16_t>(out);
 }
 
-// The dtype codes of the kernel interfaces (the Triton kernels use the same codes).
-enum class DType : int { Float32 = 0, BFloat16 = 1, Float16 = 2 };
+// The dtypes of the kernel interfaces, X(enumerator, name in layout()), in the order of their codes
+// 0, 1, 2. The Triton kernels use the same codes; mgpp_kernels/ops/layout.py's KERNEL_DTYPES
+// lists them in this order and is checked against torch.ops.mgpp.layout() at import.
+#define MGPP_KERNEL_DTYPES(X) \
+  X(Float32, float32)         \
+  X(BFloat16, bfloat16)       \
+  X(Float16, float16)
+
+#define MGPP_ENUMERATOR(enumerator, name) enumerator,
+enum class DType : int { MGPP_KERNEL_DTYPES(MGPP_ENUMERATOR) };
+#undef MGPP_ENUMERATOR
 
 // A format: its storage type T and the exact widening to / rounding from float32.
 struct F32 {

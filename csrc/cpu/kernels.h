@@ -54,13 +54,13 @@ void count_histogram(const ValueTensor* tensors, int64_t count, DType dtype, int
 void apply_threshold(const ValueTensor* tensors, uint8_t* const* keep_masks, int64_t count,
                      DType dtype, uint32_t tau_key, int num_threads);
 
-// The one-pass pruning of an event (SPEC §3), once the level-0 histogram has chosen τ's high bin
-// `high_bin` (< key_high_bin of +inf, so that τ is not NaN): zeroes every element of a lower
-// bin, keeps every element of a higher one and collects the elements of the bin itself. It writes
-// each collected element's position, its tensor's `flat_offsets` entry plus its index, to
-// `positions` (room for `capacity`) and counts its key_low_bin into `low_histogram`
-// (kHistLowBins counters). With `keep_masks`, writes each tensor's packed mask with the bin's
-// elements kept. Returns how many elements it collected; throws std::length_error past capacity.
+// The one-pass pruning of an event (docs/spec.md §3), once the level-0 histogram has chosen τ's
+// high bin `high_bin` (< key_high_bin of +inf, so that τ is not NaN): zeroes every element of a
+// lower bin, keeps every element of a higher one and collects the elements of the bin itself. It
+// writes each collected element's position, its tensor's `flat_offsets` entry plus its index, to
+// `positions` (room for `capacity`) and counts its key_low_bin into `low_histogram` (kHistLowBins
+// counters). With `keep_masks`, writes each tensor's packed mask with the bin's elements kept.
+// Returns how many elements it collected; throws std::length_error past capacity.
 int64_t partition_at_bin(const ValueTensor* tensors, const int64_t* flat_offsets,
                          uint8_t* const* keep_masks, int64_t count, DType dtype, uint32_t high_bin,
                          uint32_t* positions, int64_t capacity, int64_t* low_histogram,

@@ -6,8 +6,8 @@
 // up to kMaxTensors tensors in its kernel arguments, and every block runs one chunk of one tensor.
 // Blocks find their tensor by binary search over the table's first-block offsets, so the number
 // of blocks per launch is not bounded by the argument size, and a step launches once per
-// kMaxTensors tensors of one dtype pair. The tables take up to 32 KiB of kernel arguments, which
-// needs CUDA 12.1 or newer (toolkit and driver) on sm_70 or newer.
+// kMaxTensors tensors of one dtype pair (plan.h fills the tables). The tables take up to 32 KiB of
+// kernel arguments, which needs CUDA 12.1 or newer (toolkit and driver) on sm_70 or newer.
 //
 // A kernel is a struct with `Args` (the kernel argument), `BlockState` (a __shared__ struct),
 // kPhases and kMaxThreads, and a `phase(p, thread, args, state)` function template: the device
@@ -25,15 +25,11 @@
 #include <math.h>
 #include <stdint.h>
 
-#include <stdexcept>
-#include <vector>
-
 #include "../core/formats.h"
 #include "../core/layout.h"
 #include "../core/schedule.h"
 #include "../core/selection.h"
 #include "../core/step.h"
-#include "launch.h"
 
 // Unrolled loops keep the lanes of a Vector in registers (nvcc otherwise may put them on the stack).
 // Only in the device pass: the host compiler of nvcc's host pass does not know the pragma.
@@ -177,7 +173,6 @@ struct FusedStepArgs {
   unsigned long long* histogram;  // kHistHighBins int64 counters
   const double* current;          // the step's row of the device schedule, or null
   int32_t first_block[kMaxTensors + 1];
-  float step_value[kMaxTensors];
   int64_t numel[kMaxTensors];
   void* param[kMaxTensors];
   const void* grad[kMaxTensors];
@@ -229,9 +224,7 @@ struct FusedStepKernel {
     st.skip = step_skipped(a.current);
     st.count = a.histogram_mode != kNoHistogram && step_prunes(a.current);
     if (st.skip) return;
-    const int32_t slot = st.chunk.slot;
-    const float* step = a.step[slot];
-    st.adamw = adamw_scalars(a.scalars, static_cast<double>(step != nullptr ? *step : a.step_value[slot]));
+    st.adamw = adamw_scalars(a.scalars, static_cast<double>(*a.step[st.chunk.slot]));
     st.prior = step_prior(a.scalars, a.current);
     st.prior_on = step_prior_on(a.scalars, a.current);
     st.inv_grad_scale = a.grad_scale != nullptr ? 1.0f / *a.grad_scale : 1.0f;
@@ -544,113 +537,6 @@ struct ScheduleKernel {
     if (th.thread() == 0) write_step_row(a.table, a.rows, a.position, a.found_inf, a.current);
   }
 };
-
-// ---- launch planning (host) ----------------------------------------------------------------------
-
-// Appends one non-empty tensor of `numel` elements to the last launch, or to a new launch (a copy
-// of `common`) when the last one's table is full; returns the launch and the tensor's slot.
-template <class Args>
-Args& add_tensor(std::vector<Args>& launches, const Args& common, int64_t numel, int max_tensors,
-                 int32_t* slot) {
-  const int64_t blocks = (numel + common.chunk_size - 1) / common.chunk_size;
-  const int64_t max_blocks = 0x7FFFFFFF;  // gridDim.x
-  if (blocks > max_blocks) throw std::invalid_argument("mgpp: a tensor is too large for the CUDA kernels");
-  if (launches.empty() || launches.back().num_tensors == max_tensors ||
-      launches.back().first_block[launches.back().num_tensors] + blocks > max_blocks) {
-    launches.push_back(common);
-    launches.back().num_tensors = 0;
-    launches.back().first_block[0] = 0;
-  }
-  Args& launch = launches.back();
-  *slot = launch.num_tensors++;
-  launch.numel[*slot] = numel;
-  launch.first_block[*slot + 1] = static_cast<int32_t>(launch.first_block[*slot] + blocks);
-  return launch;
-}
-
-template <class Args>
-void check_plan(const Args& common, int max_tensors, bool shared_counters) {
-  if (max_tensors < 1 || max_tensors > Args::kMaxTensors) {
-    throw std::invalid_argument("mgpp: max_tensors out of range");
-  }
-  if (common.chunk_size < 8 || common.chunk_size % 8 != 0 || (shared_counters && common.chunk_size > 0xFFFF)) {
-    throw std::invalid_argument("mgpp: chunk_size must be a positive multiple of 8 (below 2^16 "
-                                "with shared counters)");
-  }
-}
-
-inline std::vector<FusedStepArgs> plan_fused_step(const StepTensor* tensors, int64_t count,
-                                                  const StepLaunch& launch, int32_t histogram_mode,
-                                                  int64_t chunk_size = kChunkSize,
-                                                  int max_tensors = FusedStepArgs::kMaxTensors) {
-  FusedStepArgs common{};
-  common.histogram_mode = launch.high_histogram != nullptr ? histogram_mode : kNoHistogram;
-  common.chunk_size = chunk_size;
-  common.scalars = launch.scalars;
-  common.grad_scale = launch.grad_scale;
-  common.histogram = reinterpret_cast<unsigned long long*>(launch.high_histogram);
-  common.current = launch.current;
-  check_plan(common, max_tensors, common.histogram_mode == kSharedHistogram);
-  std::vector<FusedStepArgs> launches;
-  for (int64_t t = 0; t < count; ++t) {
-    const StepTensor& tensor = tensors[t];
-    if (tensor.numel == 0) continue;
-    int32_t s = 0;
-    FusedStepArgs& args = add_tensor(launches, common, tensor.numel, max_tensors, &s);
-    args.param[s] = tensor.param;
-    args.grad[s] = tensor.grad;
-    args.exp_avg[s] = tensor.exp_avg;
-    args.exp_avg_sq[s] = tensor.exp_avg_sq;
-    args.keep_mask[s] = tensor.keep_mask;
-    args.step[s] = tensor.step;
-    args.step_value[s] = tensor.step_value;
-  }
-  return launches;
-}
-
-inline std::vector<HistogramArgs> plan_histogram(const ValueTensor* tensors, int64_t count, int level,
-                                                 const int64_t* selection, int64_t* histogram,
-                                                 const double* current, int32_t histogram_mode,
-                                                 int64_t chunk_size = kChunkSize,
-                                                 int max_tensors = HistogramArgs::kMaxTensors) {
-  if (level != 0 && level != 1) throw std::invalid_argument("mgpp: level must be 0 or 1");
-  HistogramArgs common{};
-  common.histogram_mode = histogram_mode;
-  common.level = level;
-  common.chunk_size = chunk_size;
-  common.selection = selection;
-  common.histogram = reinterpret_cast<unsigned long long*>(histogram);
-  common.current = current;
-  check_plan(common, max_tensors, histogram_mode == kSharedHistogram);
-  std::vector<HistogramArgs> launches;
-  for (int64_t t = 0; t < count; ++t) {
-    if (tensors[t].numel == 0) continue;
-    int32_t s = 0;
-    add_tensor(launches, common, tensors[t].numel, max_tensors, &s).data[s] = tensors[t].data;
-  }
-  return launches;
-}
-
-inline std::vector<ThresholdArgs> plan_threshold(const ValueTensor* tensors, uint8_t* const* keep_masks,
-                                                 int64_t count, const int64_t* selection,
-                                                 const double* current,
-                                                 int64_t chunk_size = kChunkSize,
-                                                 int max_tensors = ThresholdArgs::kMaxTensors) {
-  ThresholdArgs common{};
-  common.chunk_size = chunk_size;
-  common.selection = selection;
-  common.current = current;
-  check_plan(common, max_tensors, false);
-  std::vector<ThresholdArgs> launches;
-  for (int64_t t = 0; t < count; ++t) {
-    if (tensors[t].numel == 0) continue;
-    int32_t s = 0;
-    ThresholdArgs& args = add_tensor(launches, common, tensors[t].numel, max_tensors, &s);
-    args.data[s] = tensors[t].data;
-    args.keep_mask[s] = keep_masks != nullptr ? keep_masks[t] : nullptr;
-  }
-  return launches;
-}
 
 }  // namespace cuda
 }  // namespace MGPP_NAMESPACE

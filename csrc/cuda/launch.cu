@@ -9,10 +9,13 @@
 #error "the mgpp CUDA kernels need nvcc 12.1 or newer: their 32 KB kernel argument tables need it"
 #endif
 
+#include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "kernels.cuh"
 #include "launch.h"
+#include "plan.h"
 
 namespace MGPP_NAMESPACE {
 namespace cuda {
@@ -154,6 +157,12 @@ std::string build_info() {
   // __CUDA_ARCH_LIST__ is the list of targets, e.g. 800,900.
   for (const int arch : {__CUDA_ARCH_LIST__}) info += ", sm_" + std::to_string(arch / 10);
   return info;
+}
+
+int driver_version() {
+  int version = 0;
+  check(cudaDriverGetVersion(&version), "cudaDriverGetVersion");
+  return version;
 }
 
 }  // namespace cuda

@@ -19,8 +19,7 @@ struct StepTensor {
   void* exp_avg;             // the state dtype
   void* exp_avg_sq;
   const uint8_t* keep_mask;  // frozen mask, bit i%8 of byte i/8 set = keep; null before the freeze
-  const float* step;         // the tensor's step count, this step included; null: step_value
-  float step_value;          // the step count when it lives in host memory
+  const float* step;         // the tensor's step count, this step included
   int64_t numel;
 };
 
@@ -68,6 +67,14 @@ void schedule_step(const double* table, int64_t rows, int64_t* position, const f
 
 // "cuda kernels: CUDA <runtime version>, nvcc <version>, sm_<each arch>", as built.
 std::string build_info();
+
+// The CUDA version the installed driver supports, as cudaDriverGetVersion encodes it
+// (1000 · major + 10 · minor; 0 without a driver).
+int driver_version();
+
+// The kernel argument tables of fused_step, abs_histogram and apply_threshold take up to 32 KB,
+// which drivers take from CUDA 12.1 on (older ones take 4 KB).
+constexpr int kMinDriverVersion = 12010;
 
 }  // namespace cuda
 }  // namespace MGPP_NAMESPACE

@@ -1,13 +1,18 @@
 // Input checks shared by the CPU (csrc/ops/cpu.cpp) and CUDA (csrc/ops/cuda.cpp)
-// implementations of the torch.ops.mgpp ops: every op checks all of its inputs before it changes
-// anything. mgpp_kernels/ops/checks.py is their Python spelling, for the fakes and the triton
-// backend.
+// implementations of the torch.ops.mgpp ops, each for the device the op runs on: every op checks
+// all of its inputs before it changes anything. mgpp_kernels/ops/checks.py is their Python
+// spelling, for the fakes and the triton backend.
 #pragma once
+
+#include <map>
+#include <optional>
+#include <vector>
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
 #include "../core/formats.h"
+#include "../core/layout.h"
 
 namespace mgpp {
 namespace op_checks {
@@ -68,6 +73,35 @@ inline void check_step_lists(at::TensorList params, at::TensorList grads, at::Te
     TORCH_CHECK_VALUE(state_steps[i].numel() == 1, "mgpp: state_steps[", i, "] must hold one value");
     if (!keep_masks.empty()) check_mask(keep_masks[i], p, device, i);
   }
+}
+
+// The indices of `tensors` grouped by kernel dtype (the kernels take one dtype per call), each
+// tensor checked to be on `device`.
+inline std::map<DType, std::vector<size_t>> indices_by_dtype(at::TensorList tensors,
+                                                             const at::Device& device) {
+  std::map<DType, std::vector<size_t>> groups;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    check_tensor(tensors[i], device, "tensors", i);
+    groups[to_kernel_dtype(tensors[i].scalar_type(), "tensors")].push_back(i);
+  }
+  return groups;
+}
+
+// The step's row of the device schedule (csrc/core/schedule.h) on `device`, where the kernels
+// read it.
+inline double* current_data(const at::Tensor& current, const at::Device& device) {
+  TORCH_CHECK_VALUE(current.device() == device && current.scalar_type() == at::kDouble &&
+                        current.is_contiguous() && current.numel() == kNumCurrentSlots,
+                    "mgpp: current must be a contiguous float64 tensor of ", kNumCurrentSlots,
+                    " elements on ", device, ", got ", current.scalar_type(), " with ",
+                    current.numel(), " elements on ", current.device());
+  return current.data_ptr<double>();
+}
+
+// Null without one: the host schedule.
+inline const double* current_data(const std::optional<at::Tensor>& current,
+                                  const at::Device& device) {
+  return current.has_value() ? current_data(*current, device) : nullptr;
 }
 
 }  // namespace op_checks

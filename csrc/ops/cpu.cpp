@@ -17,6 +17,8 @@ namespace {
 
 using at::Tensor;
 using op_checks::check_tensor;
+using op_checks::current_data;
+using op_checks::indices_by_dtype;
 using op_checks::to_kernel_dtype;
 
 const at::Device kCpu(at::kCPU);
@@ -26,21 +28,6 @@ Tensor checked_histogram(const Tensor& histogram, uint32_t bins) {
                   histogram.is_contiguous() && histogram.numel() == bins,
               "mgpp: histogram must be a contiguous CPU int64 tensor of ", bins, " counters");
   return histogram;
-}
-
-// The step's row of the device schedule (csrc/core/schedule.h). It lives in host memory here, so
-// the ops read it directly.
-double* current_data(const Tensor& current) {
-  TORCH_CHECK_VALUE(current.device().is_cpu() && current.scalar_type() == at::kDouble &&
-                        current.is_contiguous() && current.numel() == kNumCurrentSlots,
-                    "mgpp: current must be a contiguous CPU float64 tensor of ", kNumCurrentSlots,
-                    " elements");
-  return current.data_ptr<double>();
-}
-
-// Null without one: the host schedule.
-const double* current_data(const std::optional<Tensor>& current) {
-  return current.has_value() ? current_data(*current) : nullptr;
 }
 
 int64_t* selection_data(const Tensor& selection) {
@@ -68,7 +55,7 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
               "mgpp: scalars must be a contiguous CPU float64 tensor of ", kNumStepScalars,
               " elements");
   const double* s = scalars.data_ptr<double>();
-  const double* row = current_data(current);
+  const double* row = current_data(current, kCpu);
   TORCH_CHECK_VALUE(!grad_scale.has_value() || grad_scale->numel() == 1,
                     "mgpp: grad_scale must hold one value");
   int64_t* hist = nullptr;
@@ -110,23 +97,14 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   }
 }
 
-std::map<DType, std::vector<size_t>> indices_by_dtype(at::TensorList tensors, const char* what) {
-  std::map<DType, std::vector<size_t>> groups;
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    check_tensor(tensors[i], kCpu, what, i);
-    groups[to_kernel_dtype(tensors[i].scalar_type(), what)].push_back(i);
-  }
-  return groups;
-}
-
 void abs_histogram_cpu(at::TensorList tensors, const Tensor& histogram, const Tensor& selection,
                        int64_t level, const std::optional<Tensor>& current) {
   TORCH_CHECK_VALUE(level == 0 || level == 1, "mgpp: level must be 0 or 1, got ", level);
   int64_t* hist =
       checked_histogram(histogram, level == 0 ? kHistHighBins : kHistLowBins).data_ptr<int64_t>();
   const uint32_t high_bin = key_high_bin(static_cast<uint32_t>(selection_data(selection)[kSelKey]));
-  const auto groups = indices_by_dtype(tensors, "tensors");
-  if (!step_prunes(current_data(current))) return;
+  const auto groups = indices_by_dtype(tensors, kCpu);
+  if (!step_prunes(current_data(current, kCpu))) return;
   for (const auto& [dtype, indices] : groups) {
     std::vector<ValueTensor> views;
     for (size_t i : indices) views.push_back({tensors[i].data_ptr(), tensors[i].numel()});
@@ -140,7 +118,7 @@ void radix_select_cpu(const Tensor& histogram, const Tensor& selection, int64_t 
   TORCH_CHECK_VALUE(level == 0 || level == 1, "mgpp: level must be 0 or 1, got ", level);
   const Tensor hist = checked_histogram(histogram, level == 0 ? kHistHighBins : kHistLowBins);
   int64_t* state = selection_data(selection);
-  if (!step_prunes(current_data(current))) return;
+  if (!step_prunes(current_data(current, kCpu))) return;
   select_bin(hist.data_ptr<int64_t>(), static_cast<int>(level), state);
 }
 
@@ -156,8 +134,8 @@ void apply_threshold_cpu(at::TensorList tensors, at::TensorList keep_masks,
                          const Tensor& selection, const std::optional<Tensor>& current) {
   check_masks(tensors, keep_masks);
   const uint32_t tau_key = static_cast<uint32_t>(selection_data(selection)[kSelKey]);
-  const auto groups = indices_by_dtype(tensors, "tensors");
-  const double* row = current_data(current);
+  const auto groups = indices_by_dtype(tensors, kCpu);
+  const double* row = current_data(current, kCpu);
   if (!step_prunes(row)) return;
   const bool write_masks = !keep_masks.empty() && step_freezes(row);
   for (const auto& [dtype, indices] : groups) {
@@ -205,7 +183,7 @@ void partition_at_bin_cpu(at::TensorList tensors, at::TensorList keep_masks,
   const std::vector<int64_t> offsets = flat_offsets(tensors);
   uint32_t* out = positions_data(positions);
   int64_t collected = 0;
-  for (const auto& [dtype, indices] : indices_by_dtype(tensors, "tensors")) {
+  for (const auto& [dtype, indices] : indices_by_dtype(tensors, kCpu)) {
     std::vector<ValueTensor> views;
     std::vector<int64_t> view_offsets;
     std::vector<uint8_t*> masks;
@@ -256,7 +234,7 @@ void schedule_step_cpu(const Tensor& table, const Tensor& position, const Tensor
   TORCH_CHECK_VALUE(position.device().is_cpu() && position.scalar_type() == at::kLong &&
                         position.numel() == 1,
                     "mgpp: position must be a CPU int64 tensor of one element");
-  double* row = current_data(current);
+  double* row = current_data(current, kCpu);
   float inf_found = 0.0f;
   if (found_inf.has_value()) {
     TORCH_CHECK_VALUE(found_inf->device().is_cpu() && found_inf->numel() == 1 &&

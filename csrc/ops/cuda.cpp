@@ -21,7 +21,8 @@ namespace mgpp {
 namespace {
 
 using at::Tensor;
-using op_checks::check_tensor;
+using op_checks::current_data;
+using op_checks::indices_by_dtype;
 using op_checks::to_kernel_dtype;
 
 // A device-resident int64 buffer of `numel` elements (histogram or selection state).
@@ -40,19 +41,16 @@ void* current_stream(const at::Device& device) {
   return c10::cuda::getCurrentCUDAStream(device.index()).stream();
 }
 
-// The step's row of the device schedule (csrc/core/schedule.h) on `device`; the kernels read it.
-double* current_data(const Tensor& current, const at::Device& device) {
-  TORCH_CHECK_VALUE(current.device() == device && current.scalar_type() == at::kDouble &&
-                        current.is_contiguous() && current.numel() == kNumCurrentSlots,
-                    "mgpp: current must be a contiguous float64 tensor of ", kNumCurrentSlots,
-                    " elements on ", device, ", got ", current.scalar_type(), " on ",
-                    current.device());
-  return current.data_ptr<double>();
-}
-
-// Null without one: the host schedule.
-const double* current_data(const std::optional<Tensor>& current, const at::Device& device) {
-  return current.has_value() ? current_data(*current, device) : nullptr;
+// The launchers pass tensor tables of up to 32 KB as kernel arguments (csrc/cuda/kernels.cuh);
+// drivers older than CUDA 12.1 take 4 KB and would fail the launch with a bare error.
+void check_driver_takes_large_kernel_arguments() {
+  static const int version = cuda::driver_version();
+  TORCH_CHECK(version >= cuda::kMinDriverVersion,
+              "mgpp: the cuda backend's kernels pass 32 KB kernel argument tables, which need an "
+              "NVIDIA driver for CUDA ", cuda::kMinDriverVersion / 1000, ".",
+              cuda::kMinDriverVersion % 1000 / 10, " or newer (R530+); this driver supports CUDA ",
+              version / 1000, ".", version % 1000 / 10,
+              ". Update the driver, or use the triton or cpu backend.");
 }
 
 void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -81,28 +79,23 @@ void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   op_checks::check_step_lists(params, grads, exp_avgs, exp_avg_sqs, state_steps, keep_masks,
                               device);
   const double* row = current_data(current, device);
+  // The kernels read each step count on the device, so that no step reads one back to the host.
   for (size_t i = 0; i < n; ++i) {
     const Tensor& step = state_steps[i];
-    // A step count on the device is read by the kernels; one in host memory is read here, which
-    // the device schedule cannot do (only the device knows whether the step is skipped).
-    TORCH_CHECK_VALUE(step.device() == device ? step.scalar_type() == at::kFloat
-                                              : row == nullptr && step.is_cpu() && step.is_floating_point(),
-                "mgpp: state_steps[", i, "] must be a float32 tensor on ", device,
-                row == nullptr ? " or a floating CPU tensor" : " on the device schedule", ", got ",
-                step.scalar_type(), " on ", step.device());
+    TORCH_CHECK_VALUE(step.device() == device && step.scalar_type() == at::kFloat,
+                      "mgpp: state_steps[", i, "] must be a float32 tensor on ", device,
+                      " (the cuda backend keeps its step counts on the device), got ",
+                      step.scalar_type(), " on ", step.device());
   }
+  check_driver_takes_large_kernel_arguments();
 
   const c10::cuda::CUDAGuard guard(device);
-  std::vector<Tensor> device_steps;
-  for (const Tensor& step : state_steps) {
-    if (step.is_cuda()) device_steps.push_back(step);
-  }
-  if (!device_steps.empty()) {
+  if (n > 0) {
     if (row != nullptr) {
       // 1 − skip, on the device: a skipped step leaves the counts where they are.
-      at::_foreach_add_(device_steps, at::rsub(current->select(0, kCurrentSkip), 1).to(at::kFloat));
+      at::_foreach_add_(state_steps, at::rsub(current->select(0, kCurrentSkip), 1).to(at::kFloat));
     } else {
-      at::_foreach_add_(device_steps, 1);
+      at::_foreach_add_(state_steps, 1);
     }
   }
 
@@ -110,19 +103,13 @@ void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   std::map<std::pair<DType, DType>, std::vector<cuda::StepTensor>> by_dtype;
   for (size_t i = 0; i < n; ++i) {
     const Tensor& p = params[i];
-    Tensor step = state_steps[i];
     cuda::StepTensor t{};
     t.param = p.data_ptr();
     t.grad = grads[i].data_ptr();
     t.exp_avg = exp_avgs[i].data_ptr();
     t.exp_avg_sq = exp_avg_sqs[i].data_ptr();
     t.keep_mask = keep_masks.empty() ? nullptr : keep_masks[i].data_ptr<uint8_t>();
-    if (step.is_cuda()) {
-      t.step = step.data_ptr<float>();
-    } else {
-      step.add_(1);
-      t.step_value = static_cast<float>(step.item<double>());
-    }
+    t.step = state_steps[i].data_ptr<float>();
     t.numel = p.numel();
     by_dtype[{to_kernel_dtype(p.scalar_type(), "params"),
               to_kernel_dtype(exp_avgs[i].scalar_type(), "exp_avgs")}]
@@ -141,15 +128,6 @@ void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   }
 }
 
-std::map<DType, std::vector<size_t>> indices_by_dtype(at::TensorList tensors, const at::Device& device) {
-  std::map<DType, std::vector<size_t>> groups;
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    check_tensor(tensors[i], device, "tensors", i);
-    groups[to_kernel_dtype(tensors[i].scalar_type(), "tensors")].push_back(i);
-  }
-  return groups;
-}
-
 void abs_histogram_cuda(at::TensorList tensors, const Tensor& histogram, const Tensor& selection,
                         int64_t level, const std::optional<Tensor>& current) {
   check_counters(histogram, histogram_bins(level), "histogram");
@@ -158,6 +136,7 @@ void abs_histogram_cuda(at::TensorList tensors, const Tensor& histogram, const T
   TORCH_CHECK_VALUE(selection.device() == device, "mgpp: selection must be on ", device);
   const double* row = current_data(current, device);
   const auto groups = indices_by_dtype(tensors, device);
+  check_driver_takes_large_kernel_arguments();
   const c10::cuda::CUDAGuard guard(device);
   for (const auto& [dtype, indices] : groups) {
     std::vector<ValueTensor> views;
@@ -189,6 +168,7 @@ void apply_threshold_cuda(at::TensorList tensors, at::TensorList keep_masks,
   for (size_t i = 0; i < keep_masks.size(); ++i) op_checks::check_mask(keep_masks[i], tensors[i], device, i);
   const auto groups = indices_by_dtype(tensors, device);
   const double* row = current_data(current, device);
+  check_driver_takes_large_kernel_arguments();
   const c10::cuda::CUDAGuard guard(device);
   for (const auto& [dtype, indices] : groups) {
     std::vector<ValueTensor> views;

@@ -1,11 +1,14 @@
 // torch.ops.mgpp: the op schemas and the module that registers them. The kernels' implementations
 // are registered apart, per device: csrc/ops/cpu.cpp and csrc/ops/cuda.cpp.
-#include <Python.h>
+// pybind11 from torch's include directory, not <torch/extension.h>: the module needs nothing more,
+// and torch/extension.h would cost this file most of a minute to compile.
+#include <pybind11/pybind11.h>
 
 #include <string>
 
 #include <torch/library.h>
 
+#include "../core/formats.h"
 #include "../core/layout.h"
 #include "../cpu/kernels.h"
 #if defined(MGPP_WITH_CUDA)
@@ -15,19 +18,21 @@
 namespace mgpp {
 namespace {
 
-// The layout of csrc/core/layout.h as mgpp_kernels/ops/layout.py checks it at import:
-// "step_scalars=lr,beta1,...;high_bins=65536;low_bins=32768;selection=rank,key,below;
-// schedule=prior_on,c1,k,freeze".
+// The layout of csrc/core/layout.h and the dtype codes of csrc/core/formats.h as
+// mgpp_kernels/ops/layout.py checks it at import: "step_scalars=lr,beta1,...;high_bins=65536;
+// low_bins=32768;selection=rank,key,below;schedule=prior_on,c1,k,freeze;
+// dtypes=float32,bfloat16,float16".
 std::string layout() {
 #define MGPP_NAME(enumerator, name) "," #name
   const std::string step_scalars = MGPP_STEP_SCALARS(MGPP_NAME);
   const std::string selection = MGPP_SELECTION_SLOTS(MGPP_NAME);
   const std::string schedule = MGPP_SCHEDULE_COLUMNS(MGPP_NAME);
+  const std::string dtypes = MGPP_KERNEL_DTYPES(MGPP_NAME);
 #undef MGPP_NAME
   // Each list starts with the separator of its first name.
   return "step_scalars=" + step_scalars.substr(1) + ";high_bins=" + std::to_string(kHistHighBins) +
          ";low_bins=" + std::to_string(kHistLowBins) + ";selection=" + selection.substr(1) +
-         ";schedule=" + schedule.substr(1);
+         ";schedule=" + schedule.substr(1) + ";dtypes=" + dtypes.substr(1);
 }
 
 std::string build_info() {
@@ -78,7 +83,7 @@ TORCH_LIBRARY(mgpp, m) {
 }  // namespace mgpp
 
 // Importing mgpp_kernels._C runs the registrations of csrc/ops; the module itself is empty.
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
+// setup.py's torch extension defines TORCH_EXTENSION_NAME as _C.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.doc() = "Registers the torch.ops.mgpp kernels (mgpp_kernels.ops wraps them).";
 }

@@ -14,6 +14,7 @@
 #include "check.h"
 #include "cpu/kernels.h"
 #include "cuda/kernels.cuh"
+#include "cuda/plan.h"
 
 using namespace mgpp;
 
@@ -227,12 +228,11 @@ void test_fused_step(DType param_dtype, DType state_dtype, const GridConfig& gri
     for (size_t t = 0; t < sizes.size(); ++t) {
       const float k = static_cast<float>(step + t);
       device_steps[t] = k;
-      // Even tensors read their step count from "device" memory, odd ones from the launch.
       const bool with_mask = masked && t % 2 == 1;
       StepCase& c = cases[t];
       tensors.push_back({c.param.data(), c.grad.data(), c.exp_avg.data(), c.exp_avg_sq.data(),
-                         with_mask ? c.mask.data() : nullptr, t % 2 == 0 ? &device_steps[t] : nullptr,
-                         t % 2 == 0 ? -1.0f : k, static_cast<int64_t>(sizes[t])});
+                         with_mask ? c.mask.data() : nullptr, &device_steps[t],
+                         static_cast<int64_t>(sizes[t])});
       StepCase& e = expected[t];
       const AdamWScalars adamw = adamw_scalars(scalars, k);
       cpu_tensors.push_back({e.param.data(), e.grad.data(), e.exp_avg.data(), e.exp_avg_sq.data(),
@@ -543,7 +543,7 @@ void test_scheduled_fused_step() {
     std::vector<int64_t> histogram(kHistHighBins, 0), host_histogram(kHistHighBins, 0);
 
     const cuda::StepTensor scheduled{param.data(), grad.data(), exp_avg.data(), exp_avg_sq.data(),
-                                     nullptr, &step, -1.0f, static_cast<int64_t>(n)};
+                                     nullptr, &step, static_cast<int64_t>(n)};
     const cuda::StepLaunch launch{DType::Float32, DType::Float32, scalars, nullptr, histogram.data(),
                                   c.row.data(), nullptr};
     AccessStats stats;
@@ -551,7 +551,7 @@ void test_scheduled_fused_step() {
         cuda::plan_fused_step(&scheduled, 1, launch, cuda::kSharedHistogram, 512), 16,
         counter_bytes(cuda::kSharedHistogram, kHistHighBins), stats);
     const cuda::StepTensor host{e_param.data(), e_grad.data(), e_exp_avg.data(), e_exp_avg_sq.data(),
-                                nullptr, &step, -1.0f, static_cast<int64_t>(n)};
+                                nullptr, &step, static_cast<int64_t>(n)};
     const cuda::StepLaunch host_launch{DType::Float32, DType::Float32, host_scalars, nullptr,
                                        host_histogram.data(), nullptr, nullptr};
     emulate_all<cuda::FusedStepKernel<F32, F32>>(

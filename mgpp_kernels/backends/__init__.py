@@ -9,10 +9,42 @@ from __future__ import annotations
 
 import importlib
 import warnings
+from typing import ClassVar, Protocol
 
 import torch
 
-from .types import Backend
+from .device_schedule import DeviceSchedule
+from .types import PruneEvent, Threshold, UpdateGroup
+
+
+class Backend(Protocol):
+    """The interface every backend implements."""
+
+    name: str
+    # The optimizer keeps step counts on the parameters' device (else on the CPU, as torch does).
+    steps_on_device: ClassVar[bool]
+    # PruneEvent.process_group is supported: τ ranks the shards of every rank.
+    ranks_across_processes: ClassVar[bool]
+    # step() takes a DeviceSchedule: the schedule position and found_inf are read on the device.
+    schedules_on_device: ClassVar[bool]
+
+    def check_params(self, params: list[torch.Tensor]) -> None:
+        """Raises ValueError when this backend cannot run on these parameters."""
+
+    def step(self, groups: list[UpdateGroup], event: PruneEvent | None,
+             grad_scale: torch.Tensor | None,
+             schedule: DeviceSchedule | None = None) -> Threshold | None:
+        """Updates every group in place; on an event, prunes and returns the threshold.
+
+        Without `schedule`, the host has planned the step (the groups' λ_t, the event's k).
+        With one (started; schedules_on_device only), t, λ_t's c1, the event's k and the freeze
+        are read from it on the device, nothing moves when its found_inf is nonzero, and the
+        threshold stays in its buffers (None is returned).
+        """
+
+    def global_threshold(self, tensors: list[torch.Tensor], k: int) -> torch.Tensor:
+        """τ over the tensors without changing them (0-dim float32)."""
+
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 # Fastest first, per device type: what "auto" picks among the backends that are built.

@@ -6,9 +6,10 @@ import torch
 
 from .. import ops
 from ..ops.checks import check_parameter
-from ..ops.layout import (CURRENT, HIGH_BINS, LOW_BINS, LOW_BITS, NUM_STEP_SCALARS, SELECTION,
-                          step_scalar_values, step_scalars, write_tensor_lr)
-from .types import DeviceSchedule, PruneEvent, Threshold, UpdateGroup
+from ..ops.layout import CURRENT, HIGH_BINS, LOW_BINS, LOW_BITS, SELECTION
+from .device_schedule import DeviceSchedule
+from .scalars import group_rows, step_scalars
+from .types import PruneEvent, Threshold, UpdateGroup
 
 if not ops.BUILT:
     raise ImportError(f"mgpp_kernels._C cannot be used: {ops.LOAD_ERROR}")
@@ -26,113 +27,124 @@ _INF_HIGH_BIN = 0x7F800000 >> LOW_BITS
 _MAX_COLLECTED_FRACTION = 1 / 128
 
 
-def _select_first_level(tensors, k, high_histogram, counted, process_group):
-    """Level 0 of the radix selection: counts the tensors the update pass did not count, sums the
-    histogram over the process group and selects τ's high bin. Returns the selection state, this
-    rank's own level-0 histogram (before the sum) and whether τ needs level 1."""
-    device = high_histogram.device
-    selection = torch.zeros(len(SELECTION), dtype=torch.int64, device=device)
-    selection[_RANK].fill_(k)  # a fill kernel, not a copy from the host
-    counted_ids = {id(t) for t in counted}
-    uncounted = [t for t in tensors if id(t) not in counted_ids]
-    if uncounted:
-        ops.abs_histogram_(uncounted, high_histogram, selection, level=0)
-    needs_low_level = _needs_low_level(tensors, process_group)
-    local_histogram = high_histogram
-    if process_group is not None:
-        local_histogram = high_histogram.clone()
-        torch.distributed.all_reduce(high_histogram, group=process_group)
-    ops.radix_select_(high_histogram, selection, level=0)
-    return selection, local_histogram, needs_low_level
+class _Workspace:
+    """The radix histograms of one device, zero between uses, kept so that every step on the
+    device schedule uses the same memory."""
+
+    def __init__(self, device: torch.device):
+        self.high_histogram = torch.zeros(HIGH_BINS, dtype=torch.int64, device=device)
+        self.low_histogram = torch.zeros(LOW_BINS, dtype=torch.int64, device=device)
+
+    def zero_(self) -> None:
+        self.high_histogram.zero_()
+        self.low_histogram.zero_()
 
 
-def _needs_low_level(tensors, process_group) -> bool:
-    """bfloat16 keys have no bits below the first level: τ is exact after it. Another rank's
-    shards may have other dtypes, so a process group always takes the second level (on bfloat16
-    keys it selects low bits 0, the same τ): asking the others would be a collective read on the
-    host."""
-    return process_group is not None or any(t.dtype != torch.bfloat16 for t in tensors)
+class Selection:
+    """The radix selection of τ, the k-th smallest |x| over a list of tensors, and the pruning
+    that follows it, on the tensors' device (docs/spec.md §3).
 
-
-def _select_second_level(tensors, selection, process_group, low_histogram=None, current=None):
-    """Level 1 over the elements of τ's high bin, counted in a pass over the tensors (into
-    `low_histogram`, zero, when given)."""
-    if low_histogram is None:
-        low_histogram = torch.zeros(LOW_BINS, dtype=torch.int64, device=selection.device)
-    ops.abs_histogram_(tensors, low_histogram, selection, level=1, current=current)
-    if process_group is not None:
-        torch.distributed.all_reduce(low_histogram, group=process_group)
-    ops.radix_select_(low_histogram, selection, level=1, current=current)
-
-
-def select_threshold(tensors: list[torch.Tensor], k: int, high_histogram: torch.Tensor,
-                     counted: list[torch.Tensor], process_group=None) -> torch.Tensor:
-    """Radix selection of τ, the k-th smallest |x| over `tensors`, 1 <= k <= total numel.
-
-    `high_histogram` already counts the first radix level of the `counted` tensors (the update
-    pass does that); the rest are counted here. Returns the selection state [rank, key, below],
-    on the histogram's device. With a process group, `tensors` are this rank's shards and k ranks
-    over every rank's: each level's histogram (512 KB, then 256 KB) is summed over the group
-    before its selection, so every rank selects the same τ without sending a weight.
+    `state` is the int64 selection state [rank, key, below]; `high_histogram` already counts
+    the first radix level of the `counted` tensors (the update pass did), the others are counted
+    here. With a process group, the tensors are this rank's shards and k ranks over every
+    rank's: each level's histogram (512 KB, then 256 KB) is summed over the group before its
+    selection, so every rank selects the same τ without sending a weight. `current`: the step's
+    row of the device schedule (the ops do nothing when it does not prune), or None.
     """
-    selection, _, needs_low_level = _select_first_level(tensors, k, high_histogram, counted,
-                                                        process_group)
-    if needs_low_level:
-        _select_second_level(tensors, selection, process_group)
-    return selection
 
+    def __init__(self, tensors: list[torch.Tensor], state: torch.Tensor, workspace: _Workspace,
+                 process_group=None, current: torch.Tensor | None = None):
+        self.tensors = tensors
+        self.state = state
+        self.workspace = workspace
+        self.process_group = process_group
+        self.current = current
 
-def prune_in_one_pass(tensors: list[torch.Tensor], keep_masks: list[torch.Tensor], k: int,
-                      high_histogram: torch.Tensor, counted: list[torch.Tensor],
-                      process_group=None) -> torch.Tensor:
-    """Selects τ as select_threshold does and zeroes every |x| < τ (writing the keep masks when
-    given) in one pass over the tensors after the update pass (CPU, docs/spec.md §3).
+    def first_level(self, counted: list[torch.Tensor]) -> torch.Tensor:
+        """Level 0: counts the tensors not in `counted`, sums the histogram over the process
+        group and selects τ's high bin. Returns this rank's own level-0 histogram (before the
+        sum: a copy with a process group, else the histogram itself)."""
+        high_histogram = self.workspace.high_histogram
+        counted_ids = {id(t) for t in counted}
+        uncounted = [t for t in self.tensors if id(t) not in counted_ids]
+        if uncounted:
+            ops.abs_histogram_(uncounted, high_histogram, self.state, level=0,
+                               current=self.current)
+        local_histogram = high_histogram
+        if self.process_group is not None:
+            local_histogram = high_histogram.clone()
+            torch.distributed.all_reduce(high_histogram, group=self.process_group)
+        ops.radix_select_(high_histogram, self.state, level=0, current=self.current)
+        return local_histogram
 
-    Once level 0 names τ's high bin, partition_at_bin_ zeroes the lower bins, keeps the higher
-    ones and collects the elements of that bin, counting their level-1 histogram; that histogram,
-    summed over the process group, gives τ exactly, and prune_collected_ zeroes the collected
-    elements below it. Where τ's bin is +inf's or above, or holds more than
-    _MAX_COLLECTED_FRACTION of the elements, a level-1 pass and a threshold pass do it instead.
-    Returns the selection state.
-    """
-    selection, local_histogram, needs_low_level = _select_first_level(
-        tensors, k, high_histogram, counted, process_group)
-    if not needs_low_level:
-        ops.apply_threshold_(tensors, keep_masks, selection)
-        return selection
-    numel = sum(t.numel() for t in tensors)
-    high_bin = int(selection[_KEY]) >> LOW_BITS
-    collected = int(local_histogram[high_bin])
-    if (high_bin >= _INF_HIGH_BIN or numel > 1 << 32
-            or collected > max(numel * _MAX_COLLECTED_FRACTION, 1024)):
-        _select_second_level(tensors, selection, process_group)
-        ops.apply_threshold_(tensors, keep_masks, selection)
-        return selection
-    low_histogram = torch.zeros(LOW_BINS, dtype=torch.int64)
-    positions = torch.empty(collected, dtype=torch.int32)
-    ops.partition_at_bin_(tensors, keep_masks, selection, low_histogram, positions)
-    if process_group is not None:
-        torch.distributed.all_reduce(low_histogram, group=process_group)
-    ops.radix_select_(low_histogram, selection, level=1)
-    ops.prune_collected_(tensors, keep_masks, positions, selection)
-    return selection
+    @property
+    def needs_second_level(self) -> bool:
+        """bfloat16 keys have no bits below the first level: τ is exact after it. Another rank's
+        shards may have other dtypes, so a process group always takes the second level (on
+        bfloat16 keys it selects low bits 0, the same τ): asking the others would be a
+        collective read on the host."""
+        return (self.process_group is not None
+                or any(t.dtype != torch.bfloat16 for t in self.tensors))
+
+    def second_level(self) -> None:
+        """Level 1 over the elements of τ's high bin, counted in a pass over the tensors."""
+        low_histogram = self.workspace.low_histogram
+        ops.abs_histogram_(self.tensors, low_histogram, self.state, level=1, current=self.current)
+        if self.process_group is not None:
+            torch.distributed.all_reduce(low_histogram, group=self.process_group)
+        ops.radix_select_(low_histogram, self.state, level=1, current=self.current)
+
+    def select(self, counted: list[torch.Tensor]) -> None:
+        """τ exact in `state`."""
+        self.first_level(counted)
+        if self.needs_second_level:
+            self.second_level()
+
+    def prune(self, keep_masks: list[torch.Tensor], counted: list[torch.Tensor]) -> None:
+        """Selects τ and zeroes every |x| < τ, writing the keep masks when given: two passes
+        after the update (level 1, then the threshold)."""
+        self.select(counted)
+        ops.apply_threshold_(self.tensors, keep_masks, self.state, current=self.current)
+
+    def prune_in_one_pass(self, keep_masks: list[torch.Tensor],
+                          counted: list[torch.Tensor]) -> None:
+        """`prune` in one pass after the update (CPU, host schedule).
+
+        Once level 0 names τ's high bin, partition_at_bin_ zeroes the lower bins, keeps the
+        higher ones and collects the elements of that bin, counting their level-1 histogram;
+        that histogram, summed over the process group, gives τ exactly, and prune_collected_
+        zeroes the collected elements below it. Where τ's bin is +inf's or above, or holds more
+        than _MAX_COLLECTED_FRACTION of the elements, `prune`'s two passes do it instead.
+        """
+        local_histogram = self.first_level(counted)
+        if not self.needs_second_level:
+            ops.apply_threshold_(self.tensors, keep_masks, self.state)
+            return
+        numel = sum(t.numel() for t in self.tensors)
+        high_bin = int(self.state[_KEY]) >> LOW_BITS
+        collected = int(local_histogram[high_bin])
+        if (high_bin >= _INF_HIGH_BIN or numel > 1 << 32
+                or collected > max(numel * _MAX_COLLECTED_FRACTION, 1024)):
+            self.second_level()
+            ops.apply_threshold_(self.tensors, keep_masks, self.state)
+            return
+        low_histogram = self.workspace.low_histogram
+        positions = torch.empty(collected, dtype=torch.int32)
+        ops.partition_at_bin_(self.tensors, keep_masks, self.state, low_histogram, positions)
+        if self.process_group is not None:
+            torch.distributed.all_reduce(low_histogram, group=self.process_group)
+        ops.radix_select_(low_histogram, self.state, level=1)
+        ops.prune_collected_(self.tensors, keep_masks, positions, self.state)
 
 
 def tau_of(selection: torch.Tensor) -> torch.Tensor:
     return selection[_KEY:_KEY + 1].to(torch.int32).view(torch.float32)[0]
 
 
-class _Workspace:
-    """The radix histograms of the device-schedule steps on one device, kept so that every step
-    uses the same memory (zeroed before each use)."""
-
-    def __init__(self, device: torch.device):
-        self.high_histogram = torch.zeros(HIGH_BINS, dtype=torch.int64, device=device)
-        self.low_histogram = torch.zeros(LOW_BINS, dtype=torch.int64, device=device)
-
-
 class OpsBackend:
     """A backend of the torch.ops.mgpp kernels on one device type."""
+
+    schedules_on_device = True   # the ops take the step's row of the device schedule
 
     def __init__(self, name: str, device_type: str, *, steps_on_device: bool,
                  ranks_across_processes: bool, one_pass_events: bool):
@@ -140,8 +152,6 @@ class OpsBackend:
         self.device_type = device_type
         self.steps_on_device = steps_on_device
         self.ranks_across_processes = ranks_across_processes
-        # scheduled_step: the ops take the step's row of the device schedule.
-        self.schedules_on_device = True
         # Whether the device has partition_at_bin_ and prune_collected_ (prune_in_one_pass).
         self.one_pass_events = one_pass_events
         self._workspaces: dict[torch.device, _Workspace] = {}
@@ -154,86 +164,88 @@ class OpsBackend:
             check_parameter(p, self.name)
 
     def step(self, groups: list[UpdateGroup], event: PruneEvent | None,
-             grad_scale: torch.Tensor | None) -> Threshold | None:
-        tensors = [p for g in groups for p in g.params] + (event.params if event else [])
-        if not tensors:
-            return None
-        device = tensors[0].device
-        histogram = (torch.zeros(HIGH_BINS, dtype=torch.int64, device=device)
-                     if event is not None else None)
-        counted = []
-        for group in groups:
-            count = event is not None and group.count
-            ops.fused_step_(
-                group.params, group.grads, group.exp_avgs, group.exp_avg_sqs, group.state_steps,
-                group.keep_masks, step_scalars(group, device), grad_scale=grad_scale,
-                histogram=histogram if count else None)
-            if count:
-                counted.extend(group.params)
-        if event is None:
-            return None
-        if self.one_pass_events:
-            selection = prune_in_one_pass(event.params, event.keep_masks, event.k, histogram,
-                                          counted, event.process_group)
-        else:
-            selection = select_threshold(event.params, event.k, histogram, counted,
-                                         event.process_group)
-            ops.apply_threshold_(event.params, event.keep_masks, selection)
-        return Threshold(tau=tau_of(selection), below=selection[_BELOW])
+             grad_scale: torch.Tensor | None,
+             schedule: DeviceSchedule | None = None) -> Threshold | None:
+        """The update of every group (counting the level-0 histogram of the candidates on an
+        event), then the event's selection and pruning.
 
-    def scheduled_step(self, groups: list[UpdateGroup], event: PruneEvent | None,
-                       grad_scale: torch.Tensor | None, schedule: DeviceSchedule) -> None:
-        """`step` on the device schedule, one fixed sequence of ops whatever t (what a CUDA
-        graph replays): schedule_step_ writes the step's row, then every op reads it on the
-        device (a skipped step moves nothing; the event's ops do nothing when it does not prune;
-        masks are written at the freeze). An event is the level-0 histogram of the candidates
-        without a gradient, the level-0 selection, the level-1 histogram and selection (unless
-        every candidate is bfloat16 and there is no process group) and the threshold; with a
-        process group, the histograms are all-reduced at every step (zero ones when it does not
-        prune). The step scalars, histograms, selection state and τ stay at fixed addresses."""
-        if event is not None and len(event.keep_masks) != len(event.params):
-            raise ValueError("a step on the device schedule needs a keep mask per candidate")
-        device = schedule.position.device
-        current = schedule.current
-        ops.schedule_step_(schedule.table, schedule.position, current,
-                           found_inf=schedule.found_inf)
-        host_values = [v for group in groups for v in step_scalar_values(group)]
-        scalars = schedule.stage_scalars(host_values, device)
-        workspace = self._workspaces.get(device)
-        if workspace is None:
-            workspace = self._workspaces[device] = _Workspace(device)
-        high_histogram = workspace.high_histogram
-        if event is not None:
-            high_histogram.zero_()
+        On the device schedule this is one fixed sequence of ops whatever t (what a CUDA graph
+        replays): schedule_step_ writes the step's row, then every op reads it on the device (a
+        skipped step moves nothing; the event's ops do nothing when it does not prune; masks
+        are written at the freeze); with a process group, the histograms are all-reduced at
+        every step (zero ones when it does not prune). The step scalars, histograms, selection
+        state and τ stay at fixed addresses. On the host schedule the cpu backend prunes in one
+        pass after the update (prune_in_one_pass).
+        """
+        tensors = [p for g in groups for p in g.params] + (event.params if event else [])
+        if schedule is None and not tensors:
+            return None
+        device = schedule.position.device if schedule is not None else tensors[0].device
+        current = None
+        if schedule is None:
+            scalars = step_scalars(groups, device)
+        else:
+            if event is not None and len(event.keep_masks) != len(event.params):
+                raise ValueError("a step on the device schedule needs a keep mask per candidate")
+            current = schedule.current
+            ops.schedule_step_(schedule.table, schedule.position, current,
+                               found_inf=schedule.found_inf)
+            scalars = schedule.stage_scalars(groups, device)
+        workspace = self._workspace(device)
+        try:
+            counted = self._update(groups, scalars, grad_scale, workspace, current,
+                                   count=event is not None)
+            if event is None:
+                return None
+            if schedule is None:
+                state = torch.zeros(len(SELECTION), dtype=torch.int64, device=device)
+                state[_RANK].fill_(event.k)   # a fill kernel, not a copy from the host
+            else:
+                state = schedule.selection
+                state[_RANK].copy_(current[_CURRENT_K])
+            selection = Selection(event.params, state, workspace, event.process_group, current)
+            if schedule is None and self.one_pass_events:
+                selection.prune_in_one_pass(event.keep_masks, counted)
+            else:
+                selection.prune(event.keep_masks, counted)
+        finally:
+            if event is not None:
+                workspace.zero_()
+        if schedule is not None:
+            schedule.tau.copy_(tau_of(state))
+            return None
+        return Threshold(tau=tau_of(state), below=state[_BELOW])
+
+    @staticmethod
+    def _update(groups: list[UpdateGroup], scalars: torch.Tensor,
+                grad_scale: torch.Tensor | None, workspace: _Workspace,
+                current: torch.Tensor | None, count: bool) -> list[torch.Tensor]:
+        """fused_step_ over each group; on an event (`count`), the candidate groups add their
+        level-0 histogram. Returns the tensors counted."""
         counted = []
-        for g, group in enumerate(groups):
-            row = scalars[g * NUM_STEP_SCALARS:(g + 1) * NUM_STEP_SCALARS]
-            write_tensor_lr(group, row)
-            count = event is not None and group.count
+        for group, row in zip(groups, group_rows(scalars, len(groups))):
+            counts = count and group.count
             ops.fused_step_(
                 group.params, group.grads, group.exp_avgs, group.exp_avg_sqs, group.state_steps,
                 group.keep_masks, row, grad_scale=grad_scale,
-                histogram=high_histogram if count else None, current=current)
-            if count:
+                histogram=workspace.high_histogram if counts else None, current=current)
+            if counts:
                 counted.extend(group.params)
-        if event is None:
-            return
-        selection = schedule.selection
-        selection[_RANK].copy_(current[_CURRENT_K])
-        counted_ids = {id(t) for t in counted}
-        uncounted = [t for t in event.params if id(t) not in counted_ids]
-        if uncounted:
-            ops.abs_histogram_(uncounted, high_histogram, selection, level=0, current=current)
-        if event.process_group is not None:
-            torch.distributed.all_reduce(high_histogram, group=event.process_group)
-        ops.radix_select_(high_histogram, selection, level=0, current=current)
-        if _needs_low_level(event.params, event.process_group):
-            workspace.low_histogram.zero_()
-            _select_second_level(event.params, selection, event.process_group,
-                                 workspace.low_histogram, current)
-        ops.apply_threshold_(event.params, event.keep_masks, selection, current=current)
-        schedule.tau.copy_(tau_of(selection))
+        return counted
 
     def global_threshold(self, tensors: list[torch.Tensor], k: int) -> torch.Tensor:
-        histogram = torch.zeros(HIGH_BINS, dtype=torch.int64, device=tensors[0].device)
-        return tau_of(select_threshold(tensors, k, histogram, counted=[]))
+        device = tensors[0].device
+        state = torch.zeros(len(SELECTION), dtype=torch.int64, device=device)
+        state[_RANK].fill_(k)
+        workspace = self._workspace(device)
+        try:
+            Selection(tensors, state, workspace).select(counted=[])
+        finally:
+            workspace.zero_()
+        return tau_of(state)
+
+    def _workspace(self, device: torch.device) -> _Workspace:
+        workspace = self._workspaces.get(device)
+        if workspace is None:
+            workspace = self._workspaces[device] = _Workspace(device)
+        return workspace

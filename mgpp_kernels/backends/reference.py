@@ -5,6 +5,7 @@ import torch
 
 from .. import reference
 from ..masks import pack_mask, unpack_mask
+from .device_schedule import DeviceSchedule
 from .types import PruneEvent, Threshold, UpdateGroup
 
 
@@ -36,7 +37,11 @@ class ReferenceBackend:
                                  f"float16 parameters, got {p.dtype}")
 
     def step(self, groups: list[UpdateGroup], event: PruneEvent | None,
-             grad_scale: torch.Tensor | None) -> Threshold | None:
+             grad_scale: torch.Tensor | None,
+             schedule: DeviceSchedule | None = None) -> Threshold | None:
+        if schedule is not None:
+            raise ValueError("the reference backend follows the schedule on the host: it takes "
+                             "no DeviceSchedule")
         for group in groups:
             for i, param in enumerate(group.params):
                 self._update(group, i, param, grad_scale)

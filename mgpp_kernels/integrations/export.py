@@ -6,6 +6,11 @@ bit i % 8 of byte i // 8, the packing of MGPP's keep masks); the other tensors a
 they are. :func:`load_sparse` rebuilds the dense tensors bit for bit and loads them into the
 module. Works for any ``torch.nn.Module``, transformers models included.
 
+Loading reads every field of a file as data: names must be state-dict keys (never a path), dtypes
+one of the float dtypes by name, and a file that disagrees with itself or with the model is a
+``ValueError`` naming the file and the tensor, raised before anything is copied, so that a failed
+load leaves the model as it was.
+
 :func:`save_compressed_pretrained` writes a transformers model folder in the compressed-tensors
 ``sparse-bitmask`` format (the layout of compressed-tensors' ``BitmaskCompressor`` and the
 ``sparsity_config`` it puts in ``config.json``), and :func:`load_compressed_pretrained` reads it
@@ -22,11 +27,11 @@ import os
 from typing import Any, Iterable
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..groups import candidate_names
-from ..masks import pack_mask, unpack_mask
+from ..masks import pack_mask, packed_mask_bytes, unpack_mask
 
 FORMAT = "mgpp-sparse-v1"
 VALUES_SUFFIX = "::values"
@@ -35,6 +40,10 @@ MASK_SUFFIX = "::mask"
 # zeros, so -0.0 survives the round trip and the rebuilt tensor is bit-identical.
 _BITS_DTYPES = {torch.float64: torch.int64, torch.float32: torch.int32,
                 torch.float16: torch.int16, torch.bfloat16: torch.int16}
+# The dtypes a config.json may name, by torch's names: a name read from a file is looked up
+# here, never with getattr on torch.
+_DTYPES_BY_NAME = {str(dtype).removeprefix("torch."): dtype for dtype in _BITS_DTYPES}
+_INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 def _sparse_encoding(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -48,6 +57,15 @@ def _sparse_encoding(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] 
     if nonzero * itemsize + math.ceil(flat.numel() / 8) >= flat.numel() * itemsize:
         return None
     return flat[stored], pack_mask(stored)
+
+
+def _check_tensor_name(source: str, name: Any) -> str:
+    """A tensor name of the file `source`, written or read: module names joined by dots, none of
+    them empty (so no '..'), and not an absolute path."""
+    if not isinstance(name, str) or "" in name.split(".") or name.startswith(("/", "\\")):
+        raise ValueError(f"{source}: the tensor name {name!r} is not a state-dict key (module "
+                         f"names joined by '.', none empty, not a path)")
+    return name
 
 
 def save_sparse(module_or_state_dict: torch.nn.Module | dict[str, torch.Tensor], path: str,
@@ -66,6 +84,7 @@ def save_sparse(module_or_state_dict: torch.nn.Module | dict[str, torch.Tensor],
     for name, tensor in state.items():
         if name.endswith((VALUES_SUFFIX, MASK_SUFFIX)):
             raise ValueError(f"state dict key {name!r} ends with a suffix this format reserves")
+        _check_tensor_name(path, name)  # load_sparse refuses it
         tensor = tensor.detach().cpu()
         if tensor.numel():
             view = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(),
@@ -86,35 +105,124 @@ def save_sparse(module_or_state_dict: torch.nn.Module | dict[str, torch.Tensor],
             "tied": tied}
 
 
+def _read_safetensors(path: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """A safetensors file's metadata and tensors; a damaged file is a ValueError naming it."""
+    try:
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        stored = load_file(path)
+    except SafetensorError as error:
+        raise ValueError(f"{path} is not a readable safetensors file: {error}") from None
+    for name in stored:
+        _check_tensor_name(path, name)
+    return metadata, stored
+
+
+def _metadata_object(path: str, metadata: dict[str, str], key: str) -> dict[str, Any]:
+    """The JSON object that the file's metadata holds under `key`."""
+    try:
+        value = json.loads(metadata[key])
+    except KeyError:
+        raise ValueError(f"{path}: the metadata has no {key!r}") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: the metadata {key!r} is not valid JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: the metadata {key!r} is not a JSON object")
+    return value
+
+
+def _check_values(path: str, name: str, values: torch.Tensor) -> None:
+    if values.dtype not in _BITS_DTYPES or values.dim() != 1:
+        raise ValueError(f"{path}: the values of {name!r} are {values.dtype} of shape "
+                         f"{list(values.shape)}, not a 1-D floating tensor")
+
+
+def _sparse_decoding(path: str, name: str, shape: Any, values: torch.Tensor | None,
+                     mask: torch.Tensor | None) -> torch.Tensor:
+    """The dense tensor `name` from its values and packed mask, once they agree with `shape`."""
+    if (not isinstance(shape, list)
+            or not all(type(size) is int and size >= 0 for size in shape)):
+        raise ValueError(f"{path}: the recorded shape of {name!r}, {shape!r}, is not a list of "
+                         f"sizes")
+    for part, suffix in ((values, VALUES_SUFFIX), (mask, MASK_SUFFIX)):
+        if part is None:
+            raise ValueError(f"{path}: the sparse tensor {name!r} has no {name + suffix!r}")
+    numel = math.prod(shape)
+    if mask.dtype != torch.uint8 or mask.dim() != 1 or mask.numel() != packed_mask_bytes(numel):
+        raise ValueError(f"{path}: the mask of {name!r} is {mask.dtype} of shape "
+                         f"{list(mask.shape)}; its recorded shape {shape} needs "
+                         f"{packed_mask_bytes(numel)} uint8 bytes")
+    _check_values(path, name, values)
+    keep = unpack_mask(mask, torch.empty(numel, device="meta"))
+    if int(keep.sum()) != values.numel():
+        raise ValueError(f"{path}: the mask of {name!r} marks {int(keep.sum())} values, "
+                         f"{values.numel()} are stored")
+    dense = torch.zeros(numel, dtype=values.dtype)
+    dense[keep] = values
+    return dense.view(shape)
+
+
 def load_sparse_state_dict(path: str) -> dict[str, torch.Tensor]:
     """The dense state dict stored by :func:`save_sparse`, bit-identical to the saved one."""
-    with safe_open(path, framework="pt") as handle:
-        metadata = handle.metadata() or {}
+    metadata, stored = _read_safetensors(path)
     if metadata.get("format") != FORMAT:
         raise ValueError(f"{path} is not an {FORMAT} file (its format is "
                          f"{metadata.get('format')!r})")
-    stored = load_file(path)
+    shapes = _metadata_object(path, metadata, "sparse_shapes")
+    tied = _metadata_object(path, metadata, "tied")
     state = {}
-    for name, shape in json.loads(metadata["sparse_shapes"]).items():
-        values = stored.pop(name + VALUES_SUFFIX)
-        keep = unpack_mask(stored.pop(name + MASK_SUFFIX),
-                           torch.empty(shape, device="meta")).flatten()
-        if int(keep.sum()) != values.numel():
-            raise ValueError(f"{path}: the mask of {name!r} marks {int(keep.sum())} values, "
-                             f"{values.numel()} are stored")
-        dense = torch.zeros(keep.numel(), dtype=values.dtype)
-        dense[keep] = values
-        state[name] = dense.view(shape)
-    state.update(stored)
-    for name, target in json.loads(metadata["tied"]).items():
+    for name, shape in shapes.items():
+        _check_tensor_name(path, name)
+        state[name] = _sparse_decoding(path, name, shape, stored.pop(name + VALUES_SUFFIX, None),
+                                       stored.pop(name + MASK_SUFFIX, None))
+    for name, tensor in stored.items():
+        if name.endswith((VALUES_SUFFIX, MASK_SUFFIX)) or name in state:
+            raise ValueError(f"{path}: the tensor {name!r} is not one of the sparse tensors the "
+                             f"metadata's sparse_shapes lists")
+        state[name] = tensor
+    stored_names = set(state)
+    for name, target in tied.items():
+        if (_check_tensor_name(path, name) in stored_names or not isinstance(target, str)
+                or target not in stored_names):
+            raise ValueError(f"{path}: the tied tensor {name!r} names {target!r}; it must name a "
+                             f"tensor the file stores, and not be stored itself")
         state[name] = state[target]
     return state
 
 
+def _check_shapes(source: str, model_name: str, model_state: dict[str, torch.Tensor],
+                  state: dict[str, torch.Tensor]) -> None:
+    """Raises unless every tensor of `state` that the model has takes the model's shape and
+    dtype (load_state_dict would cast the dtype, and copy the others before failing on a shape)."""
+    for name, tensor in state.items():
+        expected = model_state.get(name)
+        if expected is not None and (tensor.shape, tensor.dtype) != (expected.shape,
+                                                                     expected.dtype):
+            raise ValueError(f"{source}: the tensor {name!r} is {tensor.dtype} of shape "
+                             f"{list(tensor.shape)}, the {model_name}'s is {expected.dtype} of "
+                             f"shape {list(expected.shape)}")
+
+
+def _check_names(source: str, model_name: str, missing: Iterable[str],
+                 unexpected: Iterable[str]) -> None:
+    missing, unexpected = sorted(missing), sorted(unexpected)
+    if missing or unexpected:
+        raise ValueError(f"{source} does not fit the {model_name}: missing {missing}, "
+                         f"unexpected {unexpected}")
+
+
 def load_sparse(module: torch.nn.Module, path: str, strict: bool = True):
     """Loads a file written by :func:`save_sparse` into ``module``; returns what
-    ``load_state_dict`` returns."""
-    return module.load_state_dict(load_sparse_state_dict(path), strict=strict)
+    ``load_state_dict`` returns. Shapes and dtypes, and with ``strict`` that the file holds
+    exactly the module's tensors, are checked before anything is copied: a failed load is a
+    ``ValueError`` and leaves ``module`` as it was."""
+    state = load_sparse_state_dict(path)
+    model_state = module.state_dict()
+    _check_shapes(path, type(module).__name__, model_state, state)
+    if strict:
+        _check_names(path, type(module).__name__, model_state.keys() - state.keys(),
+                     state.keys() - model_state.keys())
+    return module.load_state_dict(state, strict=strict)
 
 
 def sparsity_report(module: torch.nn.Module, names: Iterable[str] | None = None) -> dict[str, Any]:
@@ -173,15 +281,28 @@ def _bitmask_encoding(weight: torch.Tensor) -> dict[str, torch.Tensor]:
             - row_counts}
 
 
-def _bitmask_decoding(encoded: dict[str, torch.Tensor]) -> torch.Tensor:
-    shape = encoded["shape"].tolist()
-    columns = torch.arange(shape[-1])
-    keep = ((encoded["bitmask"].to(torch.int32)[:, columns // 8] >> (columns % 8)) & 1).bool()
-    values = encoded["compressed"]
-    if int(keep.sum()) != values.numel():
-        raise ValueError(f"the bitmask marks {int(keep.sum())} values, {values.numel()} are "
-                         f"stored")
-    dense = torch.zeros(shape, dtype=values.dtype)
+def _bitmask_decoding(path: str, name: str, encoded: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The dense weight `name` from its compressed-tensors parts, once they agree."""
+    shape, bitmask = encoded["shape"], encoded["bitmask"]
+    values, row_offsets = encoded["compressed"], encoded["row_offsets"]
+    if shape.dtype not in _INDEX_DTYPES or shape.shape != (2,) or bool((shape < 0).any()):
+        raise ValueError(f"{path}: the shape of {name!r} is {shape.tolist()}, not two sizes")
+    rows, columns = shape.tolist()
+    if bitmask.dtype != torch.uint8 or bitmask.shape != (rows, -(-columns // 8)):
+        raise ValueError(f"{path}: the bitmask of {name!r} is {bitmask.dtype} of shape "
+                         f"{list(bitmask.shape)}; its recorded shape {[rows, columns]} needs "
+                         f"uint8 of shape {[rows, -(-columns // 8)]}")
+    _check_values(path, name, values)
+    column = torch.arange(columns)
+    keep = ((bitmask.to(torch.int32)[:, column // 8] >> (column % 8)) & 1).bool()
+    row_counts = keep.sum(dim=-1)
+    if int(row_counts.sum()) != values.numel():
+        raise ValueError(f"{path}: the bitmask of {name!r} marks {int(row_counts.sum())} values, "
+                         f"{values.numel()} are stored")
+    if (row_offsets.dtype not in _INDEX_DTYPES
+            or not torch.equal(row_offsets.long(), torch.cumsum(row_counts, 0) - row_counts)):
+        raise ValueError(f"{path}: the row offsets of {name!r} disagree with its bitmask")
+    dense = torch.zeros(rows, columns, dtype=values.dtype)
     dense[keep] = values
     return dense
 
@@ -250,42 +371,98 @@ def save_compressed_pretrained(model, save_directory: str, names: Iterable[str] 
 
 def load_compressed_state_dict(path: str) -> dict[str, torch.Tensor]:
     """The dense state dict in a sparse-bitmask ``model.safetensors`` (tied weights once)."""
-    stored = load_file(path)
-    prefixes = {name.rsplit(".", 1)[0] for name in stored if name.endswith(".bitmask")}
+    _, stored = _read_safetensors(path)
+    prefixes = {name.removesuffix(".bitmask") for name in stored if name.endswith(".bitmask")}
     state = {}
-    for prefix in prefixes:
-        state[prefix + ".weight"] = _bitmask_decoding(
-            {suffix: stored.pop(f"{prefix}.{suffix}") for suffix in COMPRESSED_SUFFIXES})
+    for prefix in sorted(prefixes):
+        name = prefix + ".weight"
+        parts = {suffix: stored.pop(f"{prefix}.{suffix}", None) for suffix in COMPRESSED_SUFFIXES}
+        absent = [f"{prefix}.{suffix}" for suffix, part in parts.items() if part is None]
+        if absent or name in stored:
+            raise ValueError(f"{path}: the compressed weight {name!r} "
+                             + (f"has no {', '.join(absent)}" if absent else "is stored dense too"))
+        state[name] = _bitmask_decoding(path, name, parts)
     state.update(stored)
     return state
+
+
+def _read_config(config_path: str) -> dict[str, Any]:
+    """config.json as data, checked before transformers reads it: transformers takes a dtype by
+    getattr on torch. Every "dtype" (and the older "torch_dtype"), the sub-models' included,
+    must name a float dtype."""
+    try:
+        with open(config_path) as handle:
+            config = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{config_path} is not valid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path} is not a JSON object")
+    pending = [config]
+    while pending:
+        fields = pending.pop()
+        for key in ("dtype", "torch_dtype"):
+            value = fields.get(key)
+            if value is not None and (not isinstance(value, str) or value not in _DTYPES_BY_NAME):
+                raise ValueError(f"{config_path}: {key} is {value!r}, not one of "
+                                 f"{', '.join(_DTYPES_BY_NAME)}")
+        pending += [value for value in fields.values()
+                    if isinstance(value, dict) and "model_type" in value]  # a sub-model's config
+    return config
+
+
+def _architecture_class(config_path: str, config) -> type:
+    """The transformers model class that the config's ``architectures`` names, among the classes
+    transformers' auto mappings list for its model type (a name read from a file picks from a
+    known list, never an arbitrary attribute)."""
+    import transformers
+    from transformers.models.auto import modeling_auto
+
+    known = set()
+    for attribute in dir(modeling_auto):
+        if attribute.startswith("MODEL_") and attribute.endswith("_MAPPING_NAMES"):
+            names = getattr(modeling_auto, attribute).get(config.model_type, ())
+            known.update((names,) if isinstance(names, str) else names)
+    architectures = getattr(config, "architectures", None) or [None]
+    if not isinstance(architectures[0], str) or architectures[0] not in known:
+        raise ValueError(f"{config_path}: architectures names {architectures[0]!r}, not a "
+                         f"transformers model class of model type {config.model_type!r}; pass "
+                         f"model_class")
+    return getattr(transformers, architectures[0])
 
 
 def load_compressed_pretrained(save_directory: str, model_class=None, **config_kwargs):
     """The model that :func:`save_compressed_pretrained` wrote to ``save_directory`` (or any
     sparse-bitmask folder of one safetensors file), dense, in eval mode, bit for bit.
     ``model_class`` (an ``AutoModel...`` or a model class) defaults to the class the config's
-    ``architectures`` names."""
+    ``architectures`` names. A folder that disagrees with itself or with the model is a
+    ``ValueError`` naming the file and the tensor."""
     import transformers
 
-    config = transformers.AutoConfig.from_pretrained(save_directory, **config_kwargs)
-    compression = getattr(config, "quantization_config", None) or {}
-    sparsity_format = (compression.get("sparsity_config") or {}).get("format")
+    config_path = os.path.join(save_directory, "config.json")
+    compression = _read_config(config_path).get("quantization_config")
+    sparsity_config = compression.get("sparsity_config") if isinstance(compression, dict) else None
+    sparsity_format = sparsity_config.get("format") if isinstance(sparsity_config, dict) else None
     if sparsity_format != "sparse-bitmask":
         raise ValueError(f"{save_directory} is not a sparse-bitmask checkpoint (its "
                          f"sparsity_config format is {sparsity_format!r})")
+    config = transformers.AutoConfig.from_pretrained(save_directory, **config_kwargs)
     del config.quantization_config
     if model_class is None:
-        model_class = getattr(transformers, config.architectures[0])
+        model_class = _architecture_class(config_path, config)
     dtype = getattr(config, "dtype", None)
     # Auto classes build from a config with from_config, model classes with _from_config.
     build = getattr(model_class, "from_config", None) or model_class._from_config
     model = build(config, **({} if dtype is None else {"dtype": dtype}))
-    state = load_compressed_state_dict(os.path.join(save_directory, "model.safetensors"))
-    result = model.load_state_dict(state, strict=False)
-    loaded = {tensor.data_ptr() for name, tensor in model.state_dict().items() if name in state}
-    untied = [name for name in result.missing_keys
-              if model.state_dict()[name].data_ptr() not in loaded]
-    if untied or result.unexpected_keys:
-        raise ValueError(f"{save_directory} does not fit {model_class.__name__}: missing "
-                         f"{untied}, unexpected {result.unexpected_keys}")
+    path = os.path.join(save_directory, "model.safetensors")
+    state = load_compressed_state_dict(path)
+    model_state = model.state_dict()
+    _check_shapes(path, type(model).__name__, model_state, state)
+    # The file holds tied weights once: a weight it leaves out must share the memory of one it
+    # holds.
+    loaded = {model_state[name].data_ptr() for name in state if name in model_state}
+    _check_names(path, type(model).__name__,
+                 [name for name, tensor in model_state.items()
+                  if name not in state and tensor.data_ptr() not in loaded],
+                 state.keys() - model_state.keys())
+    model.load_state_dict(state, strict=False)
     return model.eval()

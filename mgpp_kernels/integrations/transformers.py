@@ -10,8 +10,9 @@ One call builds the optimizer with the pruning candidates chosen by
 
 or, letting the Trainer build it, ``optimizer_cls_and_kwargs=mgpp_optimizer_cls_and_kwargs(...)``.
 :class:`MGPPCallback` fills in ``total_steps`` from the Trainer's ``max_steps`` when it was not
-given, and adds the pruning stage, sparsity, τ and λ_t to every log. :class:`DistillationTrainer`
-is the Trainer with a teacher's softened logits mixed into the loss.
+given, and adds the pruning stage, the sparsity the last pruning event reached, the fraction of
+zeros now, τ and λ_t to every log. :class:`DistillationTrainer` is the Trainer with a teacher's
+softened logits mixed into the loss.
 """
 from __future__ import annotations
 
@@ -89,11 +90,15 @@ class MGPPCallback(TrainerCallback):
 
     At the start of training it sets MGPP's ``total_steps`` to the Trainer's ``max_steps`` when
     the optimizer was built without it. To every log it adds ``{prefix}stage``,
-    ``{prefix}sparsity`` (exact zeros among the candidates now), ``{prefix}target_sparsity``,
-    ``{prefix}tau`` (from the first pruning event on) and ``{prefix}lambda_t`` (with the prior
-    on), in the log history, the progress bar and the printer. The Trainer runs callbacks passed
-    as ``callbacks=[...]`` after its reporting integrations; :func:`add_mgpp_callback` puts this
-    one first so that TensorBoard and W&B record the values too.
+    ``{prefix}sparsity`` (the sparsity the last pruning event reached: the candidate elements it
+    zeroed over all candidate elements), ``{prefix}zero_fraction`` (the exact zeros among the
+    candidates now: in the pruning stage the pruned weights regrow at once, as the paper
+    intends, so between events it reads near 0 until the mask freezes),
+    ``{prefix}target_sparsity``, ``{prefix}tau`` (from the first pruning event on) and
+    ``{prefix}lambda_t`` (with the prior on), in the log history, the progress bar and the
+    printer. The Trainer runs callbacks passed as ``callbacks=[...]`` after its reporting
+    integrations; :func:`add_mgpp_callback` puts this one first so that TensorBoard and W&B
+    record the values too.
     """
 
     def __init__(self, prefix: str = "mgpp_"):
@@ -123,7 +128,9 @@ class MGPPCallback(TrainerCallback):
 
     def log_entries(self) -> dict[str, Any]:
         stats = self.optimizer.stats()
-        entries = {"stage": stats["stage"], "sparsity": stats["sparsity"],
+        entries = {"stage": stats["stage"],
+                   "sparsity": stats["event_sparsity"],
+                   "zero_fraction": stats["sparsity"],
                    "target_sparsity": stats["target_sparsity"]}
         if stats["tau"] is not None:
             entries["tau"] = stats["tau"]

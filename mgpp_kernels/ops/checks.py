@@ -7,7 +7,8 @@ from typing import Sequence
 
 import torch
 
-from .layout import KERNEL_DTYPES
+from ..masks import packed_mask_bytes
+from .layout import KERNEL_DTYPES, NUM_SELECTION_SLOTS
 
 
 def check_tensor(t: torch.Tensor, device: torch.device, what: str, index: int) -> None:
@@ -36,7 +37,7 @@ def check_parameter(p: torch.Tensor, backend: str) -> None:
 
 def check_mask(mask: torch.Tensor, values: torch.Tensor, device: torch.device, index: int) -> None:
     check_tensor(mask, device, "keep_masks", index)
-    size = (values.numel() + 7) // 8
+    size = packed_mask_bytes(values.numel())
     if mask.dtype != torch.uint8 or mask.numel() != size:
         raise ValueError(f"mgpp: keep_masks[{index}] must be uint8 with ceil(numel/8) = {size} "
                          f"elements, got {mask.dtype} with {mask.numel()}")
@@ -80,5 +81,6 @@ def check_histogram(histogram: torch.Tensor, bins: int) -> None:
 
 
 def check_selection(selection: torch.Tensor) -> None:
-    if selection.dtype != torch.int64 or selection.numel() != 3:
-        raise ValueError("mgpp: selection must be an int64 tensor of 3 elements")
+    if selection.dtype != torch.int64 or selection.numel() != NUM_SELECTION_SLOTS:
+        raise ValueError(f"mgpp: selection must be an int64 tensor of {NUM_SELECTION_SLOTS} "
+                         f"elements")

@@ -1,7 +1,9 @@
 """The triton backend: the MGPP step as Triton kernels (mgpp_kernels/backends/triton/kernels.py).
 
-A step is a fixed, short sequence of launches whatever the number of tensors:
+A step is a fixed, short sequence of launches whatever the number of tensors, in four parts
+(`_stage`, `_update`, `_select`, `_threshold`):
 
+0. On the device schedule, ``schedule_kernel`` (1 launch) writes the step's row (below).
 1. ``prepare_kernel`` (1 launch): every tensor's step count k += 1, and its float32 AdamW scalars
    (bias corrections in float64) and prior constants into a per-tensor row.
 2. ``update_kernel`` (1 launch per (parameter dtype, state dtype) pair): prior gradient + AdamW +
@@ -28,7 +30,7 @@ What a CUDA graph needs, and where each piece comes from:
   tensor lr is copied into them on the device), the step counts (incremented on the device, in
   the optimizer's state tensors, as torch.optim.AdamW(capturable=True) keeps them), the
   GradScaler's scale and the rank k.
-- ``scheduled_step`` (the optimizer's device schedule, with capturable=True or once a GradScaler
+- A step given a DeviceSchedule (the optimizer's, with capturable=True or once a GradScaler
   hands it found_inf): ``schedule_kernel`` first reads t and found_inf on the device and writes the
   step's row (prior on/off, λ_t's c1, k, freeze, skip) from a table of every t; every later kernel
   reads that row, so the event kernels run at every step and return at once when it does not
@@ -37,7 +39,7 @@ What a CUDA graph needs, and where each piece comes from:
   schedule's persistent buffer, copied from pinned memory only when a host value changes. So
   every step launches the same kernels with the same arguments on the same memory (the
   tables are cached by address), which a captured graph replays for any t.
-Limits: ``step`` (the host schedule) chooses its launches by t on the host and stages its
+Limits: a step on the host schedule chooses its launches by t on the host and stages its
 scalars in a fresh buffer, so a graph of it replays one t only; a graph replays the set of
 tensors with a gradient it captured, as torch's capturable optimizers do.
 """
@@ -54,12 +56,14 @@ from triton.runtime.interpreter import InterpretedFunction
 
 from ...ops.checks import (check_kernel_dtype, check_mask, check_parameter, check_step_lists,
                            check_tensor)
-from ...ops.layout import NUM_STEP_SCALARS, step_scalar_values, to_device, write_tensor_lr
-from ..types import DeviceSchedule, PruneEvent, Threshold, UpdateGroup
+from ...ops.layout import KERNEL_DTYPES, NUM_SELECTION_SLOTS
+from ..device_schedule import DeviceSchedule
+from ..scalars import all_step_scalar_values, to_device, write_tensor_lrs
+from ..types import PruneEvent, Threshold, UpdateGroup
 from . import kernels
 
 INTERPRETED = isinstance(kernels.update_kernel, InterpretedFunction)
-DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+DTYPE_CODES = {dtype: code for code, dtype in enumerate(KERNEL_DTYPES)}
 
 # Elements (tensors for prepare, bins for select) per program. On a GPU: 16 elements per thread
 # of 4 warps in the update, 4 vector loads per operand. The interpreter pays per program instance
@@ -131,16 +135,6 @@ class _LruCache:
         return value
 
 
-def _steps_on_device(steps: list[torch.Tensor], device: torch.device) -> bool:
-    """Whether the step counts live on the parameters' device (else all on the CPU)."""
-    if all(s.device == device for s in steps):
-        return True
-    if all(s.device.type == "cpu" for s in steps):
-        return False
-    raise ValueError("the triton backend needs every state step on the parameters' device or "
-                     "every one on the CPU")
-
-
 @dataclass
 class _Entry:
     group: int
@@ -191,8 +185,9 @@ class TritonBackend:
                              group.state_steps, group.keep_masks, device)
             for i, p in enumerate(group.params):
                 step = group.state_steps[i]
-                if step.dtype != torch.float32:
-                    raise ValueError(f"mgpp: state_steps[{i}] must be float32, got {step.dtype}")
+                if step.dtype != torch.float32 or step.device != device:
+                    raise ValueError(f"mgpp: state_steps[{i}] must be a float32 tensor on "
+                                     f"{device}, got {step.dtype} on {step.device}")
                 entries.append(_Entry(g, group.count, p, group.grads[i], group.exp_avgs[i],
                                       group.exp_avg_sqs[i],
                                       group.keep_masks[i] if group.keep_masks else None, step))
@@ -232,16 +227,8 @@ class TritonBackend:
     # ---- the step -------------------------------------------------------------------------------
 
     def step(self, groups: list[UpdateGroup], event: PruneEvent | None,
-             grad_scale: torch.Tensor | None) -> Threshold | None:
-        return self._run(groups, event, grad_scale, None)
-
-    def scheduled_step(self, groups: list[UpdateGroup], event: PruneEvent | None,
-                       grad_scale: torch.Tensor | None, schedule: DeviceSchedule) -> None:
-        self._run(groups, event, grad_scale, schedule)
-
-    def _run(self, groups: list[UpdateGroup], event: PruneEvent | None,
              grad_scale: torch.Tensor | None,
-             schedule: DeviceSchedule | None) -> Threshold | None:
+             schedule: DeviceSchedule | None = None) -> Threshold | None:
         device = self._device_of(groups, event)
         if device is None and schedule is not None:
             device = schedule.position.device   # no tensor this step: t still advances
@@ -256,62 +243,32 @@ class TritonBackend:
             if value is not None and (value.numel() != 1 or value.device != device
                                       or not value.is_floating_point()):
                 raise ValueError(f"{name} must be a one-element floating tensor on {device}")
-        steps = [e.step for e in entries]
-        steps_on_device = _steps_on_device(steps, device)
-        if schedule is not None and not steps_on_device:
-            raise ValueError("a step on the device schedule needs the step counts on the "
-                             "parameters' device (a skipped step leaves them unchanged there)")
-
-        # Host-known values of this step, staged to the device in one copy: every group's step
-        # scalars, then k, then (when the step counts live on the CPU) the incremented counts.
-        host_values = [v for group in groups for v in step_scalar_values(group)]
-        rank_index = len(host_values)
-        if schedule is None:
-            host_values.append(float(event.k) if event is not None else 0.0)
-        host_scalars = torch.tensor(host_values, dtype=torch.float64)
-        if entries and not steps_on_device:
-            torch._foreach_add_(steps, 1.0)
-            host_scalars = torch.cat([host_scalars, torch.stack(steps).reshape(-1).double()])
-
+        scheduled = schedule is not None
         with self._on(device):
             try:
-                if schedule is None:
-                    scalars = to_device(host_scalars, device)
-                    current, rank = scalars, scalars[rank_index:]
-                else:
-                    scalars = schedule.stage_scalars(host_values, device)
-                    current = schedule.current
-                    kernels.schedule_kernel[(1,)](
-                        schedule.table, schedule.table.shape[0], schedule.position,
-                        schedule.found_inf if schedule.found_inf is not None else current,
-                        current, HAS_FOUND_INF=schedule.found_inf is not None, **LAUNCH_OPTIONS)
-                    rank = current[kernels.C_K.value:]
-                for g, group in enumerate(groups):
-                    write_tensor_lr(group, scalars[g * NUM_STEP_SCALARS:(g + 1) * NUM_STEP_SCALARS])
+                scalars, current, rank = self._stage(groups, event, schedule, device)
                 workspace = self._workspace(device)
-                scheduled = schedule is not None
                 if entries:
-                    self._update(entries, steps_on_device, scalars, rank_index + 1, grad_scale,
-                                 workspace, current, count=event is not None, scheduled=scheduled)
+                    self._update(entries, scalars, grad_scale, workspace, current,
+                                 count=event is not None, scheduled=scheduled)
                 if event is None:
                     return None
                 counted = {id(e.param) for e in entries if e.count}
                 uncounted = [p for p in event.params if id(p) not in counted]
                 selection, tau = ((schedule.selection, schedule.tau) if scheduled else
-                                  (torch.empty(3, dtype=torch.int64, device=device),
+                                  (torch.empty(NUM_SELECTION_SLOTS, dtype=torch.int64,
+                                               device=device),
                                    torch.empty((), dtype=torch.float32, device=device)))
                 self._select(event.params, uncounted, event.keep_masks, rank, selection, tau,
                              workspace, current, scheduled, event.process_group)
-                for launch in self._value_launches(event.params, event.keep_masks):
-                    kernels.threshold_kernel[(launch.num_blocks,)](
-                        launch.table, launch.blocks, selection, current, DTYPE=launch.dtypes[0],
-                        WRITE_MASKS=bool(event.keep_masks), SCHEDULED=scheduled,
-                        ALIGNED=launch.aligned, BLOCK=VALUE_BLOCK, **LAUNCH_OPTIONS)
-                return Threshold(tau=tau, below=selection[kernels.SEL_BELOW.value])
+                self._threshold(event, selection, current, scheduled)
             except BaseException:
                 # A failed launch may leave counts in the histograms: start clean next time.
                 self._workspaces.pop(device, None)
                 raise
+        if scheduled:
+            return None
+        return Threshold(tau=tau, below=selection[kernels.SEL_BELOW.value])
 
     def global_threshold(self, tensors: list[torch.Tensor], k: int) -> torch.Tensor:
         device = self._device_of([], PruneEvent(params=tensors, k=k))
@@ -322,7 +279,7 @@ class TritonBackend:
         with self._on(device):
             try:
                 rank = to_device(torch.tensor([float(k)], dtype=torch.float64), device)
-                selection = torch.empty(3, dtype=torch.int64, device=device)
+                selection = torch.empty(NUM_SELECTION_SLOTS, dtype=torch.int64, device=device)
                 tau = torch.empty((), dtype=torch.float32, device=device)
                 self._select(tensors, tensors, [], rank, selection, tau, self._workspace(device),
                              rank, scheduled=False)
@@ -348,20 +305,41 @@ class TritonBackend:
             self._workspaces[device] = _Workspace(high_histogram=high, low_histogram=low)
         return self._workspaces[device]
 
-    def _update(self, entries: list[_Entry], steps_on_device: bool, scalars: torch.Tensor,
-                host_steps_offset: int, grad_scale: torch.Tensor | None, workspace: _Workspace,
-                current: torch.Tensor, count: bool, scheduled: bool) -> None:
+    @staticmethod
+    def _stage(groups: list[UpdateGroup], event: PruneEvent | None,
+               schedule: DeviceSchedule | None, device: torch.device
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The step's values on the device: (the groups' step scalars, the step's row `current`,
+        the float64 k that ranks τ). On the host schedule the scalars and k are staged in one
+        copy, and `current`, which the kernels then never read, is the scalars. On the device
+        schedule the scalars are the schedule's persistent buffer and schedule_kernel writes the
+        row, k included."""
+        if schedule is None:
+            values = all_step_scalar_values(groups) + [float(event.k) if event is not None else 0.0]
+            scalars = to_device(torch.tensor(values, dtype=torch.float64), device)
+            write_tensor_lrs(groups, scalars)
+            return scalars, scalars, scalars[-1:]
+        scalars = schedule.stage_scalars(groups, device)
+        current = schedule.current
+        kernels.schedule_kernel[(1,)](
+            schedule.table, schedule.table.shape[0], schedule.position,
+            schedule.found_inf if schedule.found_inf is not None else current, current,
+            HAS_FOUND_INF=schedule.found_inf is not None, **LAUNCH_OPTIONS)
+        return scalars, current, current[kernels.C_K.value:]
+
+    def _update(self, entries: list[_Entry], scalars: torch.Tensor,
+                grad_scale: torch.Tensor | None, workspace: _Workspace, current: torch.Tensor,
+                count: bool, scheduled: bool) -> None:
         device = entries[0].param.device
-        key = (device, steps_on_device, tuple(
+        key = (device, tuple(
             (e.group, e.count, e.param.data_ptr(), e.grad.data_ptr(), e.exp_avg.data_ptr(),
              e.exp_avg_sq.data_ptr(), 0 if e.keep_mask is None else e.keep_mask.data_ptr(),
-             e.step.data_ptr() if steps_on_device else 0, e.param.numel(), e.param.dtype,
-             e.exp_avg.dtype) for e in entries))
-        plan = self._plans.get(key, lambda: self._build_plan(entries, steps_on_device, device))
+             e.step.data_ptr(), e.param.numel(), e.param.dtype, e.exp_avg.dtype)
+            for e in entries))
+        plan = self._plans.get(key, lambda: self._build_plan(entries, device))
         kernels.prepare_kernel[(triton.cdiv(plan.num_tensors, PREPARE_BLOCK),)](
-            plan.prepare_table, scalars, host_steps_offset,
-            grad_scale if grad_scale is not None else scalars, plan.rows, plan.num_tensors,
-            current, HAS_GRAD_SCALE=grad_scale is not None, STEPS_ON_DEVICE=steps_on_device,
+            plan.prepare_table, scalars, grad_scale if grad_scale is not None else scalars,
+            plan.rows, plan.num_tensors, current, HAS_GRAD_SCALE=grad_scale is not None,
             SCHEDULED=scheduled, BLOCK=PREPARE_BLOCK, **LAUNCH_OPTIONS)
         for launch in plan.launches:
             kernels.update_kernel[(launch.num_blocks,)](
@@ -371,9 +349,8 @@ class TritonBackend:
                 **LAUNCH_OPTIONS)
 
     @staticmethod
-    def _build_plan(entries: list[_Entry], steps_on_device: bool,
-                    device: torch.device) -> _StepPlan:
-        prepare = [[e.step.data_ptr() if steps_on_device else 0, e.group] for e in entries]
+    def _build_plan(entries: list[_Entry], device: torch.device) -> _StepPlan:
+        prepare = [[e.step.data_ptr(), e.group] for e in entries]
         by_dtypes: dict[tuple[int, int], list[int]] = {}
         for i, e in enumerate(entries):
             pair = (DTYPE_CODES[e.param.dtype], DTYPE_CODES[e.exp_avg.dtype])
@@ -399,6 +376,15 @@ class TritonBackend:
             rows=torch.empty((len(entries), kernels.ROW_WIDTH.value), dtype=torch.float32,
                              device=device),
             num_tensors=len(entries), launches=launches)
+
+    def _threshold(self, event: PruneEvent, selection: torch.Tensor, current: torch.Tensor,
+                   scheduled: bool) -> None:
+        """Zeroes the candidates below τ, writing their keep masks when the event has them."""
+        for launch in self._value_launches(event.params, event.keep_masks):
+            kernels.threshold_kernel[(launch.num_blocks,)](
+                launch.table, launch.blocks, selection, current, DTYPE=launch.dtypes[0],
+                WRITE_MASKS=bool(event.keep_masks), SCHEDULED=scheduled, ALIGNED=launch.aligned,
+                BLOCK=VALUE_BLOCK, **LAUNCH_OPTIONS)
 
     def _value_launches(self, tensors: list[torch.Tensor],
                         keep_masks: list[torch.Tensor]) -> list[_Launch]:

@@ -28,6 +28,7 @@ Where Triton cannot follow the header:
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -38,10 +39,16 @@ from ...ops import layout
 # call (about 2 ms each), which would make a program instance of the update kernel cost ~40 ms.
 device_function = (lambda fn: fn) if triton.knobs.runtime.interpret else triton.jit
 
-# Storage formats (constexpr codes).
-F32 = tl.constexpr(0)
-BF16 = tl.constexpr(1)
-F16 = tl.constexpr(2)
+
+def _columns(names: tuple[str, ...], wanted: tuple[str, ...] | None = None
+             ) -> tuple[tl.constexpr, ...]:
+    """The constexpr index in `names` of each of `wanted` (default: every name, in order)."""
+    return tuple(tl.constexpr(names.index(name)) for name in (wanted or names))
+
+
+# Storage formats: layout.KERNEL_DTYPES's codes (checked against csrc/core/formats.h at import).
+F32, BF16, F16 = (tl.constexpr(layout.KERNEL_DTYPES.index(dtype))
+                  for dtype in (torch.float32, torch.bfloat16, torch.float16))
 
 # Radix histogram of |x| float32 key bits, the layout of mgpp_kernels.ops.layout (the Python copy
 # of csrc/core/layout.h): 16 high bits, then 15 low bits.
@@ -53,32 +60,45 @@ NAN_KEY_FLOOR = tl.constexpr(0x7F800001)
 # The float64 step scalars of one update group, in layout.STEP_SCALARS order.
 NUM_STEP_SCALARS = tl.constexpr(layout.NUM_STEP_SCALARS)
 (S_LR, S_BETA1, S_BETA2, S_EPS, S_WEIGHT_DECAY, S_PRIOR_ON, S_C1, S_C2, S_INV_N, S_INV_SIGMA0_SQ,
- S_INV_SIGMA1_SQ) = (tl.constexpr(layout.STEP_SCALARS.index(name)) for name in (
+ S_INV_SIGMA1_SQ) = _columns(layout.STEP_SCALARS, (
     "lr", "beta1", "beta2", "eps", "weight_decay", "prior_on", "c1", "c2", "inv_n",
     "inv_sigma0_sq", "inv_sigma1_sq"))
 
-# Columns of the update table (int64, one row per tensor).
-UPDATE_COLUMNS = tl.constexpr(8)
-(U_PARAM, U_GRAD, U_EXP_AVG, U_EXP_AVG_SQ, U_KEEP_MASK, U_NUMEL, U_ROW,
- U_COUNT) = map(tl.constexpr, range(8))
-# Columns of the value table of the histogram and threshold kernels (int64, one row per tensor).
-VALUE_COLUMNS = tl.constexpr(3)
-V_DATA, V_NUMEL, V_KEEP_MASK = map(tl.constexpr, range(3))
-# Columns of the prepare table (int64, one row per tensor of the step).
-PREPARE_COLUMNS = tl.constexpr(2)
-P_STEP, P_GROUP = map(tl.constexpr, range(2))
-# The float32 row of per-tensor scalars that prepare_kernel writes for update_kernel.
-ROW_WIDTH = tl.constexpr(16)
+# The block table (int32, one row per program): the tensor's row in the launch's table and the
+# block's index within the tensor.
+BLOCK_TABLE = ("tensor", "block")
+BLOCK_COLUMNS = tl.constexpr(len(BLOCK_TABLE))
+B_TENSOR, B_BLOCK = _columns(BLOCK_TABLE)
+# The update table (int64, one row per tensor): addresses, numel, the tensor's row of scalars
+# and whether its values are counted on an event.
+UPDATE_TABLE = ("param", "grad", "exp_avg", "exp_avg_sq", "keep_mask", "numel", "row", "count")
+UPDATE_COLUMNS = tl.constexpr(len(UPDATE_TABLE))
+U_PARAM, U_GRAD, U_EXP_AVG, U_EXP_AVG_SQ, U_KEEP_MASK, U_NUMEL, U_ROW, U_COUNT = _columns(
+    UPDATE_TABLE)
+# The value table of the histogram and threshold kernels (int64, one row per tensor).
+VALUE_TABLE = ("data", "numel", "keep_mask")
+VALUE_COLUMNS = tl.constexpr(len(VALUE_TABLE))
+V_DATA, V_NUMEL, V_KEEP_MASK = _columns(VALUE_TABLE)
+# The prepare table (int64, one row per tensor of the step): its step count's address, its group.
+PREPARE_TABLE = ("step", "group")
+PREPARE_COLUMNS = tl.constexpr(len(PREPARE_TABLE))
+P_STEP, P_GROUP = _columns(PREPARE_TABLE)
+# The float32 row of per-tensor scalars that prepare_kernel writes for update_kernel; the prior's
+# six are in the step scalars' order, from prior_on on.
+SCALAR_ROW = ("decay", "beta2", "one_minus_beta1", "one_minus_beta2", "step_size",
+              "inv_bc2_sqrt", "eps", "inv_grad_scale", "prior_on", "c1", "c2", "inv_n",
+              "inv_sigma0_sq", "inv_sigma1_sq")
+ROW_WIDTH = tl.constexpr(len(SCALAR_ROW))
 (R_DECAY, R_BETA2, R_ONE_MINUS_BETA1, R_ONE_MINUS_BETA2, R_STEP_SIZE, R_INV_BC2_SQRT, R_EPS,
  R_INV_GRAD_SCALE, R_PRIOR_ON, R_C1, R_C2, R_INV_N, R_INV_SIGMA0_SQ,
- R_INV_SIGMA1_SQ) = map(tl.constexpr, range(14))
+ R_INV_SIGMA1_SQ) = _columns(SCALAR_ROW)
+NUM_PRIOR_SCALARS = tl.constexpr(len(SCALAR_ROW) - SCALAR_ROW.index("prior_on"))
 # The device schedule (layout.SCHEDULE_COLUMNS rows) and the step's row written from it (CURRENT).
 SCHEDULE_WIDTH = tl.constexpr(len(layout.SCHEDULE_COLUMNS))
-C_PRIOR_ON, C_C1, C_K, C_FREEZE, C_SKIP = (tl.constexpr(layout.CURRENT.index(name)) for name in (
-    "prior_on", "c1", "k", "freeze", "skip"))
+C_PRIOR_ON, C_C1, C_K, C_FREEZE, C_SKIP = _columns(
+    layout.CURRENT, ("prior_on", "c1", "k", "freeze", "skip"))
 # Selection state (int64[3]): rank of τ among the keys in play, τ's key bits, keys below τ.
-SEL_RANK, SEL_KEY, SEL_BELOW = (tl.constexpr(layout.SELECTION.index(slot))
-                                for slot in ("rank", "key", "below"))
+SEL_RANK, SEL_KEY, SEL_BELOW = _columns(layout.SELECTION, ("rank", "key", "below"))
 
 
 # ---- storage formats ---------------------------------------------------------------------------
@@ -201,6 +221,34 @@ def _prior_gradient(theta, c1, c2, inv_n, inv_sigma0_sq, inv_sigma1_sq):
 
 # ---- the fused step ----------------------------------------------------------------------------
 
+@device_function
+def _runs(current, SCHEDULED: tl.constexpr, SLOT: tl.constexpr):
+    """Whether a launch does its work this step. On the host schedule, always: the host launches
+    only what runs. On the device schedule, as the step's row says: SLOT C_SKIP, unless the step
+    is skipped (the update); C_K, when it prunes (the event's kernels); C_FREEZE, when it
+    freezes the mask (the keep masks' writes)."""
+    if SCHEDULED:
+        value = tl.load(current + SLOT)
+        if SLOT == C_SKIP:
+            runs = value == 0.0
+        else:
+            runs = value != 0.0
+    else:
+        runs = True
+    return runs
+
+
+@device_function
+def _program_block(table, block_table, COLUMNS: tl.constexpr, NUMEL: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    """This program's block: its tensor's row of `table` (COLUMNS int64 columns, the tensor's
+    numel in column NUMEL), the block's first element and the tensor's numel."""
+    block_row = block_table + BLOCK_COLUMNS * tl.program_id(0)
+    entry = table + tl.load(block_row + B_TENSOR).to(tl.int64) * COLUMNS
+    start = tl.load(block_row + B_BLOCK).to(tl.int64) * BLOCK
+    return entry, start, tl.load(entry + NUMEL)
+
+
 @triton.jit
 def schedule_kernel(table, num_rows, position, found_inf, current, HAS_FOUND_INF: tl.constexpr):
     """The first launch of a step on the device schedule, one program: copies the row of
@@ -222,9 +270,8 @@ def schedule_kernel(table, num_rows, position, found_inf, current, HAS_FOUND_INF
 
 
 @triton.jit
-def prepare_kernel(prepare_table, scalars, host_steps_offset, grad_scale, rows, num_tensors,
-                   current, HAS_GRAD_SCALE: tl.constexpr, STEPS_ON_DEVICE: tl.constexpr,
-                   SCHEDULED: tl.constexpr, BLOCK: tl.constexpr):
+def prepare_kernel(prepare_table, scalars, grad_scale, rows, num_tensors, current,
+                   HAS_GRAD_SCALE: tl.constexpr, SCHEDULED: tl.constexpr, BLOCK: tl.constexpr):
     """Per tensor of the step: increments its step count k and writes the float32 scalars of its
     AdamW update and its group's prior. As torch.optim.AdamW, every constant derived from the
     hyperparameters (1 − lr·wd, 1 − β1, 1 − β2, lr / (1 − β1^k), 1/√(1 − β2^k)) is computed in
@@ -232,26 +279,18 @@ def prepare_kernel(prepare_table, scalars, host_steps_offset, grad_scale, rows, 
     β2's float32 value would be off by 1.3e-5 relative for β2 = 0.999, beyond docs/spec.md §4's bound on
     v when g² dominates it.
 
-    STEPS_ON_DEVICE: k lives in a float32 tensor addressed by the table and is incremented here;
-    otherwise the host incremented it and staged it at scalars[host_steps_offset + i].
-    SCHEDULED (the device schedule, steps on the device): `current` gives the prior's on/off and
-    c1 of this t, and a skipped step leaves k where it is.
+    k lives in a float32 tensor on the device, addressed by the table. SCHEDULED (the device
+    schedule): `current` gives the prior's on/off and c1 of this t, and a skipped step leaves k
+    where it is.
     """
     index = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     valid = index < num_tensors
     entry = prepare_table + index.to(tl.int64) * PREPARE_COLUMNS
     group = tl.load(entry + P_GROUP, mask=valid, other=0)
-    if STEPS_ON_DEVICE:
-        step_address = tl.load(entry + P_STEP, mask=valid, other=0)
-        step_pointer = step_address.to(tl.pointer_type(tl.float32))
-        step = tl.load(step_pointer, mask=valid, other=0.0)
-        if SCHEDULED:
-            step = step + (1.0 - tl.load(current + C_SKIP).to(tl.float32))
-        else:
-            step = step + 1.0
-        tl.store(step_pointer, step, mask=valid)
-    else:
-        step = tl.load(scalars + host_steps_offset + index, mask=valid, other=1.0).to(tl.float32)
+    step_pointer = tl.load(entry + P_STEP, mask=valid, other=0).to(tl.pointer_type(tl.float32))
+    step = tl.load(step_pointer, mask=valid, other=0.0)
+    step = step + tl.where(_runs(current, SCHEDULED, C_SKIP), 1.0, 0.0)
+    tl.store(step_pointer, step, mask=valid)
     s = scalars + group * NUM_STEP_SCALARS
     lr = tl.load(s + S_LR, mask=valid, other=0.0)
     beta1 = tl.load(s + S_BETA1, mask=valid, other=0.5)
@@ -279,7 +318,7 @@ def prepare_kernel(prepare_table, scalars, host_steps_offset, grad_scale, rows, 
     tl.store(row + R_EPS, eps.to(tl.float32), mask=valid)
     tl.store(row + R_INV_GRAD_SCALE, inv_grad_scale, mask=valid)
     # The prior's six scalars (on/off, c1, c2, 1/n, 1/σ0², 1/σ1²), in the same order in both.
-    for j in tl.static_range(6):
+    for j in tl.static_range(NUM_PRIOR_SCALARS):
         prior_scalar = tl.load(s + S_PRIOR_ON + j, mask=valid, other=0.0)
         if SCHEDULED:   # this t's on/off (times the group's) and c1, from the step's row
             if j == 0:
@@ -334,11 +373,7 @@ def update_kernel(update_table, block_table, rows, histogram, current, PARAM_DTY
     (parameter dtype, state dtype) pair. COUNT: this may be an event step; tensors whose table row
     has U_COUNT set add the level-0 histogram of their updated values. SCHEDULED: `current` says
     whether it is one (k != 0) and whether the step is skipped (then nothing is written)."""
-    if SCHEDULED:
-        if tl.load(current + C_SKIP) == 0.0:
-            _update_program(update_table, block_table, rows, histogram, current, PARAM_DTYPE,
-                            STATE_DTYPE, COUNT, SCHEDULED, ALIGNED, BLOCK)
-    else:
+    if _runs(current, SCHEDULED, C_SKIP):
         _update_program(update_table, block_table, rows, histogram, current, PARAM_DTYPE,
                         STATE_DTYPE, COUNT, SCHEDULED, ALIGNED, BLOCK)
 
@@ -347,11 +382,7 @@ def update_kernel(update_table, block_table, rows, histogram, current, PARAM_DTY
 def _update_program(update_table, block_table, rows, histogram, current,
                     PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, COUNT: tl.constexpr,
                     SCHEDULED: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    tensor = tl.load(block_table + 2 * pid).to(tl.int64)
-    start = tl.load(block_table + 2 * pid + 1).to(tl.int64) * BLOCK
-    entry = update_table + tensor * UPDATE_COLUMNS
-    numel = tl.load(entry + U_NUMEL)
+    entry, start, numel = _program_block(update_table, block_table, UPDATE_COLUMNS, U_NUMEL, BLOCK)
     param = _typed_pointer(tl.load(entry + U_PARAM), PARAM_DTYPE, ALIGNED) + start
     grad = _typed_pointer(tl.load(entry + U_GRAD), PARAM_DTYPE, ALIGNED) + start
     exp_avg = _typed_pointer(tl.load(entry + U_EXP_AVG), STATE_DTYPE, ALIGNED) + start
@@ -359,9 +390,7 @@ def _update_program(update_table, block_table, rows, histogram, current,
     keep_mask_address = tl.load(entry + U_KEEP_MASK)
     keep_mask_address = tl.where(keep_mask_address != 0, keep_mask_address + start // 8, 0)
     row = rows + tl.load(entry + U_ROW) * ROW_WIDTH
-    count = tl.load(entry + U_COUNT)
-    if SCHEDULED:
-        count = tl.where(tl.load(current + C_K) != 0.0, count, 0)
+    count = tl.where(_runs(current, SCHEDULED, C_K), tl.load(entry + U_COUNT), 0)
     offsets = tl.arange(0, BLOCK)
     # Full blocks run without a bounds mask so that their loads vectorise; the tail block masks.
     if start + BLOCK <= numel:
@@ -396,11 +425,7 @@ def histogram_kernel(value_table, block_table, histogram, selection, current, DT
     the key's high bits over all elements; LEVEL 1: LOW_BINS counters of the low bits of the
     elements whose high bits are the bin chosen at level 0 (selection[SEL_KEY]). SCHEDULED: only
     on an event step (k != 0 in `current`)."""
-    if SCHEDULED:
-        if tl.load(current + C_K) != 0.0:
-            _histogram_program(value_table, block_table, histogram, selection, DTYPE, LEVEL,
-                               ALIGNED, BLOCK)
-    else:
+    if _runs(current, SCHEDULED, C_K):
         _histogram_program(value_table, block_table, histogram, selection, DTYPE, LEVEL, ALIGNED,
                            BLOCK)
 
@@ -408,11 +433,7 @@ def histogram_kernel(value_table, block_table, histogram, selection, current, DT
 @device_function
 def _histogram_program(value_table, block_table, histogram, selection, DTYPE: tl.constexpr,
                        LEVEL: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    tensor = tl.load(block_table + 2 * pid).to(tl.int64)
-    start = tl.load(block_table + 2 * pid + 1).to(tl.int64) * BLOCK
-    entry = value_table + tensor * VALUE_COLUMNS
-    numel = tl.load(entry + V_NUMEL)
+    entry, start, numel = _program_block(value_table, block_table, VALUE_COLUMNS, V_NUMEL, BLOCK)
     data = _typed_pointer(tl.load(entry + V_DATA), DTYPE, ALIGNED) + start
     if LEVEL == 0:
         high_bin = 0
@@ -434,10 +455,7 @@ def select_kernel(histogram, selection, rank_source, tau, current, LEVEL: tl.con
     float64 k of the step scalars, or of `current`); LEVEL 1 continues from selection.
     SCHEDULED: only on an event step (k != 0 in `current`), so that `selection` and τ keep the
     last event's values in between."""
-    if SCHEDULED:
-        if tl.load(current + C_K) != 0.0:
-            _select_program(histogram, selection, rank_source, tau, LEVEL, BINS, CHUNK)
-    else:
+    if _runs(current, SCHEDULED, C_K):
         _select_program(histogram, selection, rank_source, tau, LEVEL, BINS, CHUNK)
 
 
@@ -481,8 +499,8 @@ def _select_program(histogram, selection, rank_source, tau, LEVEL: tl.constexpr,
 
 
 @device_function
-def _threshold_block(data, keep_mask_address, offsets, in_bounds, tau_key, DTYPE: tl.constexpr,
-                     WRITE_MASKS: tl.constexpr, BLOCK: tl.constexpr):
+def _threshold_block(data, keep_mask_address, offsets, in_bounds, tau_key, freezes,
+                     DTYPE: tl.constexpr, WRITE_MASKS: tl.constexpr, BLOCK: tl.constexpr):
     key = _abs_key(_bits_to_f32(_load(data + offsets, in_bounds), DTYPE))
     below = (key < tau_key) & (tau_key < NAN_KEY_FLOOR)  # comparisons with a NaN τ are false
     zero = tl.zeros([BLOCK], tl.float32)
@@ -493,16 +511,18 @@ def _threshold_block(data, keep_mask_address, offsets, in_bounds, tau_key, DTYPE
         tl.store(data + offsets, _f32_to_bits(zero, DTYPE), mask=below & in_bounds)
         keep = ((~below) & in_bounds).to(tl.int32)
     if WRITE_MASKS:
-        # Element i is bit i % 8 of byte i // 8.
-        bits = tl.reshape(keep, (BLOCK // 8, 8)) << tl.arange(0, 8)[None, :]
-        packed = tl.sum(bits, axis=1).to(tl.uint8)
-        byte_offsets = tl.arange(0, BLOCK // 8)
-        keep_mask = keep_mask_address.to(tl.pointer_type(tl.uint8))
-        if in_bounds is None:
-            tl.store(keep_mask + byte_offsets, packed)
-        else:
-            valid_elements = tl.sum(in_bounds.to(tl.int32), 0)
-            tl.store(keep_mask + byte_offsets, packed, mask=byte_offsets * 8 < valid_elements)
+        if freezes:
+            # Element i is bit i % 8 of byte i // 8.
+            bits = tl.reshape(keep, (BLOCK // 8, 8)) << tl.arange(0, 8)[None, :]
+            packed = tl.sum(bits, axis=1).to(tl.uint8)
+            byte_offsets = tl.arange(0, BLOCK // 8)
+            keep_mask = keep_mask_address.to(tl.pointer_type(tl.uint8))
+            if in_bounds is None:
+                tl.store(keep_mask + byte_offsets, packed)
+            else:
+                valid_elements = tl.sum(in_bounds.to(tl.int32), 0)
+                tl.store(keep_mask + byte_offsets, packed,
+                         mask=byte_offsets * 8 < valid_elements)
 
 
 @triton.jit
@@ -512,34 +532,22 @@ def threshold_kernel(value_table, block_table, selection, current, DTYPE: tl.con
     """Zeroes every |x| < τ (τ's key at selection[SEL_KEY]); with WRITE_MASKS, also writes each
     tensor's packed keep mask (the freeze). SCHEDULED: only on an event step (k != 0 in
     `current`), and the masks (WRITE_MASKS: the table has them) only when it freezes."""
-    if SCHEDULED:
-        if tl.load(current + C_K) != 0.0:
-            if tl.load(current + C_FREEZE) != 0.0:
-                _threshold_program(value_table, block_table, selection, DTYPE, WRITE_MASKS,
-                                   ALIGNED, BLOCK)
-            else:
-                _threshold_program(value_table, block_table, selection, DTYPE, False, ALIGNED,
-                                   BLOCK)
-    else:
-        _threshold_program(value_table, block_table, selection, DTYPE, WRITE_MASKS, ALIGNED,
-                           BLOCK)
+    if _runs(current, SCHEDULED, C_K):
+        _threshold_program(value_table, block_table, selection,
+                           _runs(current, SCHEDULED, C_FREEZE), DTYPE, WRITE_MASKS, ALIGNED, BLOCK)
 
 
 @device_function
-def _threshold_program(value_table, block_table, selection, DTYPE: tl.constexpr,
+def _threshold_program(value_table, block_table, selection, freezes, DTYPE: tl.constexpr,
                        WRITE_MASKS: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    tensor = tl.load(block_table + 2 * pid).to(tl.int64)
-    start = tl.load(block_table + 2 * pid + 1).to(tl.int64) * BLOCK
-    entry = value_table + tensor * VALUE_COLUMNS
-    numel = tl.load(entry + V_NUMEL)
+    entry, start, numel = _program_block(value_table, block_table, VALUE_COLUMNS, V_NUMEL, BLOCK)
     data = _typed_pointer(tl.load(entry + V_DATA), DTYPE, ALIGNED) + start
     keep_mask_address = tl.load(entry + V_KEEP_MASK) + start // 8
     tau_key = tl.load(selection + SEL_KEY)
     offsets = tl.arange(0, BLOCK)
     if start + BLOCK <= numel:
-        _threshold_block(data, keep_mask_address, offsets, None, tau_key, DTYPE, WRITE_MASKS,
-                         BLOCK)
+        _threshold_block(data, keep_mask_address, offsets, None, tau_key, freezes, DTYPE,
+                         WRITE_MASKS, BLOCK)
     else:
         _threshold_block(data, keep_mask_address, offsets, offsets < numel - start, tau_key,
-                         DTYPE, WRITE_MASKS, BLOCK)
+                         freezes, DTYPE, WRITE_MASKS, BLOCK)
