@@ -157,6 +157,10 @@ else:
     )
 
 
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
 
 class BuildWithCpuKernels(BuildExtension):
     """torch's BuildExtension (one set of flags for every C++ source), after compiling
@@ -193,7 +197,7 @@ class BuildWithCpuKernels(BuildExtension):
             stamp = obj + ".cmd"
             text = " ".join(command)
             if (os.path.exists(obj) and os.path.getmtime(obj) >= newest and os.path.exists(stamp)
-                    and open(stamp).read() == text):
+                    and _read(stamp) == text):
                 return
             print(text)
             subprocess.run(command, check=True)
