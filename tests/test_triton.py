@@ -239,9 +239,11 @@ def test_every_kernel_compiles_for_sm80_and_sm90(gpu_builds):
         for b in builds:
             assert b["target"].startswith(f"sm_{capability}"), b  # sm_90a for 90
             assert not b["approximate_f32_division"], b
-            # The per-element math: IEEE division and square root, denormals kept, no FMA.
+            # The per-element math: IEEE division and square root, denormals kept, and the
+            # multiply-adds of csrc/core/step.h fused (tl.fma).
             if b["name"] == "update_kernel":
                 assert not b["approximate"], b
+                assert b["fused_f32"] >= 10, b
 
 
 @pytest.mark.parametrize("param,state", [(0, 0), (1, 0), (1, 1), (2, 0), (2, 2)])

@@ -1,9 +1,11 @@
-// The CPU kernels give the same bits whatever -march they are built for (the rounding recipe of
-// csrc/core/step.h and the conversions of csrc/cpu/convert.h): builds for plain x86-64 (SSE2, no
-// FMA, the portable conversions), for x86-64-v3 (AVX2, FMA, F16C) and for the native target run
-// the same inputs, a grid of the math near the spike and 20 steps through every stage of a
-// pruning schedule (dense, events, the freeze, the frozen mask) in every storage layout. This
-// file includes only the layout's constants; the kernels come from the three builds.
+// The CPU kernels built for different -march targets agree within docs/spec.md §4 (csrc/core/step.h's
+// mul_add rounds once with FMA and twice without, so the builds are no longer bit-identical):
+// builds for plain x86-64 (SSE2, no FMA, the portable conversions), for x86-64-v3 (AVX2, FMA,
+// F16C) and for the native target run the same inputs, a grid of the math near the spike (within
+// a few ulp: the same math, other roundings) and 20 steps through every stage of a pruning
+// schedule (dense, events, the freeze, the frozen mask) in every storage layout (§4's bound for
+// runs through every stage). This file includes only the layout's constants; the kernels come
+// from the three builds.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -56,11 +58,42 @@ float near_spike(std::mt19937& rng) {
   return (rng() % 2 ? -1.0f : 1.0f) * std::pow(10.0f, exponent(rng));
 }
 
+// One step's math on two targets: at most this many float32 ulp apart at the larger magnitude
+// (measured: 4 for the exponential, FMA against none).
+constexpr double kMathUlps = 8;
+
+// Values more than kMathUlps apart, or NaN in one only, or infinities that differ.
 size_t count_differences(const std::vector<uint32_t>& a, const std::vector<uint32_t>& b) {
   if (a.size() != b.size()) return std::max(a.size(), b.size());
   size_t differ = 0;
-  for (size_t i = 0; i < a.size(); ++i) differ += a[i] != b[i];
+  for (size_t i = 0; i < a.size(); ++i) {
+    const double x = from_bits(a[i]), y = from_bits(b[i]);
+    if (std::isnan(x) || std::isnan(y) || std::isinf(x) || std::isinf(y)) {
+      differ += !((std::isnan(x) && std::isnan(y)) || x == y);
+      continue;
+    }
+    const float larger = static_cast<float>(std::max(std::fabs(x), std::fabs(y)));
+    const double ulp = std::ldexp(1.0, std::max(std::ilogb(std::max(larger, 1e-38f)), -126) - 23);
+    differ += std::fabs(x - y) > kMathUlps * ulp;
+  }
   return differ;
+}
+
+// A stored value (DType code 0: float32, 1: bfloat16, 2: float16) as a double.
+double stored_value(const std::vector<uint8_t>& bytes, int dtype, size_t i) {
+  if (dtype == 0) {
+    uint32_t u;
+    std::memcpy(&u, &bytes[4 * i], 4);
+    return from_bits(u);
+  }
+  uint16_t h;
+  std::memcpy(&h, &bytes[2 * i], 2);
+  if (dtype == 1) return from_bits(static_cast<uint32_t>(h) << 16);
+  const int exponent = (h >> 10) & 0x1F, mantissa = h & 0x3FF;
+  const double sign = h & 0x8000 ? -1.0 : 1.0;
+  if (exponent == 0x1F) return mantissa ? std::nan("") : sign * INFINITY;
+  if (exponent == 0) return sign * std::ldexp(mantissa, -24);
+  return sign * std::ldexp(1024 + mantissa, exponent - 25);
 }
 
 void test_builds(const ArchVariant& x86_64, const ArchVariant& x86_64_v3,
@@ -105,7 +138,8 @@ void test_math_grid(const ArchVariant& x86_64, const ArchVariant& native) {
   CHECK(a.size() == z.size() + 4 * theta.size(), "math returned %zu values", a.size());
   CHECK(a[0] == 0x3F800000u, "exp(0) is %a, not 1", from_bits(a[0]));
   const size_t differ = count_differences(a, b);
-  CHECK(differ == 0, "%zu of %zu values of the math differ between the builds", differ, a.size());
+  CHECK(differ == 0, "%zu of %zu values of the math differ by more than %g ulp between the builds",
+        differ, a.size(), kMathUlps);
 }
 
 ScheduleRun schedule(int param_dtype, int state_dtype) {
@@ -157,20 +191,32 @@ void test_schedule(const ArchVariant& x86_64, const ArchVariant& native) {
     const ScheduleRun run = schedule(pair[0], pair[1]);
     const ScheduleResult a = x86_64.run(run);
     const ScheduleResult b = native.run(run);
-    CHECK(a.tau_keys.size() == 5 && a.tau_keys == b.tau_keys,
-          "dtypes %d/%d: τ differs between the builds (%zu and %zu events)", pair[0], pair[1],
-          a.tau_keys.size(), b.tau_keys.size());
-    int64_t pruned = 0, numel = 0;
+    CHECK(a.tau_keys.size() == 5 && b.tau_keys.size() == 5, "dtypes %d/%d: %zu and %zu events",
+          pair[0], pair[1], a.tau_keys.size(), b.tau_keys.size());
+    // docs/spec.md §4, runs through every stage: θ within 1e-4 relative in norm where both masks
+    // keep the weight, the masks apart in at most 0.1% of the elements.
+    int64_t pruned = 0, numel = 0, masks_differ = 0;
+    double diff_sq = 0, norm_sq = 0;
     for (size_t i = 0; i < run.params.size(); ++i) {
-      CHECK(a.params[i] == b.params[i] && a.exp_avgs[i] == b.exp_avgs[i] &&
-                a.exp_avg_sqs[i] == b.exp_avg_sqs[i] && a.keep_masks[i] == b.keep_masks[i],
-            "dtypes %d/%d: tensor %zu (%zu elements) differs between the builds after 20 steps",
-            pair[0], pair[1], i, run.params[i].size());
       numel += static_cast<int64_t>(run.params[i].size());
       for (size_t e = 0; e < run.params[i].size(); ++e) {
-        pruned += ((a.keep_masks[i][e / 8] >> (e % 8)) & 1) == 0;
+        const bool keep_a = (a.keep_masks[i][e / 8] >> (e % 8)) & 1;
+        const bool keep_b = (b.keep_masks[i][e / 8] >> (e % 8)) & 1;
+        pruned += !keep_a;
+        masks_differ += keep_a != keep_b;
+        if (keep_a && keep_b) {
+          const double x = stored_value(a.params[i], pair[0], e);
+          const double y = stored_value(b.params[i], pair[0], e);
+          diff_sq += (x - y) * (x - y);
+          norm_sq += y * y;
+        }
       }
     }
+    CHECK(std::sqrt(diff_sq) <= 1e-4 * std::sqrt(norm_sq),
+          "dtypes %d/%d: θ differs by %g relative in norm between the builds after 20 steps",
+          pair[0], pair[1], std::sqrt(diff_sq / norm_sq));
+    CHECK(masks_differ * 1000 <= numel, "dtypes %d/%d: the masks differ in %lld of %lld", pair[0],
+          pair[1], static_cast<long long>(masks_differ), static_cast<long long>(numel));
     // The freeze pruned the weights below τ, at most k = int(0.8·N) of them.
     CHECK(pruned > numel / 2 && pruned <= run.prune_k[run.freeze_step],
           "dtypes %d/%d: the frozen mask prunes %lld of %lld", pair[0], pair[1],
