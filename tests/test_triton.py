@@ -81,12 +81,13 @@ def test_16bit_rounding_and_exp_match_torch_and_float64():
         assert_bitwise_equal(ours[~nan], x[~nan].to(ours.dtype), name)
         assert ours[nan].isnan().all(), name
     assert (bf16_bits[nan] == 0x7FC0).all()  # csrc/core/formats.h's canonical NaN
-    # exp_for_logistic: within 2 ulp of exp for inputs in [-86, ln(FLT_MAX)], +inf above, NaN kept,
+    # exp_for_logistic: within 2.5 ulp of exp (docs/spec.md §4: 2.3 without FMA, as the
+    # interpreter rounds tl.fma) for inputs in [-86, ln(FLT_MAX)], +inf above, NaN kept,
     # exp(-86) below.
     finite = x.isfinite()
     exact = torch.exp(x.double().clamp(-86.0, 88.72283935546875))
     inside = finite & (x >= -86.0) & (x < 88.72283935546875)  # exp(ln(FLT_MAX) rounded up) = inf
-    assert_within(exp[inside], exact[inside], 2 * ulp(exact[inside], torch.float32), "exp")
+    assert_within(exp[inside], exact[inside], 2.5 * ulp(exact[inside], torch.float32), "exp")
     assert (exp[finite & (x > 88.72283935546875)] == float("inf")).all()
     assert (exp[x.isnan()].isnan()).all() and exp[x == float("inf")].eq(float("inf")).all()
     assert torch.equal(exp[finite & (x < -86.0)],
