@@ -28,11 +28,13 @@ SIGNATURES = {
                          "current": "*fp64"},
 }
 DTYPE_PAIRS = [(0, 0), (1, 0), (1, 1), (2, 0), (2, 2)]  # (parameter, state): fp32 0, bf16 1, fp16 2
-# Approximate float32 division and square root (Triton's `/` and tl.sqrt), flushing of denormals
-# to zero, and FMA contraction: none may appear in the per-element math. (prepare_kernel's
-# float64 exp2/log2 come from libdevice, which uses such instructions inside exact algorithms.)
+# Approximate float32 division and square root (Triton's `/` and tl.sqrt) and flushing of
+# denormals to zero: none may appear in the per-element math, whose AdamW division and square
+# root are IEEE (docs/spec.md §4; its fused multiply-adds are allowed). (prepare_kernel's float64
+# exp2/log2 come from libdevice, which uses such instructions inside exact algorithms.)
 APPROXIMATE = re.compile(r"\b(?:div\.full|div\.approx|sqrt\.approx|rcp\.approx|ex2\.approx)"
-                         r"[\w.]*|\b\w+\.ftz\.[\w.]+|\bfma\.rn[\w.]*")
+                         r"[\w.]*|\b\w+\.ftz\.[\w.]+")
+FUSED_F32 = re.compile(r"\bfma\.rn\.f32\b")
 APPROXIMATE_F32_DIVISION = re.compile(r"\b(?:div\.full|div\.approx|sqrt\.approx)\.[\w.]*f32")
 
 
@@ -93,6 +95,7 @@ def main(capabilities):
                 target=re.search(r"\.target\s+(\w+)", ptx).group(1),
                 approximate=sorted(set(APPROXIMATE.findall(ptx))),
                 approximate_f32_division=sorted(set(APPROXIMATE_F32_DIVISION.findall(ptx))),
+                fused_f32=len(FUSED_F32.findall(ptx)),
                 v4_loads=len(re.findall(r"ld\.global(?:\.\w+)*\.v4\.b32", ptx)),
                 v4_stores=len(re.findall(r"st\.global(?:\.\w+)*\.v4\.b32", ptx))))
     json.dump(builds, sys.stdout)

@@ -81,12 +81,13 @@ def test_16bit_rounding_and_exp_match_torch_and_float64():
         assert_bitwise_equal(ours[~nan], x[~nan].to(ours.dtype), name)
         assert ours[nan].isnan().all(), name
     assert (bf16_bits[nan] == 0x7FC0).all()  # csrc/core/formats.h's canonical NaN
-    # exp_for_logistic: within 2 ulp of exp for inputs in [-86, ln(FLT_MAX)], +inf above, NaN kept,
+    # exp_for_logistic: within 2.5 ulp of exp (docs/spec.md §4: 2.3 without FMA, as the
+    # interpreter rounds tl.fma) for inputs in [-86, ln(FLT_MAX)], +inf above, NaN kept,
     # exp(-86) below.
     finite = x.isfinite()
     exact = torch.exp(x.double().clamp(-86.0, 88.72283935546875))
     inside = finite & (x >= -86.0) & (x < 88.72283935546875)  # exp(ln(FLT_MAX) rounded up) = inf
-    assert_within(exp[inside], exact[inside], 2 * ulp(exact[inside], torch.float32), "exp")
+    assert_within(exp[inside], exact[inside], 2.5 * ulp(exact[inside], torch.float32), "exp")
     assert (exp[finite & (x > 88.72283935546875)] == float("inf")).all()
     assert (exp[x.isnan()].isnan()).all() and exp[x == float("inf")].eq(float("inf")).all()
     assert torch.equal(exp[finite & (x < -86.0)],
@@ -239,9 +240,11 @@ def test_every_kernel_compiles_for_sm80_and_sm90(gpu_builds):
         for b in builds:
             assert b["target"].startswith(f"sm_{capability}"), b  # sm_90a for 90
             assert not b["approximate_f32_division"], b
-            # The per-element math: IEEE division and square root, denormals kept, no FMA.
+            # The per-element math: IEEE division and square root, denormals kept, and the
+            # multiply-adds of csrc/core/step.h fused (tl.fma).
             if b["name"] == "update_kernel":
                 assert not b["approximate"], b
+                assert b["fused_f32"] >= 10, b
 
 
 @pytest.mark.parametrize("param,state", [(0, 0), (1, 0), (1, 1), (2, 0), (2, 2)])

@@ -1,13 +1,15 @@
 // The per-element math of one MGPP step (docs/spec.md §2), shared by the CPU and CUDA kernels, and the
 // order of operations that mgpp_kernels/backends/triton/kernels.py follows.
 //
-// One rounding recipe on every target: each float32 operation below rounds once, in the order
-// written. No fused multiply-add anywhere (the builds pass -ffp-contract=off and --fmad=false,
-// and the Triton kernels launch with enable_fp_fusion=False); division and square root are
-// IEEE; rounding to an integer adds and subtracts 1.5·2^23, as the Triton kernels do, rather
-// than calling rintf. So a CPU build gives the same bits whatever its -march, the CUDA kernels
-// the CPU's bits, and the Triton kernels those too (csrc/tests/test_cpu_arch.cpp,
-// tests/test_rounding.py). NaN results are NaN everywhere; their payload bits follow the hardware.
+// The numerical contract is docs/spec.md §4: bounds against the float64 oracle, and the same bits
+// from the same backend, build and machine whatever the thread count, the sharding or a resume.
+// Each float32 operation below rounds once, in the order written, except mul_add, which rounds
+// once where the target has a fused multiply-add and twice elsewhere: so builds for different
+// -march targets, the CUDA kernels and the Triton kernels agree within a few ulp per operation,
+// not bit for bit (csrc/tests/test_cpu_arch.cpp, tests/test_rounding.py). The exponential and
+// the logistic's reciprocal are approximations whose errors docs/spec.md §4 states; the AdamW
+// division and the square root are IEEE. NaN results are NaN everywhere; their payload bits
+// follow the hardware.
 //
 // The code is branch-free scalar float32 so that the host compiler vectorises it inside
 // `#pragma omp simd` loops and nvcc compiles it for the device. Never build it with -ffast-math
@@ -28,29 +30,61 @@ constexpr float kExpMaxFinite = 88.72283935546875f;  // ln(FLT_MAX): exp overflo
 // Adding and subtracting 1.5·2^23 rounds |v| < 2^22 to an integer, ties to even, as rintf does.
 constexpr float kRoundToInteger = 12582912.0f;
 
-// exp(x), within 1 ulp, for the one use below: 1 / (1 + exp(x)). Overflow gives +inf (so the
-// spike weight becomes exactly 0) and NaN stays NaN. Inputs below -86 return exp(-86) ≈ 4e-38,
-// which leaves 1 + exp(x) == 1 exactly, as the true value does.
+// a·b + c, rounded once where the target has a fused multiply-add (every CUDA device, x86 builds
+// with FMA: x86-64-v3, native), twice elsewhere (plain x86-64). Written out wherever the math
+// wants it, rather than left to the compiler's contraction (the host builds pass
+// -ffp-contract=off): the vectorised loop and its scalar remainder then round alike, so a build's
+// bits do not depend on where a tensor's chunks and blocks end (thread counts, sharding).
+MGPP_HD float mul_add(float a, float b, float c) {
+#if defined(__CUDA_ARCH__) || defined(__FMA__) || defined(__aarch64__)
+  return fmaf(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
+// exp(x) for the one use below, 1 / (1 + exp(x)): relative error at most 2e-7 (2.1 ulp with FMA,
+// 2.3 without; docs/spec.md §4, "Approximations"). Overflow gives +inf (so the spike weight becomes exactly 0)
+// and NaN stays NaN. Inputs below -86 return exp(-86) ≈ 4e-38, which leaves 1 + exp(x) == 1
+// exactly, as the true value does.
 MGPP_HD float exp_for_logistic(float x) {
-  // NaN fails both comparisons and is clamped to -86, so that the integer conversion below is
+  // NaN fails both comparisons and is clamped to -86, so that the exponent bits below are
   // defined for every input; the last line returns NaN for it.
   const float clamped = x >= -86.0f ? (x <= kExpMaxFinite ? x : kExpMaxFinite) : -86.0f;
-  const float n = (clamped * 1.44269504088896341f + kRoundToInteger) - kRoundToInteger;
-  // r = x - n·ln2 with ln2 split in two (Cody-Waite) so r keeps full precision.
-  float r = n * -0.693359375f + clamped;
-  r = n * 2.12194440e-4f + r;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float e_r = (p * (r * r) + r) + 1.0f;
-  // 2^n as two factors so that n = 128 (exp(88.72) < FLT_MAX) does not overflow the exponent.
-  const int32_t ni = static_cast<int32_t>(n);
-  const float half_scale = bits_to_float(static_cast<uint32_t>(ni + 126) << 23);
+  // shifted = 1.5·2^23 + n, n = x·log2 e rounded to an integer (|n| <= 128): n is in the low bits.
+  const float shifted = mul_add(clamped, 1.44269504088896341f, kRoundToInteger);
+  const float n = shifted - kRoundToInteger;
+  // r = x - n·ln2 with ln2 split in two (Cody-Waite; n·0.693359375 is exact) so r keeps full
+  // precision, |r| <= 0.35.
+  float r = mul_add(n, -0.693359375f, clamped);
+  r = mul_add(n, 2.12194440e-4f, r);
+  // exp(r) on |r| <= 0.3496: a degree-5 minimax polynomial with the constant term 1 (relative
+  // error 9.9e-8 with these float32 coefficients, before the evaluation's roundings).
+  float p = 8.289568126e-3f;
+  p = mul_add(p, r, 4.190196842e-2f);
+  p = mul_add(p, r, 1.666767001e-1f);
+  p = mul_add(p, r, 4.999912083e-1f);
+  p = mul_add(p, r, 9.999997020e-1f);
+  const float e_r = mul_add(p, r, 1.0f);
+  // 2^n built in the exponent bits, as two factors so that n = 128 (exp(88.72) < FLT_MAX) does
+  // not overflow the exponent: the bits of `shifted` are those of 1.5·2^23 plus n.
+  const uint32_t n_bits = float_to_bits(shifted) - float_to_bits(kRoundToInteger);
+  const float half_scale = bits_to_float((n_bits + 126u) << 23);
   const float result = (e_r * half_scale) * 2.0f;
   return x > kExpMaxFinite ? bits_to_float(0x7F800000u) : (x == x ? result : x);
+}
+
+// 1/d for 1 <= d < 2^125, relative error below 1.4e-7 (0.8 ulp with FMA, 1.5 without;
+// docs/spec.md §4): an estimate
+// from the exponent bits (relative error at most 5.1%), one Newton step (2.6e-3) and one
+// third-order step (1.7e-8 before rounding). NaN gives NaN. Cheaper than a division on every
+// target: the division units of the x86 cores take several times a multiply-add's slot.
+MGPP_HD float reciprocal_from_one(float d) {
+  float y = bits_to_float(0x7EF311C3u - float_to_bits(d));
+  float e = mul_add(-d, y, 1.0f);
+  y = mul_add(y, e, y);
+  e = mul_add(-d, y, 1.0f);
+  return mul_add(y, mul_add(e, e, e), y);
 }
 
 // Host-computed constants of the prior gradient at one schedule position (docs/spec.md §2): c1 and c2 in
@@ -71,9 +105,12 @@ using mgpp_abi::PriorConstants;
 // Gradient of −log prior / n at θ: (θ/n)·(ρ0/σ0² + (1 − ρ0)/σ1²), ρ0 the spike's posterior weight.
 MGPP_HD float prior_gradient(float theta, const PriorConstants& prior) {
   // (c2·θ)·θ in the reference's order: z reaches ~90, where one rounding moves ρ0 by ~1e-5.
-  const float rho0 = 1.0f / (1.0f + exp_for_logistic(prior.c1 + (prior.c2 * theta) * theta));
-  // ρ0/σ0² + (1 − ρ0)/σ1², rearranged to one multiply and one add.
-  const float weight = prior.inv_sigma1_sq + rho0 * (prior.inv_sigma0_sq - prior.inv_sigma1_sq);
+  const float denom = 1.0f + exp_for_logistic(mul_add(prior.c2 * theta, theta, prior.c1));
+  // ρ0 = 1/denom, flushed to 0 where it is at most 2^-125 (an absolute error under 3e-38):
+  // exactly 0 where exp overflows, as the spec requires. NaN stays NaN.
+  const float rho0 = denom >= 0x1p125f ? 0.0f : reciprocal_from_one(denom);
+  // ρ0/σ0² + (1 − ρ0)/σ1², rearranged to one multiply-add.
+  const float weight = mul_add(rho0, prior.inv_sigma0_sq - prior.inv_sigma1_sq, prior.inv_sigma1_sq);
   return (theta * prior.inv_n) * weight;
 }
 
@@ -87,7 +124,7 @@ MGPP_HD float slab_prior_gradient(float theta, const PriorConstants& prior) {
 // or exp overflows to +inf so that ρ0 is exactly 0. NaN counts as using the spike. The CPU kernel
 // skips the exponential and a division for runs of such weights, usually most of a model.
 MGPP_HD bool prior_uses_spike(float theta, const PriorConstants& prior) {
-  return !(theta == 0.0f || prior.c1 + (prior.c2 * theta) * theta > kExpMaxFinite);
+  return !(theta == 0.0f || mul_add(prior.c2 * theta, theta, prior.c1) > kExpMaxFinite);
 }
 
 // ---- AdamW ------------------------------------------------------------------------------------
@@ -117,11 +154,12 @@ MGPP_HD void adamw_update(float& theta, float& exp_avg, float& exp_avg_sq, float
   theta = theta * s.decay;
   // torch's lerp: from the nearer end, so that β1 = 0 (weight 1) gives m = g exactly.
   const float weight = s.one_minus_beta1;
-  exp_avg = weight < 0.5f ? exp_avg + weight * (grad - exp_avg)
-                          : grad - (grad - exp_avg) * (1.0f - weight);
-  exp_avg_sq = exp_avg_sq * s.beta2 + s.one_minus_beta2 * (grad * grad);
-  const float denom = sqrtf(exp_avg_sq) * s.inv_bc2_sqrt + s.eps;
-  theta = theta - s.step_size * (exp_avg / denom);
+  const float difference = grad - exp_avg;
+  exp_avg = weight < 0.5f ? mul_add(weight, difference, exp_avg)
+                          : mul_add(-difference, 1.0f - weight, grad);
+  exp_avg_sq = mul_add(exp_avg_sq, s.beta2, s.one_minus_beta2 * (grad * grad));
+  const float denom = mul_add(sqrtf(exp_avg_sq), s.inv_bc2_sqrt, s.eps);
+  theta = mul_add(-s.step_size, exp_avg / denom, theta);
 }
 
 // ---- one element of the fused step ------------------------------------------------------------
@@ -134,10 +172,13 @@ enum class PriorTerm { kNone, kSpikeAndSlab, kSlab };
 template <PriorTerm kPrior>
 MGPP_HD float step_gradient(float theta, float grad, float inv_grad_scale,
                             const PriorConstants& prior) {
-  float g = grad * inv_grad_scale;
-  if constexpr (kPrior == PriorTerm::kSpikeAndSlab) g = g + prior_gradient(theta, prior);
-  if constexpr (kPrior == PriorTerm::kSlab) g = g + slab_prior_gradient(theta, prior);
-  return g;
+  if constexpr (kPrior == PriorTerm::kSpikeAndSlab) {
+    return mul_add(grad, inv_grad_scale, prior_gradient(theta, prior));
+  } else if constexpr (kPrior == PriorTerm::kSlab) {
+    return mul_add(grad, inv_grad_scale, slab_prior_gradient(theta, prior));
+  } else {
+    return grad * inv_grad_scale;
+  }
 }
 
 // The second half: AdamW with that gradient, then the frozen mask (keep false: θ = 0).

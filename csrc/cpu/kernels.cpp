@@ -213,12 +213,19 @@ void update_chunk(const StepTensor& t, const Chunk& chunk, const StepOptions& op
     auto update = [theta, g, m, v, keep_flags, gradient, inv_grad_scale, prior, adamw](
                       int64_t begin, int64_t end, auto prior_term) __attribute__((noinline)) {
       constexpr PriorTerm kTerm = decltype(prior_term)::value;
+      // The scalars as locals: read through the closure, GCC reloaded and recomputed them in
+      // every vector iteration (the float stores might alias the closure's members), 15 of the
+      // spike path's 76 instructions per 16 elements (61 now; one thread: fp32 1.28 -> 1.21 ns
+      // per element, 16-bit 0-3% less: the loop is bound by its dependency chain, not by issue).
+      const PriorConstants local_prior = prior;
+      const AdamWScalars local_adamw = adamw;
+      const float local_inv_grad_scale = inv_grad_scale;
       constexpr bool kSplit = kTerm == PriorTerm::kSpikeAndSlab && kSplitSpikePath<P, S>;
       if constexpr (kSplit) {
 #pragma omp simd
         for (int64_t i = begin; i < end; ++i) {
-          gradient[i] = step_gradient<kTerm>(PL::load(theta[i]), PL::load(g[i]), inv_grad_scale,
-                                             prior);
+          gradient[i] = step_gradient<kTerm>(PL::load(theta[i]), PL::load(g[i]),
+                                             local_inv_grad_scale, local_prior);
         }
       }
       // step_element, with the gradient from the first loop when the path is split.
@@ -228,9 +235,9 @@ void update_chunk(const StepTensor& t, const Chunk& chunk, const StepOptions& op
         float m_i = SL::load(m[i]);
         float v_i = SL::load(v[i]);
         const float g_i = kSplit ? gradient[i]
-                                 : step_gradient<kTerm>(theta_i, PL::load(g[i]), inv_grad_scale,
-                                                        prior);
-        step_update(theta_i, m_i, v_i, g_i, !kMask || keep_flags[i] != 0, adamw);
+                                 : step_gradient<kTerm>(theta_i, PL::load(g[i]),
+                                                        local_inv_grad_scale, local_prior);
+        step_update(theta_i, m_i, v_i, g_i, !kMask || keep_flags[i] != 0, local_adamw);
         theta[i] = PL::store(theta_i);
         m[i] = SL::store(m_i);
         v[i] = SL::store(v_i);

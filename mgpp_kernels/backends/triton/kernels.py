@@ -7,15 +7,16 @@ to (tensor row, block within the tensor). Per-step values (lr, betas, λ_t's con
 counts, the GradScaler scale, the rank k and τ) are read from device memory, never passed as
 launch arguments, so a launch depends only on the cached tables and the dtypes.
 
-The per-element math is csrc/core/step.h's rounding recipe, operation by operation: the same exp
-polynomial with the same rounding to an integer (adding and subtracting 1.5·2^23), the
-exponent's argument as c1 + (c2·θ)·θ, the spike/slab weight as 1/σ1² + ρ0·(1/σ0² − 1/σ1²), the
-lerp form of AdamW with the denominator √v·(1/√(1 − β2^k)) + ε, IEEE division and square root
-(div_rn, sqrt_rn; Triton's `/` and tl.sqrt are approximate on NVIDIA GPUs), and 16-bit stores
-rounded to nearest even with integer operations (the interpreter's plain casts truncate). Launch
-with enable_fp_fusion=False so that no multiply-add is contracted into an FMA, as the C++ builds
-(-ffp-contract=off, --fmad=false). tests/test_rounding.py checks that the cpu backend and these
-kernels give the same bits in float32.
+The per-element math is csrc/core/step.h's, operation by operation: the same exp polynomial
+with its exponent-bit construction, the same reciprocal estimate and Newton steps for the
+logistic, the exponent's argument as fma(c2·θ, θ, c1), the spike/slab weight as
+fma(ρ0, 1/σ0² − 1/σ1², 1/σ1²), the lerp form of AdamW with the denominator
+fma(√v, 1/√(1 − β2^k), ε), IEEE division and square root for AdamW (div_rn, sqrt_rn; Triton's `/`
+and tl.sqrt are approximate on NVIDIA GPUs), and 16-bit stores rounded to nearest even with
+integer operations (the interpreter's plain casts truncate). step.h's mul_add is tl.fma here: one
+rounding on a GPU; the interpreter rounds it twice, as step.h does on a target without FMA. The
+kernels launch with Triton's defaults (multiply-add fusion on). tests/test_rounding.py checks
+that the cpu backend and these kernels agree within a few ulp per operation (docs/spec.md §4).
 
 Where Triton cannot follow the header:
 - β^k of the bias corrections (prepare_kernel) is exp2(k·log2 β) in float64, Triton having no
@@ -187,35 +188,48 @@ def _abs_key(x):
 
 @device_function
 def _exp_for_logistic(x):
-    """exp(x) for 1 / (1 + exp(x)): csrc/core/step.h's exp_for_logistic, bit for bit."""
+    """exp(x) for 1 / (1 + exp(x)): csrc/core/step.h's exp_for_logistic (relative error 2e-7)."""
     max_finite = 88.72283935546875  # ln(FLT_MAX)
-    # NaN fails both comparisons and is clamped to -86, so that the integer conversion below is
+    # NaN fails both comparisons and is clamped to -86, so that the exponent bits below are
     # defined for every input; the last line returns NaN for it.
     clamped = tl.where(x >= -86.0, tl.where(x <= max_finite, x, max_finite), -86.0)
-    # Adding and subtracting 1.5·2^23 rounds to the nearest integer, ties to even.
-    n = (clamped * 1.44269504088896341 + 12582912.0) - 12582912.0
+    # shifted = 1.5·2^23 + n, n = x·log2 e rounded to an integer: n is in the low bits.
+    shifted = tl.fma(clamped, 1.44269504088896341, 12582912.0)
+    n = shifted - 12582912.0
     # r = x - n·ln2 with ln2 split in two (Cody-Waite) so r keeps full precision.
-    r = n * -0.693359375 + clamped
-    r = n * 2.12194440e-4 + r
-    p = tl.full(r.shape, 1.9875691500e-4, tl.float32)
-    p = p * r + 1.3981999507e-3
-    p = p * r + 8.3334519073e-3
-    p = p * r + 4.1665795894e-2
-    p = p * r + 1.6666665459e-1
-    p = p * r + 5.0000001201e-1
-    e_r = (p * (r * r) + r) + 1.0
-    # 2^n as two factors so that n = 128 does not overflow the exponent.
-    half_scale = ((n.to(tl.int32) + 126) << 23).to(tl.float32, bitcast=True)
+    r = tl.fma(n, -0.693359375, clamped)
+    r = tl.fma(n, 2.12194440e-4, r)
+    # exp(r): step.h's degree-5 minimax polynomial with the constant term 1.
+    p = tl.full(r.shape, 8.289568126e-3, tl.float32)
+    p = tl.fma(p, r, 4.190196842e-2)
+    p = tl.fma(p, r, 1.666767001e-1)
+    p = tl.fma(p, r, 4.999912083e-1)
+    p = tl.fma(p, r, 9.999997020e-1)
+    e_r = tl.fma(p, r, 1.0)
+    # 2^n in the exponent bits, as two factors so that n = 128 does not overflow the exponent.
+    n_bits = shifted.to(tl.int32, bitcast=True) - 0x4B400000
+    half_scale = ((n_bits + 126) << 23).to(tl.float32, bitcast=True)
     result = (e_r * half_scale) * 2.0
     return tl.where(x > max_finite, float("inf"), tl.where(x == x, result, x))
 
 
 @device_function
+def _reciprocal_from_one(d):
+    """1/d for 1 <= d < 2^125: csrc/core/step.h's reciprocal_from_one (relative error 1.4e-7)."""
+    y = (0x7EF311C3 - d.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)
+    e = tl.fma(-d, y, 1.0)
+    y = tl.fma(y, e, y)
+    e = tl.fma(-d, y, 1.0)
+    return tl.fma(y, tl.fma(e, e, e), y)
+
+
+@device_function
 def _prior_gradient(theta, c1, c2, inv_n, inv_sigma0_sq, inv_sigma1_sq):
     """(θ/n)·(ρ0/σ0² + (1 − ρ0)/σ1²), ρ0 = 1 / (1 + exp(c1 + c2·θ²)), in step.h's order."""
-    one = tl.full(theta.shape, 1.0, tl.float32)
-    rho0 = tl.div_rn(one, 1.0 + _exp_for_logistic(c1 + (c2 * theta) * theta))
-    weight = inv_sigma1_sq + rho0 * (inv_sigma0_sq - inv_sigma1_sq)
+    denom = 1.0 + _exp_for_logistic(tl.fma(c2 * theta, theta, c1))
+    # ρ0 flushed to 0 at or below 2^-125 (exactly 0 where exp overflows); NaN stays NaN.
+    rho0 = tl.where(denom >= 4.2535295865117308e37, 0.0, _reciprocal_from_one(denom))  # 2^125
+    weight = tl.fma(rho0, inv_sigma0_sq - inv_sigma1_sq, inv_sigma1_sq)
     return (theta * inv_n) * weight
 
 
@@ -338,19 +352,23 @@ def _update_block(param, grad, exp_avg, exp_avg_sq, keep_mask_address, offsets, 
     g = _bits_to_f32(_load(grad + offsets, in_bounds), PARAM_DTYPE)
     m = _bits_to_f32(_load(exp_avg + offsets, in_bounds), STATE_DTYPE)
     v = _bits_to_f32(_load(exp_avg_sq + offsets, in_bounds), STATE_DTYPE)
-    g = g * tl.load(row + R_INV_GRAD_SCALE)
     if tl.load(row + R_PRIOR_ON) != 0.0:
-        g = g + _prior_gradient(theta, tl.load(row + R_C1), tl.load(row + R_C2),
-                                tl.load(row + R_INV_N), tl.load(row + R_INV_SIGMA0_SQ),
-                                tl.load(row + R_INV_SIGMA1_SQ))
+        g = tl.fma(g, tl.load(row + R_INV_GRAD_SCALE),
+                   _prior_gradient(theta, tl.load(row + R_C1), tl.load(row + R_C2),
+                                   tl.load(row + R_INV_N), tl.load(row + R_INV_SIGMA0_SQ),
+                                   tl.load(row + R_INV_SIGMA1_SQ)))
+    else:
+        g = g * tl.load(row + R_INV_GRAD_SCALE)
     # torch.optim.AdamW's order of operations (csrc/core/step.h adamw_update).
     theta = theta * tl.load(row + R_DECAY)
     # torch's lerp: from the nearer end, so that β1 = 0 (weight 1) gives m = g exactly.
     weight = tl.load(row + R_ONE_MINUS_BETA1)
-    m = tl.where(weight < 0.5, m + weight * (g - m), g - (g - m) * (1.0 - weight))
-    v = v * tl.load(row + R_BETA2) + tl.load(row + R_ONE_MINUS_BETA2) * (g * g)
-    denom = tl.sqrt_rn(v) * tl.load(row + R_INV_BC2_SQRT) + tl.load(row + R_EPS)
-    theta = theta - tl.load(row + R_STEP_SIZE) * tl.div_rn(m, denom)
+    difference = g - m
+    m = tl.where(weight < 0.5, tl.fma(difference, weight, m),
+                 tl.fma(-difference, 1.0 - weight, g))
+    v = tl.fma(v, tl.load(row + R_BETA2), tl.load(row + R_ONE_MINUS_BETA2) * (g * g))
+    denom = tl.fma(tl.sqrt_rn(v), tl.load(row + R_INV_BC2_SQRT), tl.load(row + R_EPS))
+    theta = tl.fma(tl.div_rn(m, denom), -tl.load(row + R_STEP_SIZE), theta)
     if keep_mask_address != 0:
         keep_mask = keep_mask_address.to(tl.pointer_type(tl.uint8))
         mask_bytes = _load(keep_mask + (offsets >> 3), in_bounds).to(tl.int32)
