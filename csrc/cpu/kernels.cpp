@@ -101,6 +101,64 @@ void parallel_chunks(const std::vector<Chunk>& chunks, int num_threads, uint32_t
   }
 }
 
+// Adds the bins of a block to a histogram. A scalar `++histogram[bins[i]]` is a chain through
+// memory when many elements share a bin (the regrowth regime of an event: weights pruned at the
+// last event regrow to almost the same |θ|, so a few bins hold a large part of the block): each
+// increment waits on the store of the one before, and loads issued ahead of that store cost
+// machine clears. The bins of six sampled elements are counted with vector code; those holding
+// at least 1/32 of the block are added once, and the scalar loop counts the others, compacted
+// first so that it never touches a crowded counter. Exact for any block (a sample that is not
+// crowded just leaves the plain loop).
+void count_bins(const uint32_t* __restrict bins, int64_t n, uint32_t* __restrict histogram) {
+  if (n < 64) {
+    for (int64_t i = 0; i < n; ++i) ++histogram[bins[i]];
+    return;
+  }
+  constexpr int kHot = 6;
+  uint32_t hot[kHot];
+  int64_t hot_count[kHot] = {};
+  for (int h = 0; h < kHot; ++h) hot[h] = bins[h * n / kHot];
+  for (int h = 0; h < kHot; ++h) {
+    bool seen = false;
+    for (int j = 0; j < h; ++j) seen |= hot[j] == hot[h];
+    if (seen) continue;
+    const uint32_t bin = hot[h];
+    int64_t matches = 0;
+#pragma omp simd reduction(+ : matches)
+    for (int64_t i = 0; i < n; ++i) matches += bins[i] == bin;
+    hot_count[h] = matches;
+  }
+  // A bin that is not crowded is left to the scalar loop (hot_count 0 and a bin no element has).
+  int64_t hot_total = 0;
+  for (int h = 0; h < kHot; ++h) {
+    if (hot_count[h] * 32 < n) {
+      hot_count[h] = 0;
+      hot[h] = kHistHighBins;  // above every bin of either level
+    }
+    hot_total += hot_count[h];
+  }
+  if (hot_total == 0) {
+    for (int64_t i = 0; i < n; ++i) ++histogram[bins[i]];
+    return;
+  }
+  uint32_t rest[kBlock];
+  for (int64_t start = 0; start < n; start += kBlock) {
+    const int64_t end = std::min(start + kBlock, n);
+    int64_t m = 0;
+    for (int64_t i = start; i < end; ++i) {
+      const uint32_t bin = bins[i];
+      rest[m] = bin;
+      bool other = true;
+      for (int h = 0; h < kHot; ++h) other &= bin != hot[h];
+      m += other;
+    }
+    for (int64_t i = 0; i < m; ++i) ++histogram[rest[i]];
+  }
+  for (int h = 0; h < kHot; ++h) {
+    if (hot_count[h] != 0) histogram[hot[h]] += static_cast<uint32_t>(hot_count[h]);
+  }
+}
+
 template <PriorTerm kTerm>
 using Term = std::integral_constant<PriorTerm, kTerm>;
 
@@ -275,7 +333,7 @@ void update_chunk(const StepTensor& t, const Chunk& chunk, const StepOptions& op
       const float* __restrict stored = float32_block<P>(param + block, theta_buffer, n);
 #pragma omp simd
       for (int64_t i = 0; i < n; ++i) bins[i] = key_high_bin(abs_key(stored[i]));
-      for (int64_t i = 0; i < n; ++i) ++histogram[bins[i]];
+      count_bins(bins, n, histogram);
     }
   }
 }
@@ -319,31 +377,39 @@ void high_histogram_chunk(const ValueTensor& t, const Chunk& chunk, uint32_t* hi
     const int64_t end = std::min(block + kBlock, chunk.end);
 #pragma omp simd
     for (int64_t i = block; i < end; ++i) bins[i - block] = key_high_bin(abs_key(P::load(data[i])));
-    for (int64_t i = 0; i < end - block; ++i) ++histogram[bins[i]];
+    count_bins(bins, end - block, histogram);
   }
 }
 
-// Few elements fall in the selected high bin: test groups of elements with vector code and count
-// only inside the groups that hold a match.
+// Usually few elements fall in the selected high bin: test groups of elements with vector code and
+// count only inside the groups that hold a match; in the regrowth regime most groups do, and
+// count_bins keeps its crowded low bins off the scalar loop.
 template <typename P>
 void low_histogram_chunk(const ValueTensor& t, const Chunk& chunk, uint32_t high_bin,
                          uint32_t* histogram) {
   constexpr int64_t kGroup = 64;
   const auto* __restrict data = static_cast<const typename P::T*>(t.data);
-  for (int64_t group = chunk.begin; group < chunk.end; group += kGroup) {
-    const int64_t end = std::min(group + kGroup, chunk.end);
-    int matches = 0;
+  uint32_t lows[kBlock];
+  for (int64_t block = chunk.begin; block < chunk.end; block += kBlock) {
+    const int64_t block_end = std::min(block + kBlock, chunk.end);
+    int64_t m = 0;
+    for (int64_t group = block; group < block_end; group += kGroup) {
+      const int64_t end = std::min(group + kGroup, block_end);
+      int matches = 0;
 #pragma omp simd reduction(+ : matches)
-    for (int64_t i = group; i < end; ++i) {
-      matches += key_high_bin(abs_key(P::load(data[i]))) == high_bin;
+      for (int64_t i = group; i < end; ++i) {
+        matches += key_high_bin(abs_key(P::load(data[i]))) == high_bin;
+      }
+      if (matches == 0) continue;
+      // Branch-free: when most elements match (say τ falls among many exact zeros), a branch per
+      // element would be mispredicted half the time.
+      for (int64_t i = group; i < end; ++i) {
+        const uint32_t key = abs_key(P::load(data[i]));
+        lows[m] = key_low_bin(key);
+        m += key_high_bin(key) == high_bin;
+      }
     }
-    if (matches == 0) continue;
-    // Branch-free: when most elements match (say τ falls among many exact zeros), a branch per
-    // element would be mispredicted half the time.
-    for (int64_t i = group; i < end; ++i) {
-      const uint32_t key = abs_key(P::load(data[i]));
-      histogram[key_low_bin(key)] += key_high_bin(key) == high_bin;
-    }
+    count_bins(lows, m, histogram);
   }
 }
 
@@ -405,6 +471,7 @@ void partition_chunk(const ValueTensor& t, int64_t flat_offset, uint8_t* keep_ma
   uint32_t keys[kBlock];
   uint8_t kept[kBlock];
   uint32_t found[kBlock];
+  uint32_t lows[kBlock];
   for (int64_t block = chunk.begin; block < chunk.end; block += kBlock) {
     const int64_t n = std::min(block + kBlock, chunk.end) - block;
     const float* x = float32_block<P>(data + block, value_buffer, n);
@@ -426,12 +493,14 @@ void partition_chunk(const ValueTensor& t, int64_t flat_offset, uint8_t* keep_ma
 #pragma omp simd reduction(+ : matches)
       for (int64_t i = group; i < end; ++i) matches += key_high_bin(keys[i]) == high_bin;
       if (matches == 0) continue;
+      // Branch-free, as in low_histogram_chunk.
       for (int64_t i = group; i < end; ++i) {
-        if (key_high_bin(keys[i]) != high_bin) continue;
-        found[n_found++] = static_cast<uint32_t>(flat_offset + block + i);
-        ++low_histogram[key_low_bin(keys[i])];
+        found[n_found] = static_cast<uint32_t>(flat_offset + block + i);
+        lows[n_found] = key_low_bin(keys[i]);
+        n_found += key_high_bin(keys[i]) == high_bin;
       }
     }
+    count_bins(lows, n_found, low_histogram);
     if (n_found == 0) continue;
     const int64_t at = collection.collected.fetch_add(n_found, std::memory_order_relaxed);
     if (at + n_found > collection.capacity) continue;  // reported by partition_at_bin
