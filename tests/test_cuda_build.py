@@ -64,7 +64,8 @@ def test_layout_exports_the_header_constants():
 
 def test_build_info_names_the_cpu_target():
     info = torch.ops.mgpp.build_info()
-    assert re.match(r"cpu kernels: -march=\S+ \([\w -]+; conversions bf16->f32 [\w -]+, "
+    assert re.match(r"cpu kernels: path \S+ \([\w ]+; built: [^)]+\)(, [^)]+\))*\), "
+                    r"-march=\S+ \([\w -]+; conversions bf16->f32 [\w -]+, "
                     r"f32->bf16 in-loop recipe, f16<->f32 [\w /-]+\), OpenMP \d+, compiler ", info), info
 
 

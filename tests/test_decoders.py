@@ -105,7 +105,8 @@ def test_decoder_prunes_freezes_exports_and_reloads(tmp_path, family):
     assert optimizer.stats()["stage"] == "frozen"
     total = sum(p.numel() for p in candidates)
     zeros = sum(int((p == 0).sum()) for p in candidates)
-    # SPEC: the weights below τ, the int(N·s)-th smallest magnitude, are zeroed (τ itself stays).
+    # docs/spec.md §2: the weights below τ, the int(N·s)-th smallest magnitude, are zeroed (τ
+    # itself stays).
     assert int(total * SPARSITY) - 1 == zeros
     # The mask is frozen from the last pruning event on: the zero pattern of the last
     # FINAL_WARMUP + 1 steps is the same.

@@ -118,7 +118,8 @@ def test_trainer_prunes_to_target_and_freezes_the_mask(tmp_path, backend):
     numel = sum(p.numel() for p in candidates_of(model))
     assert logged[0]["mgpp_sparsity"] == logged[0]["mgpp_zero_fraction"] == 0.0
     for entry in logged[1:]:
-        # SPEC: an event zeroes the weights below τ, the int(N·s)-th smallest (τ itself stays).
+        # docs/spec.md §2: an event zeroes the weights below τ, the int(N·s)-th smallest (τ
+        # itself stays).
         # mgpp_sparsity is what the last event reached; the pruned weights regrow at once in the
         # pruning stage (every log here follows a step without an event), so the zeros now are
         # fewer until the freeze, and then the same.

@@ -60,9 +60,21 @@ MGPP_HD uint16_t float_to_f16_bits(float x) {
   X(BFloat16, bfloat16)       \
   X(Float16, float16)
 
+}  // namespace MGPP_NAMESPACE
+namespace mgpp_abi {  // the same types in every build (csrc/core/platform.h)
 #define MGPP_ENUMERATOR(enumerator, name) enumerator,
 enum class DType : int { MGPP_KERNEL_DTYPES(MGPP_ENUMERATOR) };
 #undef MGPP_ENUMERATOR
+
+// One contiguous tensor of `numel` elements in one format (host or device memory).
+struct ValueTensor {
+  void* data;
+  int64_t numel;
+};
+}  // namespace mgpp_abi
+namespace MGPP_NAMESPACE {
+using mgpp_abi::DType;
+using mgpp_abi::ValueTensor;
 
 // A format: its storage type T and the exact widening to / rounding from float32.
 struct F32 {
@@ -79,12 +91,6 @@ struct F16 {
   using T = uint16_t;
   static MGPP_HD float load(T x) { return f16_bits_to_float(x); }
   static MGPP_HD T store(float x) { return float_to_f16_bits(x); }
-};
-
-// One contiguous tensor of `numel` elements in one format (host or device memory).
-struct ValueTensor {
-  void* data;
-  int64_t numel;
 };
 
 // Calls fn(Format{}) for the format of `dtype`; an unknown code is an error, never a no-op.

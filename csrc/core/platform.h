@@ -13,6 +13,13 @@
 #ifndef MGPP_NAMESPACE
 #define MGPP_NAMESPACE mgpp
 #endif
+// The plain structs and enums of the kernels' interfaces (formats.h's DType and ValueTensor,
+// step.h's PriorConstants and AdamWScalars, csrc/cpu/kernels.h's StepTensor, StepOptions and
+// PrunedTensor) are declared in namespace mgpp_abi whatever MGPP_NAMESPACE is, and named into
+// MGPP_NAMESPACE by using-declarations: every build of the CPU kernels (one per instruction set,
+// csrc/cpu/dispatch.h) then takes the same argument types, so that one table calls them all.
+// Types carry no code; the functions stay in MGPP_NAMESPACE, so that the inline functions of
+// builds for different instruction sets never merge at link time.
 
 #if defined(__CUDACC__)
 #define MGPP_HD __host__ __device__ __forceinline__

@@ -55,6 +55,8 @@ MGPP_HD float exp_for_logistic(float x) {
 
 // Host-computed constants of the prior gradient at one schedule position (docs/spec.md §2): c1 and c2 in
 // float64 on the host, then rounded to float32.
+}  // namespace MGPP_NAMESPACE
+namespace mgpp_abi {  // the same type in every build (csrc/core/platform.h)
 struct PriorConstants {
   float c1;             // ln λ_t − ln(1 − λ_t) + ½ ln σ0² − ½ ln σ1²
   float c2;             // 1/(2σ0²) − 1/(2σ1²)
@@ -62,6 +64,9 @@ struct PriorConstants {
   float inv_sigma0_sq;  // 1/σ0²
   float inv_sigma1_sq;  // 1/σ1²
 };
+}  // namespace mgpp_abi
+namespace MGPP_NAMESPACE {
+using mgpp_abi::PriorConstants;
 
 // Gradient of −log prior / n at θ: (θ/n)·(ρ0/σ0² + (1 − ρ0)/σ1²), ρ0 the spike's posterior weight.
 MGPP_HD float prior_gradient(float theta, const PriorConstants& prior) {
@@ -89,6 +94,8 @@ MGPP_HD bool prior_uses_spike(float theta, const PriorConstants& prior) {
 
 // Per-tensor scalars of one AdamW step; bias corrections depend on the tensor's own step count.
 // 1 − β1 and 1 − β2 are rounded from float64, as torch does: 1 − (float)0.999 is 1.3e-5 off.
+}  // namespace MGPP_NAMESPACE
+namespace mgpp_abi {  // the same type in every build (csrc/core/platform.h)
 struct AdamWScalars {
   float decay;            // 1 − lr·wd
   float one_minus_beta1;
@@ -98,6 +105,9 @@ struct AdamWScalars {
   float inv_bc2_sqrt;     // 1 / √(1 − β2^k)
   float eps;
 };
+}  // namespace mgpp_abi
+namespace MGPP_NAMESPACE {
+using mgpp_abi::AdamWScalars;
 
 // torch.optim.AdamW's update (amsgrad=False, maximize=False), in its order of operations except
 // that the bias correction of √v is a multiplication by a host-computed reciprocal: a division

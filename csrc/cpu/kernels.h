@@ -11,7 +11,9 @@
 #include "../core/selection.h"
 #include "../core/step.h"
 
-namespace MGPP_NAMESPACE {
+// The argument types are the same in every build of the kernels (mgpp_abi, csrc/core/platform.h):
+// csrc/cpu/dispatch.h calls the build for each instruction set through one table.
+namespace mgpp_abi {
 namespace cpu {
 
 // One tensor of a fused step. All pointers address `numel` contiguous elements; `grad` has the
@@ -34,6 +36,15 @@ struct StepOptions {
   float inv_grad_scale;  // gradients are multiplied by this before use (1 without a GradScaler)
   int num_threads;
 };
+
+}  // namespace cpu
+}  // namespace mgpp_abi
+
+namespace MGPP_NAMESPACE {
+namespace cpu {
+
+using mgpp_abi::cpu::StepOptions;
+using mgpp_abi::cpu::StepTensor;
 
 // Prior gradient + AdamW + frozen mask for every tensor, in one pass over each element. When
 // `high_histogram` (kHistHighBins counters) is not null, it also adds the count of every
@@ -66,6 +77,10 @@ int64_t partition_at_bin(const ValueTensor* tensors, const int64_t* flat_offsets
                          uint32_t* positions, int64_t capacity, int64_t* low_histogram,
                          int num_threads);
 
+}  // namespace cpu
+}  // namespace MGPP_NAMESPACE
+namespace mgpp_abi {
+namespace cpu {
 // One tensor of a pruning event, in any dtype, for prune_collected.
 struct PrunedTensor {
   void* data;
@@ -74,6 +89,11 @@ struct PrunedTensor {
   uint8_t* keep_mask;   // null without masks
   int64_t flat_offset;  // the position of its first element (ascending over the tensors)
 };
+}  // namespace cpu
+}  // namespace mgpp_abi
+namespace MGPP_NAMESPACE {
+namespace cpu {
+using mgpp_abi::cpu::PrunedTensor;
 
 // Completes partition_at_bin once τ is exact: zeroes the collected elements with |x| < τ and
 // clears their keep-mask bits.

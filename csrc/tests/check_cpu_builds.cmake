@@ -1,0 +1,48 @@
+# ctest's cpu_builds_link_safely: the builds of the CPU kernels (csrc/cpu/dispatch.h) share no
+# code but the first build's. A weak (inline, template) symbol that a build defines outside its own
+# namespace mgpp_<build> (a libstdc++ helper, say) is merged with the other builds' copies at link
+# time, and the linker keeps the first object's; every such symbol of a later build must therefore
+# have a copy in the first build, whose target every CPU that runs a later build can run.
+# cmake -DNM=<nm> -DBUILDS=<b1|b2|...> -DOBJECTS_<b>=<o1|o2> ... -P check_cpu_builds.cmake
+string(REPLACE "|" ";" builds "${BUILDS}")
+set(first "")
+set(failures "")
+foreach(build IN LISTS builds)
+  string(REPLACE "|" ";" objects "${OBJECTS_${build}}")
+  set(shared "")
+  foreach(object IN LISTS objects)
+    execute_process(COMMAND "${NM}" --defined-only "${object}" OUTPUT_VARIABLE out
+                    RESULT_VARIABLE rc)
+    if(NOT rc EQUAL 0)
+      message(FATAL_ERROR "${NM} ${object} failed")
+    endif()
+    string(REGEX MATCHALL "[^\n]+" lines "${out}")
+    foreach(line IN LISTS lines)
+      if(line MATCHES "^[0-9a-fA-F]* [WVu] (.+)$")
+        set(symbol "${CMAKE_MATCH_1}")
+        string(FIND "${symbol}" "mgpp_${build}" own)
+        if(own EQUAL -1)
+          list(APPEND shared "${symbol}")
+        endif()
+      endif()
+    endforeach()
+  endforeach()
+  list(LENGTH shared count)
+  message(STATUS "${build}: ${count} weak symbols outside mgpp_${build}")
+  if(first STREQUAL "")
+    set(first "${build}")
+    set(first_shared "${shared}")
+  else()
+    foreach(symbol IN LISTS shared)
+      list(FIND first_shared "${symbol}" at)
+      if(at EQUAL -1)
+        list(APPEND failures "${build}: ${symbol}")
+      endif()
+    endforeach()
+  endif()
+endforeach()
+if(failures)
+  string(REPLACE ";" "\n  " failures "${failures}")
+  message(FATAL_ERROR "weak symbols of a later build with no copy in ${first} (the linker may "
+                      "keep a copy that ${first} CPUs cannot run):\n  ${failures}")
+endif()

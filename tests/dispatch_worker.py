@@ -1,0 +1,40 @@
+"""Run by tests/test_cpu_dispatch.py in a fresh process with MGPP_CPU_CAPABILITY set: prints
+build_info, then checks the cpu backend on the path it names against the reference within
+docs/spec.md §4 (one fp32 step at every stage of the schedule, 16-bit storage at an event, with
+2 threads) and bit-identical to itself at 1 and 2 threads through a schedule of events, the
+freeze and the frozen mask. Prints OK at the end."""
+from __future__ import annotations
+
+import torch
+
+import mgpp_kernels  # noqa: F401
+
+import test_cpu_threads
+import test_step_bounds
+from backends import BY_NAME
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    print(torch.ops.mgpp.build_info(), flush=True)
+    cpu = BY_NAME["cpu"]
+    assert cpu.unavailable is None, cpu.unavailable
+    shapes = test_step_bounds.BREAKING_SHAPES + [(7,), (4097,), (70_000,)]
+    prune = [True] * len(test_step_bounds.BREAKING_SHAPES) + [False] * 3
+    for point, t in test_step_bounds.POINTS.items():
+        before, runs = test_step_bounds.one_step(shapes, prune, cpu, t, kernel_threads=2,
+                                                 weight_decay=0.01)
+        test_step_bounds.assert_one_step_bounds(before, runs, cpu, prune, t)
+    for dtype in (torch.bfloat16, torch.float16):
+        for state_dtype in ("fp32", "param"):
+            test_step_bounds.test_one_step_16bit_against_float64_oracle(
+                cpu, dtype, state_dtype, "first_event")
+    single = test_cpu_threads.run(1)
+    assert single[1].stats()["stage"] == "frozen"
+    test_cpu_threads.assert_identical(test_cpu_threads.run(2), single)
+    test_cpu_threads.assert_identical(test_cpu_threads.run(2), single)
+    print("OK")
+
+
+if __name__ == "__main__":
+    main()
