@@ -20,6 +20,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 
 # Run as a script, this folder is on sys.path, not the checkout: put the checkout first, so that
@@ -38,8 +39,8 @@ from benchmarks.common.settings import (BETAS, EPS, EVENT_SCHEDULE, FINAL_SPARSI
                                         LR, NUM_TRAIN_EXAMPLES, PRUNED_SCHEDULE)
 from benchmarks.common.storage import (BY_LABEL, FP32, STORAGE, Storage,  # noqa: E402
                                        adamw_counterpart)
-from benchmarks.common.timing import (copy_bandwidth, interleaved_median_times,  # noqa: E402
-                                      median_time, num_threads)
+from benchmarks.common.timing import (call_seconds, copy_bandwidth,  # noqa: E402
+                                      interleaved_median_times, median_time, num_threads)
 
 # The README's fine-tuning setting: no decoupled weight decay.
 WEIGHT_DECAY = 0.0
@@ -182,29 +183,51 @@ def storage_targets(rows: list[dict]) -> dict:
     }
 
 
-# The regrowth regime: a first event prunes half the candidates; the optimizers timed then prune
+# The regrowth regime: a first event prunes half the candidates; the optimizer timed then prunes
 # to about 0.3 at every step (EVENT_SCHEDULE), so the weights each event prunes regrow to almost
 # the same |θ| by the next step and τ falls in a high bin holding far more than 1/128 of the
-# candidates. The plain step starts from the same first event (PRUNED_SCHEDULE: one event, then
-# none), so both update the same regrowing weights.
+# candidates.
 REGROWTH_FIRST_EVENT = dict(EVENT_SCHEDULE, initial_sparsity=0.5, final_sparsity=FINAL_SPARSITY)
+
+
+def copy_optimizer_state(source, target) -> None:
+    """The parameters and the optimizer state of `source` copied into `target`'s own tensors
+    (the same shapes, param for param)."""
+    with torch.no_grad():
+        for source_group, target_group in zip(source.param_groups, target.param_groups):
+            for p, q in zip(source_group["params"], target_group["params"]):
+                q.copy_(p)
+                for key, value in source.state[p].items():
+                    if torch.is_tensor(value) and key in target.state[q]:
+                        target.state[q][key].copy_(value)
 
 
 def regrowth_rows(layers: int, repeats: int) -> list[dict]:
     """Events on consecutive steps after an event against a plain step, BERT-base lists, fp32 and
-    bf16 + bf16 state, all threads and one, the two steps taking turns."""
+    bf16 + bf16 state, all threads and one. Fair: before each round the plain optimizer
+    (PRUNED_SCHEDULE, no event) gets a copy of the event optimizer's parameters and state, so
+    the two steps update the same weights (as many take the spike path in both) on their own
+    copies; then the plain step and the event step are timed, one each per round."""
     all_threads = torch.get_num_threads()
     rows = []
     for threads in [all_threads] + ([1] if all_threads > 1 else []):
         for storage in (FP32, BY_LABEL["bf16"]):
-            steps = {}
-            for event, schedule in ((False, PRUNED_SCHEDULE), (True, EVENT_SCHEDULE)):
-                candidates, others = bert_base_parameters(layers, storage.param_dtype)
-                mgpp_optimizer(candidates, others, "cpu", REGROWTH_FIRST_EVENT, storage).step()
-                steps[event] = started_step(
-                    mgpp_optimizer(candidates, others, "cpu", schedule, storage))
+            candidates, others = bert_base_parameters(layers, storage.param_dtype)
+            mgpp_optimizer(candidates, others, "cpu", REGROWTH_FIRST_EVENT, storage).step()
+            events = mgpp_optimizer(candidates, others, "cpu", EVENT_SCHEDULE, storage)
+            plain = mgpp_optimizer(*bert_base_parameters(layers, storage.param_dtype), "cpu",
+                                   PRUNED_SCHEDULE, storage)
+            times = {False: [], True: []}
             with num_threads(threads):
-                seconds = interleaved_median_times(steps, repeats)
+                events.step()
+                plain.step()
+                for round_ in range(repeats + 1):   # the first round warms up
+                    copy_optimizer_state(events, plain)
+                    for event, optimizer in ((False, plain), (True, events)):
+                        seconds = call_seconds(optimizer.step)
+                        if round_:
+                            times[event].append(seconds)
+            seconds = {event: statistics.median(values) for event, values in times.items()}
             row = dict(section="regrowth", storage=storage.label, threads=threads,
                        plain_seconds=seconds[False], event_seconds=seconds[True],
                        vs_no_event=seconds[True] / seconds[False])
@@ -212,7 +235,7 @@ def regrowth_rows(layers: int, repeats: int) -> list[dict]:
             print(f"  regrowth {storage.label:<6} {threads:>2} thr  plain {seconds[False] * 1e3:8.2f} ms"
                   f"  events every step {seconds[True] * 1e3:8.2f} ms  {row['vs_no_event']:.2f}x",
                   flush=True)
-            del steps
+            del events, plain
     return rows
 
 

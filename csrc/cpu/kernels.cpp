@@ -73,8 +73,15 @@ std::vector<Chunk> make_chunks(int64_t count, GetNumel numel_of) {
   return chunks;
 }
 
+// Each thread counts into kCopies copies of a histogram (copy c of `bins` counters at c·bins):
+// count_bins adds element i of a run to copy i % kCopies, so that two increments of one counter
+// in flight together are rare (each is a chain through memory, and a load issued ahead of an
+// older store to its address costs a machine clear).
+constexpr int kCopies = 4;
+
 // Runs body(chunk, local_histogram) over all chunks in parallel; each thread counts into its own
-// histogram of `bins` counters (none when bins == 0), merged into `histogram` at the end.
+// kCopies copies of a histogram of `bins` counters (none when bins == 0), summed into `histogram`
+// at the end: integer sums, the same for any thread count.
 template <typename Body>
 void parallel_chunks(const std::vector<Chunk>& chunks, int num_threads, uint32_t bins,
                      int64_t* histogram, Body body) {
@@ -83,11 +90,13 @@ void parallel_chunks(const std::vector<Chunk>& chunks, int num_threads, uint32_t
   const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, n)));
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<uint32_t> local(bins, 0u);
+    std::vector<uint32_t> local(size_t{kCopies} * bins, 0u);
     int64_t counted = 0;
     auto flush = [&]() {
 #pragma omp critical(mgpp_histogram_merge)
-      for (uint32_t b = 0; b < bins; ++b) histogram[b] += local[b];
+      for (int c = 0; c < kCopies; ++c) {
+        for (uint32_t b = 0; b < bins; ++b) histogram[b] += local[size_t{bins} * c + b];
+      }
       std::fill(local.begin(), local.end(), 0u);
       counted = 0;
     };
@@ -101,20 +110,40 @@ void parallel_chunks(const std::vector<Chunk>& chunks, int num_threads, uint32_t
   }
 }
 
+// Adds bins[0, n) to kCopies copies of a histogram of `stride` counters, element i to copy
+// i % kCopies.
+void count_into_copies(const uint32_t* __restrict bins, int64_t n, uint32_t* __restrict histogram,
+                       uint32_t stride) {
+  uint32_t* __restrict h0 = histogram;
+  uint32_t* __restrict h1 = histogram + stride;
+  uint32_t* __restrict h2 = histogram + 2 * size_t{stride};
+  uint32_t* __restrict h3 = histogram + 3 * size_t{stride};
+  static_assert(kCopies == 4, "count_into_copies counts into four copies");
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    ++h0[bins[i]];
+    ++h1[bins[i + 1]];
+    ++h2[bins[i + 2]];
+    ++h3[bins[i + 3]];
+  }
+  for (; i < n; ++i) ++h0[bins[i]];
+}
+
 // Adds the bins of a block to a histogram. A scalar `++histogram[bins[i]]` is a chain through
 // memory when many elements share a bin (the regrowth regime of an event: weights pruned at the
 // last event regrow to almost the same |θ|, so a few bins hold a large part of the block): each
 // increment waits on the store of the one before, and loads issued ahead of that store cost
-// machine clears. The bins of six sampled elements are counted with vector code; those holding
+// machine clears. The bins of eight sampled elements are counted with vector code; those holding
 // at least 1/32 of the block are added once, and the scalar loop counts the others, compacted
 // first so that it never touches a crowded counter. Exact for any block (a sample that is not
 // crowded just leaves the plain loop).
-void count_bins(const uint32_t* __restrict bins, int64_t n, uint32_t* __restrict histogram) {
+void count_bins(const uint32_t* __restrict bins, int64_t n, uint32_t* __restrict histogram,
+                uint32_t stride) {
   if (n < 64) {
-    for (int64_t i = 0; i < n; ++i) ++histogram[bins[i]];
+    count_into_copies(bins, n, histogram, stride);
     return;
   }
-  constexpr int kHot = 6;
+  constexpr int kHot = 8;
   uint32_t hot[kHot];
   int64_t hot_count[kHot] = {};
   for (int h = 0; h < kHot; ++h) hot[h] = bins[h * n / kHot];
@@ -138,21 +167,26 @@ void count_bins(const uint32_t* __restrict bins, int64_t n, uint32_t* __restrict
     hot_total += hot_count[h];
   }
   if (hot_total == 0) {
-    for (int64_t i = 0; i < n; ++i) ++histogram[bins[i]];
+    count_into_copies(bins, n, histogram, stride);
     return;
   }
   uint32_t rest[kBlock];
+  uint8_t other[kBlock];
   for (int64_t start = 0; start < n; start += kBlock) {
     const int64_t end = std::min(start + kBlock, n);
+    // Which elements are in no crowded bin with vector code, then compacted.
+#pragma omp simd
+    for (int64_t i = start; i < end; ++i) {
+      bool outside = true;
+      for (int h = 0; h < kHot; ++h) outside &= bins[i] != hot[h];
+      other[i - start] = outside;
+    }
     int64_t m = 0;
     for (int64_t i = start; i < end; ++i) {
-      const uint32_t bin = bins[i];
-      rest[m] = bin;
-      bool other = true;
-      for (int h = 0; h < kHot; ++h) other &= bin != hot[h];
-      m += other;
+      rest[m] = bins[i];
+      m += other[i - start];
     }
-    for (int64_t i = 0; i < m; ++i) ++histogram[rest[i]];
+    count_into_copies(rest, m, histogram, stride);
   }
   for (int h = 0; h < kHot; ++h) {
     if (hot_count[h] != 0) histogram[hot[h]] += static_cast<uint32_t>(hot_count[h]);
@@ -333,7 +367,7 @@ void update_chunk(const StepTensor& t, const Chunk& chunk, const StepOptions& op
       const float* __restrict stored = float32_block<P>(param + block, theta_buffer, n);
 #pragma omp simd
       for (int64_t i = 0; i < n; ++i) bins[i] = key_high_bin(abs_key(stored[i]));
-      count_bins(bins, n, histogram);
+      count_bins(bins, n, histogram, kHistHighBins);
     }
   }
 }
@@ -377,7 +411,7 @@ void high_histogram_chunk(const ValueTensor& t, const Chunk& chunk, uint32_t* hi
     const int64_t end = std::min(block + kBlock, chunk.end);
 #pragma omp simd
     for (int64_t i = block; i < end; ++i) bins[i - block] = key_high_bin(abs_key(P::load(data[i])));
-    count_bins(bins, end - block, histogram);
+    count_bins(bins, end - block, histogram, kHistHighBins);
   }
 }
 
@@ -409,7 +443,7 @@ void low_histogram_chunk(const ValueTensor& t, const Chunk& chunk, uint32_t high
         m += key_high_bin(key) == high_bin;
       }
     }
-    count_bins(lows, m, histogram);
+    count_bins(lows, m, histogram, kHistLowBins);
   }
 }
 
@@ -500,7 +534,7 @@ void partition_chunk(const ValueTensor& t, int64_t flat_offset, uint8_t* keep_ma
         n_found += key_high_bin(keys[i]) == high_bin;
       }
     }
-    count_bins(lows, n_found, low_histogram);
+    count_bins(lows, n_found, low_histogram, kHistLowBins);
     if (n_found == 0) continue;
     const int64_t at = collection.collected.fetch_add(n_found, std::memory_order_relaxed);
     if (at + n_found > collection.capacity) continue;  // reported by partition_at_bin
