@@ -157,16 +157,16 @@ void count_bins(const uint32_t* __restrict bins, int64_t n, uint32_t* __restrict
     for (int64_t i = 0; i < n; ++i) matches += bins[i] == bin;
     hot_count[h] = matches;
   }
-  // A bin that is not crowded is left to the scalar loop (hot_count 0 and a bin no element has).
-  int64_t hot_total = 0;
+  // A bin that is not crowded is left to the scalar loop; the crowded ones, each once, first.
+  uint32_t crowded[kHot];
+  std::fill(crowded, crowded + kHot, kHistHighBins);  // above every bin of either level
+  int crowded_bins = 0;
   for (int h = 0; h < kHot; ++h) {
-    if (hot_count[h] * 32 < n) {
-      hot_count[h] = 0;
-      hot[h] = kHistHighBins;  // above every bin of either level
-    }
-    hot_total += hot_count[h];
+    if (hot_count[h] * 32 < n) continue;
+    histogram[hot[h]] += static_cast<uint32_t>(hot_count[h]);
+    crowded[crowded_bins++] = hot[h];
   }
-  if (hot_total == 0) {
+  if (crowded_bins == 0) {
     count_into_copies(bins, n, histogram, stride);
     return;
   }
@@ -178,7 +178,7 @@ void count_bins(const uint32_t* __restrict bins, int64_t n, uint32_t* __restrict
 #pragma omp simd
     for (int64_t i = start; i < end; ++i) {
       bool outside = true;
-      for (int h = 0; h < kHot; ++h) outside &= bins[i] != hot[h];
+      for (int h = 0; h < kHot; ++h) outside &= bins[i] != crowded[h];
       other[i - start] = outside;
     }
     int64_t m = 0;
@@ -187,9 +187,6 @@ void count_bins(const uint32_t* __restrict bins, int64_t n, uint32_t* __restrict
       m += other[i - start];
     }
     count_into_copies(rest, m, histogram, stride);
-  }
-  for (int h = 0; h < kHot; ++h) {
-    if (hot_count[h] != 0) histogram[hot[h]] += static_cast<uint32_t>(hot_count[h]);
   }
 }
 
@@ -415,32 +412,37 @@ void high_histogram_chunk(const ValueTensor& t, const Chunk& chunk, uint32_t* hi
   }
 }
 
-// Usually few elements fall in the selected high bin: test groups of elements with vector code and
-// count only inside the groups that hold a match; in the regrowth regime most groups do, and
-// count_bins keeps its crowded low bins off the scalar loop.
+// Usually few elements fall in the selected high bin: each group of elements is keyed and tested
+// with vector code, and only the groups that hold a match are compacted; in the regrowth regime
+// most groups do, and count_bins keeps its crowded low bins off the scalar loop.
 template <typename P>
 void low_histogram_chunk(const ValueTensor& t, const Chunk& chunk, uint32_t high_bin,
                          uint32_t* histogram) {
   constexpr int64_t kGroup = 64;
   const auto* __restrict data = static_cast<const typename P::T*>(t.data);
   uint32_t lows[kBlock];
+  uint32_t group_lows[kGroup];
+  uint8_t group_matches[kGroup];
   for (int64_t block = chunk.begin; block < chunk.end; block += kBlock) {
     const int64_t block_end = std::min(block + kBlock, chunk.end);
     int64_t m = 0;
     for (int64_t group = block; group < block_end; group += kGroup) {
-      const int64_t end = std::min(group + kGroup, block_end);
+      const int64_t length = std::min(kGroup, block_end - group);
       int matches = 0;
 #pragma omp simd reduction(+ : matches)
-      for (int64_t i = group; i < end; ++i) {
-        matches += key_high_bin(abs_key(P::load(data[i]))) == high_bin;
+      for (int64_t i = 0; i < length; ++i) {
+        const uint32_t key = abs_key(P::load(data[group + i]));
+        const bool match = key_high_bin(key) == high_bin;
+        group_lows[i] = key_low_bin(key);
+        group_matches[i] = match;
+        matches += match;
       }
       if (matches == 0) continue;
       // Branch-free: when most elements match (say τ falls among many exact zeros), a branch per
       // element would be mispredicted half the time.
-      for (int64_t i = group; i < end; ++i) {
-        const uint32_t key = abs_key(P::load(data[i]));
-        lows[m] = key_low_bin(key);
-        m += key_high_bin(key) == high_bin;
+      for (int64_t i = 0; i < length; ++i) {
+        lows[m] = group_lows[i];
+        m += group_matches[i];
       }
     }
     count_bins(lows, m, histogram, kHistLowBins);
