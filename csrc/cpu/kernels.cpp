@@ -133,7 +133,7 @@ void count_into_copies(const uint32_t* __restrict bins, int64_t n, uint32_t* __r
 // memory when many elements share a bin (the regrowth regime of an event: weights pruned at the
 // last event regrow to almost the same |θ|, so a few bins hold a large part of the block): each
 // increment waits on the store of the one before, and loads issued ahead of that store cost
-// machine clears. The bins of eight sampled elements are counted with vector code; those holding
+// machine clears. The bins of six sampled elements are counted with vector code; those holding
 // at least 1/32 of the block are added once, and the scalar loop counts the others, compacted
 // first so that it never touches a crowded counter. Exact for any block (a sample that is not
 // crowded just leaves the plain loop).
@@ -143,7 +143,7 @@ void count_bins(const uint32_t* __restrict bins, int64_t n, uint32_t* __restrict
     count_into_copies(bins, n, histogram, stride);
     return;
   }
-  constexpr int kHot = 8;
+  constexpr int kHot = 6;
   uint32_t hot[kHot];
   int64_t hot_count[kHot] = {};
   for (int h = 0; h < kHot; ++h) hot[h] = bins[h * n / kHot];
