@@ -20,6 +20,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 
 # Run as a script, this folder is on sys.path, not the checkout: put the checkout first, so that
@@ -34,12 +35,12 @@ from mgpp_kernels.workloads import bert_base, random_parameters  # noqa: E402
 
 from benchmarks.common.machine import cpu_features, cpu_model  # noqa: E402
 from benchmarks.common.memory import peak_rss_growth  # noqa: E402
-from benchmarks.common.settings import (BETAS, EPS, EVENT_SCHEDULE, LR,  # noqa: E402
-                                        NUM_TRAIN_EXAMPLES, PRUNED_SCHEDULE)
+from benchmarks.common.settings import (BETAS, EPS, EVENT_SCHEDULE, FINAL_SPARSITY,  # noqa: E402
+                                        LR, NUM_TRAIN_EXAMPLES, PRUNED_SCHEDULE)
 from benchmarks.common.storage import (BY_LABEL, FP32, STORAGE, Storage,  # noqa: E402
                                        adamw_counterpart)
-from benchmarks.common.timing import (copy_bandwidth, interleaved_median_times,  # noqa: E402
-                                      median_time, num_threads)
+from benchmarks.common.timing import (call_seconds, copy_bandwidth,  # noqa: E402
+                                      interleaved_median_times, median_time, num_threads)
 
 # The README's fine-tuning setting: no decoupled weight decay.
 WEIGHT_DECAY = 0.0
@@ -182,8 +183,73 @@ def storage_targets(rows: list[dict]) -> dict:
     }
 
 
-def run(quick: bool = False, repeats: int = 5, output: str = "bench_results.json") -> dict:
+# The regrowth regime: a first event prunes half the candidates; the optimizer timed then prunes
+# to about 0.3 at every step (EVENT_SCHEDULE), so the weights each event prunes regrow to almost
+# the same |θ| by the next step and τ falls in a high bin holding far more than 1/128 of the
+# candidates.
+REGROWTH_FIRST_EVENT = dict(EVENT_SCHEDULE, initial_sparsity=0.5, final_sparsity=FINAL_SPARSITY)
+
+
+def copy_optimizer_state(source, target) -> None:
+    """The parameters and the optimizer state of `source` copied into `target`'s own tensors
+    (the same shapes, param for param)."""
+    with torch.no_grad():
+        for source_group, target_group in zip(source.param_groups, target.param_groups):
+            for p, q in zip(source_group["params"], target_group["params"]):
+                q.copy_(p)
+                for key, value in source.state[p].items():
+                    if torch.is_tensor(value) and key in target.state[q]:
+                        target.state[q][key].copy_(value)
+
+
+def regrowth_rows(layers: int, repeats: int) -> list[dict]:
+    """Events on consecutive steps after an event against a plain step, BERT-base lists, fp32 and
+    bf16 + bf16 state, all threads and one. Fair: before each round the plain optimizer
+    (PRUNED_SCHEDULE, no event) gets a copy of the event optimizer's parameters and state, so
+    the two steps update the same weights (as many take the spike path in both) on their own
+    copies; then the plain step and the event step are timed, one each per round."""
+    all_threads = torch.get_num_threads()
+    rows = []
+    for threads in [all_threads] + ([1] if all_threads > 1 else []):
+        for storage in (FP32, BY_LABEL["bf16"]):
+            candidates, others = bert_base_parameters(layers, storage.param_dtype)
+            mgpp_optimizer(candidates, others, "cpu", REGROWTH_FIRST_EVENT, storage).step()
+            events = mgpp_optimizer(candidates, others, "cpu", EVENT_SCHEDULE, storage)
+            plain = mgpp_optimizer(*bert_base_parameters(layers, storage.param_dtype), "cpu",
+                                   PRUNED_SCHEDULE, storage)
+            times = {False: [], True: []}
+            with num_threads(threads):
+                events.step()
+                plain.step()
+                for round_ in range(repeats + 1):   # the first round warms up
+                    copy_optimizer_state(events, plain)
+                    for event, optimizer in ((False, plain), (True, events)):
+                        seconds = call_seconds(optimizer.step)
+                        if round_:
+                            times[event].append(seconds)
+            seconds = {event: statistics.median(values) for event, values in times.items()}
+            row = dict(section="regrowth", storage=storage.label, threads=threads,
+                       plain_seconds=seconds[False], event_seconds=seconds[True],
+                       vs_no_event=seconds[True] / seconds[False])
+            rows.append(row)
+            print(f"  regrowth {storage.label:<6} {threads:>2} thr  plain {seconds[False] * 1e3:8.2f} ms"
+                  f"  events every step {seconds[True] * 1e3:8.2f} ms  {row['vs_no_event']:.2f}x",
+                  flush=True)
+            del events, plain
+    return rows
+
+
+def run(quick: bool = False, repeats: int = 5, output: str = "bench_results.json",
+        regrowth_only: bool = False) -> dict:
     layers = 2 if quick else 12
+    if regrowth_only:
+        print(f"regrowth regime (cpu), BERT-base shape, {layers} layers, cpu {cpu_model()}:")
+        regrowth = regrowth_rows(layers, repeats)
+        result = dict(cpu=cpu_model(), layers=layers, regrowth_rows=regrowth,
+                      load_average=os.getloadavg())
+        with open(output, "w") as f:
+            json.dump(result, f, indent=2)
+        return result
     candidates, others = bert_base_parameters(layers)
     params = candidates + others
     numel = sum(p.numel() for p in params)
@@ -269,6 +335,12 @@ def run(quick: bool = False, repeats: int = 5, output: str = "bench_results.json
         print("storage combinations (cpu):")
         storage = storage_rows(layers, repeats)
         summary.update(storage_targets(storage))
+        print("regrowth regime (cpu): events on consecutive steps after an event:")
+        regrowth = regrowth_rows(layers, repeats)
+        for row in regrowth:
+            if row["threads"] == torch.get_num_threads():
+                key = "fp32" if row["storage"] == FP32.label else "bf16"
+                summary[f"regrowth_events_vs_no_event_{key}"] = row["vs_no_event"]
     print()
     print(format_table(rows))
     if storage:
@@ -281,7 +353,8 @@ def run(quick: bool = False, repeats: int = 5, output: str = "bench_results.json
                   cpu_features=cpu_features(), threads=torch.get_num_threads(),
                   torch=torch.__version__, mgpp_kernels=__version__, layers=layers,
                   elements=numel, candidate_elements=candidate_numel, rows=rows,
-                  storage_rows=storage, summary=summary, load_average=os.getloadavg())
+                  storage_rows=storage, regrowth_rows=regrowth if storage else [],
+                  summary=summary, load_average=os.getloadavg())
     with open(output, "w") as f:
         json.dump(result, f, indent=2)
     print(f"\nwrote {output}")
@@ -311,8 +384,11 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="2 layers instead of 12")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per measurement")
     parser.add_argument("--output", default="bench_results.json", help="JSON file of the results")
+    parser.add_argument("--regrowth-only", action="store_true",
+                        help="only the regrowth regime: events on consecutive steps after an event")
     args = parser.parse_args(argv)
-    run(quick=args.quick, repeats=args.repeats, output=args.output)
+    run(quick=args.quick, repeats=args.repeats, output=args.output,
+        regrowth_only=args.regrowth_only)
     return 0
 
 

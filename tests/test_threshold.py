@@ -106,6 +106,28 @@ def _with_infinities():
     return [values]
 
 
+def _regrowth():
+    # The regrowth regime of consecutive events: the weights the last event pruned regrow to almost
+    # the same |θ|, so 35% of the elements share one high bin (distinct low bits, some ties),
+    # below the others: k = N/3 and N/2 fall in or just above that crowded bin. Several CPU chunks
+    # and blocks, so that the crowded counting runs on every thread.
+    generator = torch.Generator().manual_seed(23)
+
+    def tensor(n, dtype):
+        values = torch.randn(n, generator=generator) * 0.02
+        crowd = torch.rand(n, generator=generator) < 0.35
+        regrown = 1e-5 * (1 + torch.randint(0, 64, (n,), generator=generator) * 2.0**-20)
+        values[crowd] = (regrown * torch.sign(values))[crowd]
+        return values.to(dtype)
+
+    return [tensor(70000, torch.float32), tensor(3001, torch.float32),
+            tensor(5000, torch.float16), tensor(2000, torch.bfloat16)]
+
+
+def _small_regrowth():
+    return [t[:1500].clone() for t in _regrowth()]
+
+
 # ---- smaller cases (the Triton interpreter's row takes these) -----------------------------------
 
 def _f32(values):
@@ -177,12 +199,12 @@ CASES = {
     "one_element_tensors": _one_element_tensors, "empty_among": _empty_among,
     "mixed_dtypes": _mixed_dtypes, "negative_zeros": _negative_zeros, "all_bf16": _all_bf16,
     "one_high_bin": _one_high_bin, "several_chunks": _several_chunks,
-    "infinities": _with_infinities,
+    "infinities": _with_infinities, "regrowth": _regrowth,
     "small_ties": _small_ties, "small_many_zeros": _small_many_zeros,
     "small_denormals": _small_denormals, "small_all_equal": _small_all_equal,
     "small_one_element": _small_one_element, "small_empty_among": _small_empty_among,
     "small_mixed_dtypes": _small_mixed_dtypes, "small_bfloat16_only": _small_bfloat16_only,
-    "small_infinities": _small_infinities,
+    "small_infinities": _small_infinities, "small_regrowth": _small_regrowth,
 }
 SMALL_CASES = sorted(name for name in CASES if name.startswith("small_")) + ["one_high_bin"]
 # Cases with infinities go through the optimizer without gradients only.
@@ -207,7 +229,7 @@ def _on(tensors, device):
 
 
 def _use_threads(row, case, request):
-    if row.name == "cpu" and case in ("several_chunks",):
+    if row.name == "cpu" and case in ("several_chunks", "regrowth"):
         request.getfixturevalue("all_threads")  # threads count chunks into merged histograms
 
 
@@ -232,7 +254,7 @@ def test_global_threshold_is_kthvalue(backend, case, request):
 # ---- Backend.step with a PruneEvent --------------------------------------------------------------
 
 EVENT_CASES = ["small_ties", "small_many_zeros", "small_denormals", "small_empty_among",
-               "small_mixed_dtypes", "small_bfloat16_only"]
+               "small_mixed_dtypes", "small_bfloat16_only", "small_regrowth"]
 
 
 @pytest.mark.parametrize("case", EVENT_CASES)
@@ -295,6 +317,56 @@ def test_event_step_prunes_at_the_exact_threshold_of_the_updated_values(kernel_b
         assert_bitwise_equal(a, b, f"non-candidate {i}")
 
 
+@pytest.mark.parametrize("threads", ["one", "all"])
+def test_consecutive_events_after_an_event_prune_at_the_exact_threshold(kernel_backend, threads,
+                                                                         request):
+    """The regrowth regime: an event every step after a first one. The pruned weights regrow by
+    lr·g/(|g| + ε), almost the same |θ|, so the next events' τ falls in a high bin that holds far
+    more than 1/128 of the candidates (asserted): τ is still the k-th smallest updated |θ| and
+    exactly the weights below it are zeroed, with their keep-mask bits cleared."""
+    if threads == "all":
+        request.getfixturevalue("all_threads")
+    device = kernel_backend.device
+    backend = kernel_backend.load()
+    tensors = StepTensors.make([(70000,), (3001,)], torch.float32, torch.float32, seed=24,
+                               step=0.0)
+    half = StepTensors.make([(50, 40)], torch.float16, torch.float32, seed=25, step=0.0)
+    generator = torch.Generator().manual_seed(26)
+    for group in (tensors, half):
+        for g, m, v in zip(group.grads, group.exp_avgs, group.exp_avg_sqs):
+            magnitude = 0.01 * (1 + 0.5 * torch.rand(g.shape, generator=generator))
+            g.copy_(torch.sign(torch.randn(g.shape, generator=generator)) * magnitude)
+            m.zero_()
+            v.zero_()
+    tensors, half = tensors.clone(device=device), half.clone(device=device)
+    candidates = tensors.params + half.params
+    numel = sum(p.numel() for p in candidates)
+    crowded_events = 0
+    for step, sparsity in enumerate((0.5, 0.3, 0.35, 0.3)):
+        updated_tensors, updated_half = tensors.clone(), half.clone()
+        backend.step([updated_tensors.group(weight_decay=0.0),
+                      updated_half.group(weight_decay=0.0)], None, None)
+        updated = [p.cpu() for p in updated_tensors.params + updated_half.params]
+        keep_masks = [torch.full(((p.numel() + 7) // 8,), 0x5A, dtype=torch.uint8, device=device)
+                      for p in candidates]
+        k = int(numel * sparsity)
+        threshold = backend.step([tensors.group(weight_decay=0.0), half.group(weight_decay=0.0)],
+                                 prune_event(candidates, k, keep_masks), None)
+        tau = reference.global_threshold(updated, k)
+        assert_bitwise_equal(threshold.tau, tau, f"step {step}: tau")
+        keys = torch.cat([u.abs().float().flatten() for u in updated]).view(torch.int32)
+        tau_bin = int(tau.view(torch.int32)) >> 15
+        crowded_events += int((keys >> 15 == tau_bin).sum()) > numel / 16
+        below = 0
+        for i, (p, u, mask) in enumerate(zip(candidates, updated, keep_masks)):
+            keep = reference.keep_mask(u, tau)
+            below += int((~keep).sum())
+            assert_bitwise_equal(p.cpu(), u.masked_fill(~keep, 0), f"step {step}, candidate {i}")
+            assert_bitwise_equal(mask.cpu(), masks.pack_mask(keep), f"step {step}, mask {i}")
+        assert threshold.below.item() == below
+    assert crowded_events >= 2, "the events after the first did not fall in a crowded bin"
+
+
 # ---- through the optimizer -----------------------------------------------------------------------
 
 def _optimizer(params, backend, k, **overrides):
@@ -325,7 +397,7 @@ def _prune_twice(tensors, backend, k, with_gradients):
 
 FINITE_CASES = sorted(set(CASES) - NONFINITE_CASES - {"several_chunks"})
 SMALL_FINITE_CASES = ["small_ties", "small_many_zeros", "small_denormals", "small_mixed_dtypes",
-                      "small_empty_among", "small_one_element", "one_high_bin"]
+                      "small_empty_among", "small_one_element", "one_high_bin", "small_regrowth"]
 
 
 @pytest.mark.parametrize("backend,case,with_gradients", backends.over(

@@ -73,8 +73,15 @@ std::vector<Chunk> make_chunks(int64_t count, GetNumel numel_of) {
   return chunks;
 }
 
+// Each thread counts into kCopies copies of a histogram (copy c of `bins` counters at c·bins):
+// count_bins adds element i of a run to copy i % kCopies, so that two increments of one counter
+// in flight together are rare (each is a chain through memory, and a load issued ahead of an
+// older store to its address costs a machine clear).
+constexpr int kCopies = 4;
+
 // Runs body(chunk, local_histogram) over all chunks in parallel; each thread counts into its own
-// histogram of `bins` counters (none when bins == 0), merged into `histogram` at the end.
+// kCopies copies of a histogram of `bins` counters (none when bins == 0), summed into `histogram`
+// at the end: integer sums, the same for any thread count.
 template <typename Body>
 void parallel_chunks(const std::vector<Chunk>& chunks, int num_threads, uint32_t bins,
                      int64_t* histogram, Body body) {
@@ -83,11 +90,13 @@ void parallel_chunks(const std::vector<Chunk>& chunks, int num_threads, uint32_t
   const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, n)));
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<uint32_t> local(bins, 0u);
+    std::vector<uint32_t> local(size_t{kCopies} * bins, 0u);
     int64_t counted = 0;
     auto flush = [&]() {
 #pragma omp critical(mgpp_histogram_merge)
-      for (uint32_t b = 0; b < bins; ++b) histogram[b] += local[b];
+      for (int c = 0; c < kCopies; ++c) {
+        for (uint32_t b = 0; b < bins; ++b) histogram[b] += local[size_t{bins} * c + b];
+      }
       std::fill(local.begin(), local.end(), 0u);
       counted = 0;
     };
@@ -98,6 +107,86 @@ void parallel_chunks(const std::vector<Chunk>& chunks, int num_threads, uint32_t
       if (bins != 0 && counted >= kFlushEvery) flush();
     }
     if (bins != 0) flush();
+  }
+}
+
+// Adds bins[0, n) to kCopies copies of a histogram of `stride` counters, element i to copy
+// i % kCopies.
+void count_into_copies(const uint32_t* __restrict bins, int64_t n, uint32_t* __restrict histogram,
+                       uint32_t stride) {
+  uint32_t* __restrict h0 = histogram;
+  uint32_t* __restrict h1 = histogram + stride;
+  uint32_t* __restrict h2 = histogram + 2 * size_t{stride};
+  uint32_t* __restrict h3 = histogram + 3 * size_t{stride};
+  static_assert(kCopies == 4, "count_into_copies counts into four copies");
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    ++h0[bins[i]];
+    ++h1[bins[i + 1]];
+    ++h2[bins[i + 2]];
+    ++h3[bins[i + 3]];
+  }
+  for (; i < n; ++i) ++h0[bins[i]];
+}
+
+// Adds the bins of a block to a histogram. A scalar `++histogram[bins[i]]` is a chain through
+// memory when many elements share a bin (the regrowth regime of an event: weights pruned at the
+// last event regrow to almost the same |θ|, so a few bins hold a large part of the block): each
+// increment waits on the store of the one before, and loads issued ahead of that store cost
+// machine clears. The bins of six sampled elements are counted with vector code; those holding
+// at least 1/32 of the block are added once, and the scalar loop counts the others, compacted
+// first so that it never touches a crowded counter. Exact for any block (a sample that is not
+// crowded just leaves the plain loop).
+void count_bins(const uint32_t* __restrict bins, int64_t n, uint32_t* __restrict histogram,
+                uint32_t stride) {
+  if (n < 64) {
+    count_into_copies(bins, n, histogram, stride);
+    return;
+  }
+  constexpr int kHot = 6;
+  uint32_t hot[kHot];
+  int64_t hot_count[kHot] = {};
+  for (int h = 0; h < kHot; ++h) hot[h] = bins[h * n / kHot];
+  for (int h = 0; h < kHot; ++h) {
+    bool seen = false;
+    for (int j = 0; j < h; ++j) seen |= hot[j] == hot[h];
+    if (seen) continue;
+    const uint32_t bin = hot[h];
+    int64_t matches = 0;
+#pragma omp simd reduction(+ : matches)
+    for (int64_t i = 0; i < n; ++i) matches += bins[i] == bin;
+    hot_count[h] = matches;
+  }
+  // A bin that is not crowded is left to the scalar loop; the crowded ones, each once, first.
+  uint32_t crowded[kHot];
+  std::fill(crowded, crowded + kHot, kHistHighBins);  // above every bin of either level
+  int crowded_bins = 0;
+  for (int h = 0; h < kHot; ++h) {
+    if (hot_count[h] * 32 < n) continue;
+    histogram[hot[h]] += static_cast<uint32_t>(hot_count[h]);
+    crowded[crowded_bins++] = hot[h];
+  }
+  if (crowded_bins == 0) {
+    count_into_copies(bins, n, histogram, stride);
+    return;
+  }
+  uint32_t rest[kBlock];
+  uint8_t other[kBlock];
+  for (int64_t start = 0; start < n; start += kBlock) {
+    const int64_t end = std::min(start + kBlock, n);
+    // Which elements are in no crowded bin with vector code, then compacted.
+#pragma omp simd
+    for (int64_t i = start; i < end; ++i) {
+      bool outside = true;
+      for (int h = 0; h < kHot; ++h) outside &= bins[i] != crowded[h];
+      other[i - start] = outside;
+    }
+    int64_t m = 0;
+    for (int64_t i = start; i < end; ++i) {
+      rest[m] = bins[i];
+      m += other[i - start];
+    }
+    count_into_copies(rest, m, histogram, stride);
   }
 }
 
@@ -282,7 +371,7 @@ void update_chunk(const StepTensor& t, const Chunk& chunk, const StepOptions& op
       const float* __restrict stored = float32_block<P>(param + block, theta_buffer, n);
 #pragma omp simd
       for (int64_t i = 0; i < n; ++i) bins[i] = key_high_bin(abs_key(stored[i]));
-      for (int64_t i = 0; i < n; ++i) ++histogram[bins[i]];
+      count_bins(bins, n, histogram, kHistHighBins);
     }
   }
 }
@@ -326,31 +415,44 @@ void high_histogram_chunk(const ValueTensor& t, const Chunk& chunk, uint32_t* hi
     const int64_t end = std::min(block + kBlock, chunk.end);
 #pragma omp simd
     for (int64_t i = block; i < end; ++i) bins[i - block] = key_high_bin(abs_key(P::load(data[i])));
-    for (int64_t i = 0; i < end - block; ++i) ++histogram[bins[i]];
+    count_bins(bins, end - block, histogram, kHistHighBins);
   }
 }
 
-// Few elements fall in the selected high bin: test groups of elements with vector code and count
-// only inside the groups that hold a match.
+// Usually few elements fall in the selected high bin: each group of elements is keyed and tested
+// with vector code, and only the groups that hold a match are compacted; in the regrowth regime
+// most groups do, and count_bins keeps its crowded low bins off the scalar loop.
 template <typename P>
 void low_histogram_chunk(const ValueTensor& t, const Chunk& chunk, uint32_t high_bin,
                          uint32_t* histogram) {
   constexpr int64_t kGroup = 64;
   const auto* __restrict data = static_cast<const typename P::T*>(t.data);
-  for (int64_t group = chunk.begin; group < chunk.end; group += kGroup) {
-    const int64_t end = std::min(group + kGroup, chunk.end);
-    int matches = 0;
+  uint32_t lows[kBlock];
+  uint32_t group_lows[kGroup];
+  uint8_t group_matches[kGroup];
+  for (int64_t block = chunk.begin; block < chunk.end; block += kBlock) {
+    const int64_t block_end = std::min(block + kBlock, chunk.end);
+    int64_t m = 0;
+    for (int64_t group = block; group < block_end; group += kGroup) {
+      const int64_t length = std::min(kGroup, block_end - group);
+      int matches = 0;
 #pragma omp simd reduction(+ : matches)
-    for (int64_t i = group; i < end; ++i) {
-      matches += key_high_bin(abs_key(P::load(data[i]))) == high_bin;
+      for (int64_t i = 0; i < length; ++i) {
+        const uint32_t key = abs_key(P::load(data[group + i]));
+        const bool match = key_high_bin(key) == high_bin;
+        group_lows[i] = key_low_bin(key);
+        group_matches[i] = match;
+        matches += match;
+      }
+      if (matches == 0) continue;
+      // Branch-free: when most elements match (say τ falls among many exact zeros), a branch per
+      // element would be mispredicted half the time.
+      for (int64_t i = 0; i < length; ++i) {
+        lows[m] = group_lows[i];
+        m += group_matches[i];
+      }
     }
-    if (matches == 0) continue;
-    // Branch-free: when most elements match (say τ falls among many exact zeros), a branch per
-    // element would be mispredicted half the time.
-    for (int64_t i = group; i < end; ++i) {
-      const uint32_t key = abs_key(P::load(data[i]));
-      histogram[key_low_bin(key)] += key_high_bin(key) == high_bin;
-    }
+    count_bins(lows, m, histogram, kHistLowBins);
   }
 }
 
@@ -412,6 +514,7 @@ void partition_chunk(const ValueTensor& t, int64_t flat_offset, uint8_t* keep_ma
   uint32_t keys[kBlock];
   uint8_t kept[kBlock];
   uint32_t found[kBlock];
+  uint32_t lows[kBlock];
   for (int64_t block = chunk.begin; block < chunk.end; block += kBlock) {
     const int64_t n = std::min(block + kBlock, chunk.end) - block;
     const float* x = float32_block<P>(data + block, value_buffer, n);
@@ -433,12 +536,14 @@ void partition_chunk(const ValueTensor& t, int64_t flat_offset, uint8_t* keep_ma
 #pragma omp simd reduction(+ : matches)
       for (int64_t i = group; i < end; ++i) matches += key_high_bin(keys[i]) == high_bin;
       if (matches == 0) continue;
+      // Branch-free, as in low_histogram_chunk.
       for (int64_t i = group; i < end; ++i) {
-        if (key_high_bin(keys[i]) != high_bin) continue;
-        found[n_found++] = static_cast<uint32_t>(flat_offset + block + i);
-        ++low_histogram[key_low_bin(keys[i])];
+        found[n_found] = static_cast<uint32_t>(flat_offset + block + i);
+        lows[n_found] = key_low_bin(keys[i]);
+        n_found += key_high_bin(keys[i]) == high_bin;
       }
     }
+    count_bins(lows, n_found, low_histogram, kHistLowBins);
     if (n_found == 0) continue;
     const int64_t at = collection.collected.fetch_add(n_found, std::memory_order_relaxed);
     if (at + n_found > collection.capacity) continue;  // reported by partition_at_bin
