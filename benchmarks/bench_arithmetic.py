@@ -42,7 +42,7 @@ def regime_scalars(prior_on: bool) -> torch.Tensor:
     backends build them for a group with the prior (candidates) or without (the others)."""
     prior = Prior(LAMBDA_MIX, SIGMA0_SQ, SIGMA1_SQ, NUM_TRAIN_EXAMPLES) if prior_on else None
     group = UpdateGroup([], [], [], [], [], [], lr=LR, beta1=BETAS[0], beta2=BETAS[1], eps=EPS,
-                        weight_decay=0.0, prior=prior, count=False)
+                        weight_decay=0.0, prior=prior, event=None)
     return step_scalars([group], torch.device("cpu"))
 
 

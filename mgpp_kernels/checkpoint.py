@@ -16,41 +16,71 @@ KEY = "mgpp"
 
 
 @dataclass(frozen=True)
+class PoolEvent:
+    """A pool's last event: its target sparsity, its threshold and N (the pool's elements it
+    ranked, over every rank)."""
+
+    target: float
+    threshold: Threshold
+    numel: int | None
+
+
+@dataclass(frozen=True)
 class Progress:
     """Where a run stands after its last step: t (the steps taken, skipped ones not counted),
-    that step's λ_t, and the last event's target sparsity, threshold and N (the candidate
-    elements it ranked, over every rank)."""
+    that step's λ_t, and each pool's last event (None before its first), in pool order."""
 
     t: int
     lambda_t: float
-    last_target: float | None = None
-    last_threshold: Threshold | None = None
-    last_numel: int | None = None
+    last_events: tuple[PoolEvent | None, ...] = ()
+
+    def last_event(self, pool: int) -> PoolEvent | None:
+        return self.last_events[pool] if pool < len(self.last_events) else None
 
 
-def schedule_entry(progress: Progress, total_steps: int | None) -> dict[str, Any]:
-    threshold = progress.last_threshold
-    return {
-        "schedule_step": progress.t,
-        "total_steps": total_steps,
-        "lambda_t": progress.lambda_t,
-        "last_target": progress.last_target,
-        "last_tau": None if threshold is None else threshold.tau.clone(),
-        "last_below": None if threshold is None else threshold.below.clone(),
-        "last_numel": progress.last_numel,
-    }
+def schedule_entry(progress: Progress, total_steps: int | None,
+                   pool_names: list[str]) -> dict[str, Any]:
+    pools = []
+    for i, name in enumerate(pool_names):
+        event = progress.last_event(i)
+        pools.append({
+            "pool": name,
+            "last_target": None if event is None else event.target,
+            "last_tau": None if event is None else event.threshold.tau.clone(),
+            "last_pruned": None if event is None else event.threshold.pruned.clone(),
+            "last_numel": None if event is None else event.numel,
+        })
+    return {"schedule_step": progress.t, "total_steps": total_steps,
+            "lambda_t": progress.lambda_t, "pools": pools}
 
 
-def saved_progress(entry: dict[str, Any], device: torch.device) -> Progress:
-    threshold = None
-    if entry["last_tau"] is not None:
-        threshold = Threshold(tau=entry["last_tau"].to(device),
-                              below=entry["last_below"].to(device))
-    # A state_dict saved before last_numel was recorded has none: N is known again at the next
-    # event.
+def saved_progress(entry: dict[str, Any], device: torch.device,
+                   pool_names: list[str]) -> Progress:
+    """The Progress of a saved "mgpp" entry, once its pools are known to be this optimizer's."""
+    saved_pools = entry.get("pools")
+    if saved_pools is None:
+        # Saved before pools: one pool's last event, if any, at the entry's top level.
+        saved_pools = ([dict(entry, last_pruned=entry["last_below"])]
+                       if entry.get("last_tau") is not None
+                       else [{"last_tau": None}] * len(pool_names))
+    names = [saved.get("pool") for saved in saved_pools]
+    if len(saved_pools) != len(pool_names) or any(
+            name is not None and name != expected for name, expected in zip(names, pool_names)):
+        raise ValueError(f"the state_dict's pools {names} are not this optimizer's {pool_names} "
+                         f"(pattern, initial and final sparsity of its pruned param groups)")
+    events = []
+    for saved in saved_pools:
+        if saved["last_tau"] is None:
+            events.append(None)
+            continue
+        # An entry saved before last_numel was recorded has none: N is known again at the next
+        # event.
+        events.append(PoolEvent(target=saved["last_target"],
+                                threshold=Threshold(tau=saved["last_tau"].to(device),
+                                                    pruned=saved["last_pruned"].to(device)),
+                                numel=saved.get("last_numel")))
     return Progress(t=entry["schedule_step"], lambda_t=entry["lambda_t"],
-                    last_target=entry["last_target"], last_threshold=threshold,
-                    last_numel=entry.get("last_numel"))
+                    last_events=tuple(events))
 
 
 def check_layout(state_dict: dict[str, Any],

@@ -21,6 +21,12 @@ def _require_finite(name: str, value) -> None:
         raise ValueError(f"{name} must be a finite number, got {value!r}")
 
 
+def require_sparsity(name: str, value) -> None:
+    _require_finite(name, value)
+    if not 0 <= value < 1:
+        raise ValueError(f"{name} must be in [0, 1), got {value}")
+
+
 @dataclass(frozen=True)
 class MGPPConfig:
     """Prior and schedule settings (docs/spec.md §1). Every value is checked when the config is built."""
@@ -49,8 +55,7 @@ class MGPPConfig:
             raise ValueError(f"lambda_mix must be in (0, 1), got {self.lambda_mix}")
         if not 0 < self.lambda_final_factor <= 1:
             raise ValueError(f"lambda_final_factor must be in (0, 1], got {self.lambda_final_factor}")
-        if not 0 <= self.final_sparsity < 1:
-            raise ValueError(f"final_sparsity must be in [0, 1), got {self.final_sparsity}")
+        require_sparsity("final_sparsity", self.final_sparsity)
         if not 0 <= self.initial_sparsity <= self.final_sparsity:
             raise ValueError(f"initial_sparsity must be in [0, final_sparsity = {self.final_sparsity}], "
                              f"got {self.initial_sparsity}")

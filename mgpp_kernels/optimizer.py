@@ -21,13 +21,15 @@ from .backends.device_schedule import DeviceSchedule
 from .backends.types import Prior, PruneEvent, Threshold, UpdateGroup
 from .config import MGPPConfig, check_adamw_hyperparameters
 from .masks import packed_mask_bytes
-from .checkpoint import Progress
-from .schedule import EventPlan, SchedulePoint, device_schedule_rows, plan_event, schedule_at
+from .checkpoint import PoolEvent, Progress
+from .pools import Pool, check_pattern_fits, group_pool, pools_of
+from .schedule import EventPlan, SchedulePoint, device_schedule_rows, schedule_at
 from .sharding import Sharding, local
 
+# initial_sparsity and final_sparsity are also a param group's (its pool's).
 _CONFIG_KEYS = ("num_train_examples", "initial_warmup_steps", "total_steps", "final_warmup_steps",
-                "pruning_interval", "initial_sparsity", "final_sparsity", "sigma0_sq", "sigma1_sq",
-                "lambda_mix", "lambda_final_factor", "state_dtype", "backend", "use_prior")
+                "pruning_interval", "sigma0_sq", "sigma1_sq", "lambda_mix", "lambda_final_factor",
+                "state_dtype", "backend", "use_prior")
 _FP32_NAMES = (torch.float32, "fp32", "float32")
 
 
@@ -91,8 +93,11 @@ class MGPP(Optimizer):
     """Mixture Gaussian prior pruning on top of AdamW.
 
     Takes torch.optim.AdamW's arguments plus the keywords of docs/spec.md §1. Param groups with
-    ``prune=True`` hold the pruning candidates (see :func:`mgpp_kernels.param_groups`); every
-    other parameter gets plain AdamW with its group's hyperparameters. ``use_prior=False`` keeps
+    ``prune=True`` hold the pruning candidates (see :func:`mgpp_kernels.param_groups`); they may
+    carry ``pattern`` ("unstructured" or "N:M" such as "2:4"), ``initial_sparsity`` and
+    ``final_sparsity``, and the groups that share all three form a pool, pruned to its own
+    targets with its own τ (docs/spec.md §5). Every other parameter gets plain AdamW with its
+    group's hyperparameters. ``use_prior=False`` keeps
     the schedule and the pruning but drops the prior: gradual magnitude pruning (GMP).
     """
 
@@ -174,6 +179,9 @@ class MGPP(Optimizer):
             raise ValueError("a param group lists the same parameter more than once")
         existing = [p for group in self.param_groups for p in group["params"]]
         self._check_params(existing + params)
+        pool = group_pool(param_group, self.config)
+        if pool is not None:
+            check_pattern_fits(pool.pattern, params, [local(p) for p in params])
         sharding = self._sharding.with_candidates(params) if prune else self._sharding
         if sharding.group is not None and not self._backend.ranks_across_processes:
             raise ValueError(f"the {self._backend.name} backend cannot rank candidates across "
@@ -216,6 +224,16 @@ class MGPP(Optimizer):
     def _candidates(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups if group["prune"] for p in group["params"]]
 
+    def _pools(self) -> tuple[list[Pool], list[int | None], list[list[torch.Tensor]]]:
+        """The pools (checked when their groups were added), each param group's pool index
+        (None without prune=True) and each pool's candidates."""
+        pools, pool_of_group = pools_of(self.param_groups, self.config)
+        members: list[list[torch.Tensor]] = [[] for _ in pools]
+        for group, index in zip(self.param_groups, pool_of_group):
+            if index is not None:
+                members[index].extend(group["params"])
+        return pools, pool_of_group, members
+
     def _step_device(self, p: torch.Tensor) -> torch.device:
         # Kernels that count steps on the device keep them there, so that reading one never
         # waits for the GPU; the others keep them on the host, as torch does.
@@ -251,59 +269,64 @@ class MGPP(Optimizer):
         # Each parameter's local tensor, made once: a backend tells the candidates it updated
         # from the others by identity (DTensor.to_local() returns a new object on every call).
         local_of = {id(p): local(p) for group in self.param_groups for p in group["params"]}
-        candidates = self._candidates()
+        pools, pool_of_group, members = self._pools()
         if schedule.on:
-            self._start_device_schedule(candidates, local_of)
+            self._start_device_schedule(pools, members, local_of)
             schedule.found_inf = found_inf
-            point = plan = None
+            point = plans = None
+            # Every pool's event ops run at every step; the device reads whether they prune.
+            event_pools = [i for i, candidates in enumerate(members) if candidates]
         else:
             point = schedule_at(self.config, self._progress.t)
             if found_inf is not None and bool(found_inf.any()):
                 return loss  # a skipped step: nothing moves, the schedule does not advance
-            plan = self._plan_event(point, [local_of[id(p)] for p in candidates])
-        groups = self._update_groups(point, local_of)
-        event = self._prune_event(plan, candidates, local_of, on_device=schedule.on)
-        threshold = self._backend.step(groups, event, grad_scale,
-                                       schedule if schedule.on else None)
+            plans = [self._plan_event(point, pool, [local_of[id(p)] for p in candidates])
+                     for pool, candidates in zip(pools, members)]
+            event_pools = [i for i, plan in enumerate(plans) if plan is not None]
+        event_of_pool = {pool: e for e, pool in enumerate(event_pools)}
+        groups = self._update_groups(point, local_of,
+                                     [event_of_pool.get(index) for index in pool_of_group])
+        events = [self._prune_event(pools[i], None if plans is None else plans[i], members[i],
+                                    local_of, on_device=schedule.on) for i in event_pools]
+        thresholds = self._backend.step(groups, events, grad_scale,
+                                        schedule if schedule.on else None)
         if point is not None:
-            progress = replace(self._progress, t=point.t + 1, lambda_t=point.lambda_t)
-            if event is not None:
-                progress = replace(progress, last_target=plan.sparsity, last_threshold=threshold,
-                                   last_numel=plan.numel)
-                for p, mask in zip(candidates, event.keep_masks):
+            last_events = [self._progress.last_event(i) for i in range(len(pools))]
+            for i, event, threshold in zip(event_pools, events, thresholds):
+                last_events[i] = PoolEvent(target=plans[i].sparsity, threshold=threshold,
+                                           numel=plans[i].numel)
+                for p, mask in zip(members[i], event.keep_masks):
                     self.state[p]["keep_mask"] = mask
-            self._progress = progress
+            self._progress = replace(self._progress, t=point.t + 1, lambda_t=point.lambda_t,
+                                     last_events=tuple(last_events))
         return loss
 
-    def _plan_event(self, point: SchedulePoint,
+    def _plan_event(self, point: SchedulePoint, pool: Pool,
                     local_candidates: list[torch.Tensor]) -> EventPlan | None:
-        """The event of host schedule point `point`; N over every rank only where it prunes
-        (with a process group, counting N is a collective)."""
-        if point.prune_to is None:
+        """The event of a pool at host schedule point `point`; N over every rank only where it
+        prunes (with a process group, counting N is a collective)."""
+        if pool.target(point) is None:
             return None
-        return plan_event(point, self._sharding.global_numel(local_candidates))
+        return pool.plan(point, self._sharding.global_numel(local_candidates))
 
-    def _prune_event(self, plan: EventPlan | None, candidates: list[torch.Tensor],
-                     local_of: dict[int, torch.Tensor], on_device: bool) -> PruneEvent | None:
-        """The step's pruning event over the candidates: on the host schedule, the one `plan`
-        says (None without one; fresh keep masks at the freeze); on the device schedule, an
-        event at every step, with the candidates' keep masks, whose k the device reads."""
+    def _prune_event(self, pool: Pool, plan: EventPlan | None, candidates: list[torch.Tensor],
+                     local_of: dict[int, torch.Tensor], on_device: bool) -> PruneEvent:
+        """A pool's pruning event: on the host schedule, the one `plan` says (fresh keep masks
+        at the freeze); on the device schedule, one at every step, with the candidates' keep
+        masks, whose k the device reads."""
         local_candidates = [local_of[id(p)] for p in candidates]
         if on_device:
-            if not candidates:
-                return None
-            return PruneEvent(params=local_candidates, k=None,
-                              keep_masks=[self.state[p]["keep_mask"] for p in candidates],
-                              process_group=self._sharding.group)
-        if plan is None:
-            return None
-        keep_masks = ([torch.empty(packed_mask_bytes(p.numel()), dtype=torch.uint8,
-                                   device=p.device) for p in local_candidates]
-                      if plan.freeze else [])
-        return PruneEvent(params=local_candidates, k=plan.k, keep_masks=keep_masks,
-                          process_group=self._sharding.group)
+            keep_masks = [self.state[p]["keep_mask"] for p in candidates]
+        elif plan.freeze:
+            keep_masks = [torch.empty(packed_mask_bytes(p.numel()), dtype=torch.uint8,
+                                      device=p.device) for p in local_candidates]
+        else:
+            keep_masks = []
+        return PruneEvent(params=local_candidates, k=None if on_device else plan.k,
+                          keep_masks=keep_masks, process_group=self._sharding.group,
+                          pattern=pool.pattern)
 
-    def _start_device_schedule(self, candidates: list[torch.Tensor],
+    def _start_device_schedule(self, pools: list[Pool], members: list[list[torch.Tensor]],
                                local_of: dict[int, torch.Tensor]) -> None:
         """Starts the device schedule from the host's progress, unless it runs. Every candidate
         gets a keep mask in its state: all ones (keeping every element) until the freeze, which
@@ -313,13 +336,25 @@ class MGPP(Optimizer):
         if schedule.started:
             return
         device = next(local_of[id(p)].device for g in self.param_groups for p in g["params"])
-        local_candidates = [local_of[id(p)] for p in candidates]
-        numel = self._sharding.global_numel(local_candidates)
-        schedule.start(device_schedule_rows(self.config, numel), numel, self._progress.t,
-                       self._progress.last_threshold, device)
-        for p, local_p in zip(candidates, local_candidates):
+        # One table per pool that has candidates, in the order of the step's events.
+        active = [i for i, candidates in enumerate(members) if candidates]
+        tables, numels = [], []
+        for i in active:
+            numel = self._sharding.global_numel([local_of[id(p)] for p in members[i]])
+            tables.append(device_schedule_rows(
+                self.config, lambda point, pool=pools[i], numel=numel: pool.plan(point, numel)))
+            numels.append(numel)
+        last = [self._progress.last_event(i) for i in active]
+        inclusive = [pools[i].pattern is not None for i in active]
+        if not active:   # t still moves on the device, with the skip flag and the prior's row
+            tables, numels, last, inclusive = [device_schedule_rows(self.config,
+                                                                    lambda point: None)], [0], [None], [False]
+        schedule.start(tables, numels, inclusive, self._progress.t,
+                       [None if e is None else e.threshold for e in last], device)
+        for p in (p for candidates in members for p in candidates):
             if "keep_mask" not in self.state[p]:
-                self.state[p]["keep_mask"] = _keep_everything_mask(local_p.numel(), device)
+                self.state[p]["keep_mask"] = _keep_everything_mask(local_of[id(p)].numel(),
+                                                                   device)
 
     def _read_device_schedule(self) -> None:
         """The host's progress read from the device schedule, when it runs: for stats() and
@@ -327,13 +362,18 @@ class MGPP(Optimizer):
         schedule = self._device_schedule
         if not schedule.started:
             return
-        t, last_event = schedule.read()
+        t, last_positions = schedule.read()
         lambda_t = schedule_at(self.config, t - 1).lambda_t if t > 0 else self.config.lambda_mix
-        progress = replace(self._progress, t=t, lambda_t=lambda_t)
-        if last_event is not None:
-            progress = replace(progress, last_target=schedule_at(self.config, last_event).prune_to,
-                               last_threshold=schedule.threshold(), last_numel=schedule.numel)
-        self._progress = progress
+        pools, _, members = self._pools()
+        active = [i for i, candidates in enumerate(members) if candidates]
+        last_events = [self._progress.last_event(i) for i in range(len(pools))]
+        for i, pool_schedule, position in zip(active, schedule.pools, last_positions):
+            if position is not None:
+                last_events[i] = PoolEvent(
+                    target=pools[i].target(schedule_at(self.config, position)),
+                    threshold=pool_schedule.threshold(), numel=pool_schedule.numel)
+        self._progress = replace(self._progress, t=t, lambda_t=lambda_t,
+                                 last_events=tuple(last_events))
 
     def _stop_device_schedule(self) -> None:
         """Reads the device schedule back and drops its buffers (N or T change): the next step
@@ -354,16 +394,18 @@ class MGPP(Optimizer):
                                        f"{tuple(grad.shape)} on {grad.device} does not match its "
                                        f"parameter ({p.dtype}, {tuple(p.shape)}, {p.device})")
 
-    def _update_groups(self, point: SchedulePoint | None,
-                       local_of: dict[int, torch.Tensor]) -> list[UpdateGroup]:
+    def _update_groups(self, point: SchedulePoint | None, local_of: dict[int, torch.Tensor],
+                       event_of_group: list[int | None]) -> list[UpdateGroup]:
         """The step's UpdateGroups at host schedule point `point`, or on the device schedule
-        (point None: λ_t and whether the prior is on come from the device)."""
+        (point None: λ_t and whether the prior is on come from the device); a param group's
+        candidates count into the ranking of its pool's event, `event_of_group` (its index
+        among the step's events, None without one)."""
         config = self.config
         prior = Prior(None if point is None else point.lambda_t, config.sigma0_sq,
                       config.sigma1_sq, config.num_train_examples)
         prior_on = point is None or point.prior_on
         groups = []
-        for group in self.param_groups:
+        for group, event in zip(self.param_groups, event_of_group):
             # Parameters with and without a frozen mask go to separate groups.
             by_mask: dict[bool, list[torch.Tensor]] = {False: [], True: []}
             for p in group["params"]:
@@ -384,7 +426,7 @@ class MGPP(Optimizer):
                     lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
                     eps=group["eps"], weight_decay=group["weight_decay"],
                     prior=prior if group["prune"] and prior_on and self.use_prior else None,
-                    count=group["prune"]))
+                    event=event))
         return groups
 
     def _init_state(self, p: torch.Tensor) -> dict[str, Any]:
@@ -402,12 +444,22 @@ class MGPP(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         self._read_device_schedule()
         state_dict = super().state_dict()
-        state_dict[checkpoint.KEY] = checkpoint.schedule_entry(self._progress,
-                                                               self.config.total_steps)
+        state_dict[checkpoint.KEY] = checkpoint.schedule_entry(
+            self._progress, self.config.total_steps, [str(pool) for pool in self._pools()[0]])
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         param_of = checkpoint.check_layout(state_dict, self.param_groups)
+        # The saved groups' pools (their keys replace these groups'), checked against this
+        # optimizer's parameters and the saved progress before anything changes.
+        saved_pools, pool_of_group = pools_of(state_dict["param_groups"], self.config)
+        for index, group in zip(pool_of_group, self.param_groups):
+            if index is not None:
+                check_pattern_fits(saved_pools[index].pattern, group["params"],
+                                   [local(p) for p in group["params"]])
+        progress = checkpoint.saved_progress(state_dict[checkpoint.KEY],
+                                             self.param_groups[0]["params"][0].device,
+                                             [str(pool) for pool in saved_pools])
         self._device_schedule.discard()   # the next step on the device starts from the loaded t
         super().load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
         for index, saved in state_dict["state"].items():
@@ -417,8 +469,7 @@ class MGPP(Optimizer):
         entry = state_dict[checkpoint.KEY]
         if self.config.total_steps is None and entry["total_steps"] is not None:
             self.set_total_steps(entry["total_steps"])
-        self._progress = checkpoint.saved_progress(entry,
-                                                   self.param_groups[0]["params"][0].device)
+        self._progress = progress
 
     # ---- copying and pickling ------------------------------------------------------------------
 
@@ -434,10 +485,11 @@ class MGPP(Optimizer):
         self._read_device_schedule()
         state = super().__getstate__()
         state.update({key: self.__dict__[key] for key in self._PICKLED})
-        threshold = self._progress.last_threshold
-        if threshold is not None:   # not views of the device schedule's buffers
-            state["_progress"] = replace(self._progress, last_threshold=Threshold(
-                tau=threshold.tau.clone(), below=threshold.below.clone()))
+        # Not views of the device schedule's buffers.
+        state["_progress"] = replace(self._progress, last_events=tuple(
+            None if event is None else replace(event, threshold=Threshold(
+                tau=event.threshold.tau.clone(), pruned=event.threshold.pruned.clone()))
+            for event in self._progress.last_events))
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -447,31 +499,56 @@ class MGPP(Optimizer):
     # ---- logging -------------------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
-        """Pruning progress for logs: stage, target and achieved sparsity, τ and λ_t.
+        """Pruning progress for logs: stage, target and achieved sparsity, τ and λ_t, for all
+        candidates and for each pool (``"pools"``).
 
         ``sparsity`` counts the exact zeros among the candidates now (one pass over them, with no
         temporary the size of a candidate), so call this when logging, not every step; with a
         process group, among this rank's shards. In the pruning stage the pruned weights regrow
         at once (as the paper intends), so between events it reads near 0; ``event_sparsity``
-        is the sparsity the last event reached, ``pruned`` (below τ, over every rank) over the N
-        candidate elements it ranked.
+        is the sparsity the last event reached: ``pruned`` (the candidates it zeroed, over every
+        rank) over ``numel``, the N elements it ranked (before a pool's first event, this rank's
+        elements). For all candidates, the targets and counts are summed over the pools, and
+        ``tau`` is the one pool's τ (None with several pools: see each pool's).
         """
         self._read_device_schedule()
         progress = self._progress
-        candidates = [local(p) for p in self._candidates()]
-        numel = sum(p.numel() for p in candidates)
-        zeros = numel - sum(int(torch.count_nonzero(p)) for p in candidates)
+        pools, _, members = self._pools()
+        pool_stats = []
+        for i, (pool, candidates) in enumerate(zip(pools, members)):
+            shards = [local(p) for p in candidates]
+            numel = sum(p.numel() for p in shards)
+            zeros = numel - sum(int(torch.count_nonzero(p)) for p in shards)
+            event = progress.last_event(i)
+            ranked = event.numel if event is not None and event.numel else numel
+            pruned = 0 if event is None else int(event.threshold.pruned)
+            pool_stats.append({
+                "pattern": "unstructured" if pool.pattern is None else str(pool.pattern),
+                "final_sparsity": pool.final_sparsity,
+                "target_sparsity": 0.0 if event is None else event.target,
+                "sparsity": zeros / numel if numel else 0.0,
+                "tau": None if event is None else float(event.threshold.tau),
+                "pruned": pruned,
+                "numel": ranked,
+                "event_sparsity": pruned / ranked if ranked else 0.0,
+                "zeros": zeros,
+                "local_numel": numel,
+            })
+        numel = sum(stat.pop("local_numel") for stat in pool_stats)
+        zeros = sum(stat.pop("zeros") for stat in pool_stats)
+        ranked = sum(stat["numel"] for stat in pool_stats)
+        pruned = sum(stat["pruned"] for stat in pool_stats)
         last = max(progress.t - 1, 0)
-        threshold = progress.last_threshold
         return {
             "stage": schedule_at(self.config, last).stage
             if self.config.total_steps is not None else "dense",
             "step": progress.t,
-            "target_sparsity": progress.last_target or 0.0,
+            "target_sparsity": (sum(stat["target_sparsity"] * stat["numel"] for stat in pool_stats)
+                                / ranked if ranked else 0.0),
             "sparsity": zeros / numel if numel else 0.0,
-            "tau": None if threshold is None else float(threshold.tau),
-            "pruned": 0 if threshold is None else int(threshold.below),
-            "event_sparsity": (int(threshold.below) / progress.last_numel
-                               if threshold is not None and progress.last_numel else 0.0),
+            "tau": pool_stats[0]["tau"] if len(pool_stats) == 1 else None,
+            "pruned": pruned,
+            "event_sparsity": pruned / ranked if ranked else 0.0,
             "lambda_t": progress.lambda_t,
+            "pools": pool_stats,
         }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from .patterns import NMPattern
 from .prior import prior_c1, prior_c2
 
 # ---- prior gradient ----------------------------------------------------------------------------
@@ -40,12 +41,38 @@ def adamw_update(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
 # ---- global magnitude pruning ------------------------------------------------------------------
 
 
-def global_threshold(params: list[torch.Tensor], k: int) -> torch.Tensor:
-    """τ: the k-th smallest |θ| over all candidates, 1-indexed (float32; exact for every dtype)."""
-    magnitudes = torch.cat([p.detach().abs().flatten().float() for p in params])
+def nm_candidates(param: torch.Tensor, pattern: NMPattern) -> torch.Tensor:
+    """The candidates of an N:M pool's tensor: the M − N smallest |θ| of each group of M
+    consecutive elements along the last dimension, the lower index first among equal |θ| (a
+    stable sort; NaN sorts last, as in kthvalue)."""
+    groups = param.detach().abs().float().reshape(-1, pattern.m)
+    order = torch.sort(groups, dim=1, stable=True).indices
+    ranks = torch.empty_like(order).scatter_(
+        1, order, torch.arange(pattern.m, device=order.device).expand_as(order))
+    return (ranks < pattern.prunable).reshape(param.shape)
+
+
+def candidate_magnitudes(param: torch.Tensor, pattern: NMPattern | None) -> torch.Tensor:
+    """|θ| (float32, flat) of the elements of `param` that an event of its pool ranks."""
+    magnitudes = param.detach().abs().float()
+    if pattern is None:
+        return magnitudes.flatten()
+    return magnitudes[nm_candidates(param, pattern)]
+
+
+def global_threshold(params: list[torch.Tensor], k: int,
+                     pattern: NMPattern | None = None) -> torch.Tensor:
+    """τ: the k-th smallest |θ| over the candidates of all `params`, 1-indexed (float32; exact
+    for every dtype)."""
+    magnitudes = torch.cat([candidate_magnitudes(p, pattern) for p in params])
     return torch.kthvalue(magnitudes, k).values
 
 
-def keep_mask(param: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-    """The positions that survive a threshold: not |θ| < τ (so NaN survives, as in torch)."""
-    return ~(param.detach().abs().float() < tau)
+def keep_mask(param: torch.Tensor, tau: torch.Tensor,
+              pattern: NMPattern | None = None) -> torch.Tensor:
+    """The positions that survive a threshold: not |θ| < τ (so NaN survives, as in torch); in
+    an N:M pool, not a candidate with |θ| <= τ."""
+    magnitudes = param.detach().abs().float()
+    if pattern is None:
+        return ~(magnitudes < tau)
+    return ~(nm_candidates(param, pattern) & (magnitudes <= tau))

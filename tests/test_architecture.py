@@ -176,7 +176,7 @@ def test_kernels_of_another_layout_are_refused(monkeypatch):
 
 def test_step_scalar_values_follow_the_layout():
     group = UpdateGroup([], [], [], [], [], [], lr=0.25, beta1=0.5, beta2=0.75, eps=1e-3,
-                        weight_decay=0.125, prior=Prior(0.1, 1e-10, 0.05, 1000), count=True)
+                        weight_decay=0.125, prior=Prior(0.1, 1e-10, 0.05, 1000), event=0)
     values = dict(zip(layout.STEP_SCALARS, step_scalar_values(group)))
     c1, c2 = prior_c1(0.1, 1e-10, 0.05), prior_c2(1e-10, 0.05)
     assert values == {"lr": 0.25, "beta1": 0.5, "beta2": 0.75, "eps": 1e-3, "weight_decay": 0.125,

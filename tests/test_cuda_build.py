@@ -137,7 +137,7 @@ def update_group(tensors, steps, masked, prior_on) -> UpdateGroup:
         exp_avgs=[t[2] for t in tensors], exp_avg_sqs=[t[3] for t in tensors],
         state_steps=steps, keep_masks=[t[4] for t in tensors] if masked else [],
         lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01,
-        prior=Prior(0.05, 1e-10, 0.05, 1000) if prior_on else None, count=True)
+        prior=Prior(0.05, 1e-10, 0.05, 1000) if prior_on else None, event=0)
 
 
 def bits(x: torch.Tensor) -> torch.Tensor:
@@ -217,7 +217,7 @@ def test_apply_threshold_matches_the_reference_with_masks():
     tau = reference.global_threshold(expected, k)
     masks = [torch.full(((t.numel() + 7) // 8,), 0xAB, dtype=torch.uint8, device="cuda") for t in tensors]
     event = PruneEvent(params=tensors, k=k, keep_masks=masks)
-    threshold = load_backend("cuda").step([], event, None)
+    threshold, = load_backend("cuda").step([], [event], None)
     below = 0
     for t, e, mask in zip(tensors, expected, masks):
         keep = reference.keep_mask(e, tau)
@@ -225,7 +225,7 @@ def test_apply_threshold_matches_the_reference_with_masks():
         e.masked_fill_(~keep, 0)
         assert torch.equal(bits(t), bits(e))
         assert torch.equal(mask.cpu(), pack_mask(keep))
-    assert threshold.tau.item() == tau.item() and int(threshold.below) == below
+    assert threshold.tau.item() == tau.item() and int(threshold.pruned) == below
 
 
 def model_params(device, seed=0):

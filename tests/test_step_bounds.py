@@ -162,8 +162,8 @@ def test_backend_step_fp32_within_bound(kernel_backend, case):
             g.mul_(scale_value)
     ours, theirs = before.clone(device=device), before.clone()
     grad_scale = torch.tensor(scale_value, device=device) if case == "prior" else None
-    assert kernel_backend.load().step([ours.group(prior)], None, grad_scale) is None
-    REFERENCE.load().step([theirs.group(prior)], None,
+    assert kernel_backend.load().step([ours.group(prior)], [], grad_scale) == []
+    REFERENCE.load().step([theirs.group(prior)], [],
                              None if grad_scale is None else grad_scale.cpu())
     assert_fp32_step_bound(ours, theirs, before, prior, scale_value)
     if case == "frozen_mask":
@@ -178,9 +178,9 @@ def test_backend_step_16bit_storage_bound(kernel_backend, dtype, state_dtype):
     before = StepTensors.make(STEP_SHAPES, dtype, state_dtype, seed=2)
     ours, same_dtype = before.clone(device=kernel_backend.device), before.clone()
     oracle = before.clone(torch.float64, torch.float64)
-    kernel_backend.load().step([ours.group()], None, None)
-    REFERENCE.load().step([same_dtype.group()], None, None)
-    REFERENCE.load().step([oracle.group()], None, None)
+    kernel_backend.load().step([ours.group()], [], None)
+    REFERENCE.load().step([same_dtype.group()], [], None)
+    REFERENCE.load().step([oracle.group()], [], None)
     for name in ("params", "exp_avgs", "exp_avg_sqs"):
         for i, (actual, ref, exact) in enumerate(zip(getattr(ours, name), getattr(same_dtype, name),
                                                      getattr(oracle, name))):

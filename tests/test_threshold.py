@@ -267,10 +267,10 @@ def test_pruning_event_without_update_matches_reference(kernel_backend, case):
     keep_masks = [torch.full(((t.numel() + 7) // 8,), 0xAA, dtype=torch.uint8) for t in theirs]
     ref_masks = [m.clone() for m in keep_masks]
     keep_masks = _on(keep_masks, device)
-    threshold = kernel_backend.load().step([], prune_event(ours, k, keep_masks), None)
-    expected = REFERENCE.load().step([], prune_event(theirs, k, ref_masks), None)
+    threshold, = kernel_backend.load().step([], [prune_event(ours, k, keep_masks)], None)
+    expected, = REFERENCE.load().step([], [prune_event(theirs, k, ref_masks)], None)
     assert_bitwise_equal(threshold.tau, expected.tau, "tau")
-    assert threshold.below.item() == expected.below.item()
+    assert threshold.pruned.item() == expected.pruned.item()
     for i, (a, b) in enumerate(zip(ours, theirs)):
         assert_bitwise_equal(a, b, f"tensor {i}")
         assert_bitwise_equal(keep_masks[i], ref_masks[i], f"mask {i}")
@@ -285,7 +285,7 @@ def _event_step_inputs(device):
     others = StepTensors.make([(50,)], torch.float32, torch.float32, seed=5, device=device)
     no_grad = StepTensors.make([(300,)], torch.bfloat16, torch.float32, seed=6,
                                device=device).params
-    groups = [fp32.group(), half.group(), others.group(prior=None, count=False)]
+    groups = [fp32.group(), half.group(), others.group(prior=None, event=None)]
     return groups, fp32.params + half.params + no_grad, no_grad, others.params
 
 
@@ -297,12 +297,12 @@ def test_event_step_prunes_at_the_exact_threshold_of_the_updated_values(kernel_b
     keep_masks = [torch.empty((p.numel() + 7) // 8, dtype=torch.uint8, device=device)
                   for p in candidates]
     event = prune_event(candidates, int(numel * 0.6), keep_masks)
-    threshold = backend.step(groups, event, None)
+    threshold, = backend.step(groups, [event], None)
 
     # The same update without an event gives θ_new before pruning (the update does not depend
     # on the counting): τ must be its k-th smallest |θ_new|, bit for bit.
     groups_u, candidates_u, _, others_u = _event_step_inputs(device)
-    backend.step(groups_u, None, None)
+    backend.step(groups_u, [], None)
     candidates_u = [p.cpu() for p in candidates_u]
     tau = reference.global_threshold(candidates_u, event.k)
     assert_bitwise_equal(threshold.tau, tau, "tau")
@@ -312,7 +312,7 @@ def test_event_step_prunes_at_the_exact_threshold_of_the_updated_values(kernel_b
         below += int((~keep).sum())
         assert_bitwise_equal(pruned, updated.masked_fill(~keep, 0), f"candidate {i}")
         assert_bitwise_equal(mask, masks.pack_mask(keep), f"keep mask {i}")
-    assert threshold.below.item() == below
+    assert threshold.pruned.item() == below
     for i, (a, b) in enumerate(zip(others, others_u)):
         assert_bitwise_equal(a, b, f"non-candidate {i}")
 
@@ -345,13 +345,14 @@ def test_consecutive_events_after_an_event_prune_at_the_exact_threshold(kernel_b
     for step, sparsity in enumerate((0.5, 0.3, 0.35, 0.3)):
         updated_tensors, updated_half = tensors.clone(), half.clone()
         backend.step([updated_tensors.group(weight_decay=0.0),
-                      updated_half.group(weight_decay=0.0)], None, None)
+                      updated_half.group(weight_decay=0.0)], [], None)
         updated = [p.cpu() for p in updated_tensors.params + updated_half.params]
         keep_masks = [torch.full(((p.numel() + 7) // 8,), 0x5A, dtype=torch.uint8, device=device)
                       for p in candidates]
         k = int(numel * sparsity)
-        threshold = backend.step([tensors.group(weight_decay=0.0), half.group(weight_decay=0.0)],
-                                 prune_event(candidates, k, keep_masks), None)
+        threshold, = backend.step([tensors.group(weight_decay=0.0),
+                                   half.group(weight_decay=0.0)],
+                                  [prune_event(candidates, k, keep_masks)], None)
         tau = reference.global_threshold(updated, k)
         assert_bitwise_equal(threshold.tau, tau, f"step {step}: tau")
         keys = torch.cat([u.abs().float().flatten() for u in updated]).view(torch.int32)
@@ -363,7 +364,7 @@ def test_consecutive_events_after_an_event_prune_at_the_exact_threshold(kernel_b
             below += int((~keep).sum())
             assert_bitwise_equal(p.cpu(), u.masked_fill(~keep, 0), f"step {step}, candidate {i}")
             assert_bitwise_equal(mask.cpu(), masks.pack_mask(keep), f"step {step}, mask {i}")
-        assert threshold.below.item() == below
+        assert threshold.pruned.item() == below
     assert crowded_events >= 2, "the events after the first did not fall in a crowded bin"
 
 

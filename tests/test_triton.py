@@ -146,10 +146,10 @@ def test_tables_are_built_once_while_the_tensors_stay():
     before = StepTensors.make([(7,), (40,)], torch.float32, torch.float32)
     backend = triton_backend.TritonBackend()
     for _ in range(3):
-        backend.step([before.group()], None, None)
+        backend.step([before.group()], [], None)
     assert backend._plans.builds == 1
     before.grads[1] = before.grads[1].clone()  # a new gradient tensor: new addresses, new table
-    backend.step([before.group()], None, None)
+    backend.step([before.group()], [], None)
     assert backend._plans.builds == 2
     assert [s.item() for s in before.steps] == [7.0, 7.0]
 
@@ -160,7 +160,7 @@ def test_the_guard_catches_host_reads(forbid_host_reads):
     forbid_host_reads([reference_backend.__file__])
     before = StepTensors.make([(7,)], torch.float32, torch.float32)
     with pytest.raises(AssertionError, match="Tensor.item"):
-        REFERENCE.step([before.group()], None, None)
+        REFERENCE.step([before.group()], [], None)
 
 
 @interpreted
@@ -196,17 +196,17 @@ def test_bad_input_is_rejected_before_anything_changes():
     bad = before.clone()
     bad.grads[1] = bad.grads[1].half()
     with pytest.raises(ValueError, match="grads\\[1\\] must have its parameter's dtype"):
-        TRITON.step([bad.group()], None, None)
+        TRITON.step([bad.group()], [], None)
     bad = before.clone()
     bad.exp_avg_sqs[0] = bad.exp_avg_sqs[0].half()
     with pytest.raises(ValueError,
                        match="exp_avg_sqs\\[0\\] must have the dtype of exp_avgs\\[0\\]"):
-        TRITON.step([bad.group()], None, None)
+        TRITON.step([bad.group()], [], None)
     ok = before.clone()
     with pytest.raises(ValueError, match="k must be in"):
-        TRITON.step([ok.group()], prune_event(ok.params, 13), None)
+        TRITON.step([ok.group()], [prune_event(ok.params, 13)], None)
     with pytest.raises(ValueError, match="keep_masks\\[0\\] must be uint8"):
-        TRITON.step([ok.group()], prune_event(ok.params, 3, [torch.zeros(2, dtype=torch.uint8)]
+        TRITON.step([ok.group()], [prune_event(ok.params, 3, [torch.zeros(2, dtype=torch.uint8)]
                                               * 2), None)
     ok.assert_equal(before, "after a rejected step")
 

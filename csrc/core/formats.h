@@ -71,9 +71,17 @@ struct ValueTensor {
   void* data;
   int64_t numel;
 };
+
+// The pattern of a pruning event's pool: N:M, whose candidates are the M − N smallest |x| of each
+// group of M consecutive elements (csrc/core/selection.h), or m = 0 for an unstructured pool.
+struct Pattern {
+  int n;
+  int m;
+};
 }  // namespace mgpp_abi
 namespace MGPP_NAMESPACE {
 using mgpp_abi::DType;
+using mgpp_abi::Pattern;
 using mgpp_abi::ValueTensor;
 
 // A format: its storage type T and the exact widening to / rounding from float32.

@@ -25,12 +25,15 @@
 // The int64 state of the radix selection of τ, the k-th smallest key (csrc/core/selection.h):
 //   rank:  1-indexed rank of τ among the keys still in play (starts at k),
 //   key:   τ's key bits fixed so far (after the last level: τ's key),
-//   below: number of keys known to be smaller than τ.
+//   below: number of keys known to be smaller than τ,
+//   equal: the keys in the bin the last level chose (after the last level: the keys equal to τ,
+//          which an N:M pool's event zeroes too).
 // It lives in memory (on the device for the GPU backends) so that no step reads it on the host.
 #define MGPP_SELECTION_SLOTS(X) \
   X(kSelRank, rank)             \
   X(kSelKey, key)               \
-  X(kSelBelow, below)
+  X(kSelBelow, below)           \
+  X(kSelEqual, equal)
 
 // The schedule on the device (docs/spec.md §2; csrc/core/schedule.h): a float64 table of one row
 // per schedule position t in these columns, and the step's row ("current") copied from it, the

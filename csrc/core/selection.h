@@ -2,6 +2,7 @@
 // smallest one from histograms, shared by the CPU and CUDA kernels.
 #pragma once
 
+#include "formats.h"
 #include "layout.h"
 #include "platform.h"
 
@@ -16,14 +17,37 @@ MGPP_HD uint32_t abs_key(float x) { return float_to_bits(x) & 0x7FFFFFFFu; }
 MGPP_HD uint32_t key_high_bin(uint32_t key) { return key >> kHistLowBits; }
 MGPP_HD uint32_t key_low_bin(uint32_t key) { return key & (kHistLowBins - 1u); }
 
-// |θ| < τ in key space. Comparisons with a NaN τ are false, as in torch.
-MGPP_HD bool below_threshold(uint32_t key, uint32_t tau_key) {
-  return key < tau_key && tau_key < kNaNKeyFloor;
+// |θ| < τ in key space, or |θ| <= τ where `at_tau` (an N:M pool's rule). Comparisons with a NaN
+// τ are false, as in torch.
+MGPP_HD bool below_threshold(uint32_t key, uint32_t tau_key, bool at_tau = false) {
+  return key < tau_key + (at_tau ? 1u : 0u) && tau_key < kNaNKeyFloor;
 }
 
-// Records the bin that one level of the selection chose, `before` keys lying in the bins below it.
-MGPP_HD void record_bin(int level, uint32_t bin, int64_t before, int64_t* selection) {
+// The key of an element that an N:M pool's event does not rank (not among the M − N smallest of
+// its group): the largest key, a NaN's, which no selection reaches since k never exceeds the
+// pool's candidates, unless τ is itself that NaN, which no comparison puts anything below or at.
+constexpr uint32_t kNotCandidateKey = 0x7FFFFFFFu;
+
+// The keys of one group of M consecutive elements, `keys[0..m)`, with those that are not among
+// its M − N smallest replaced by kNotCandidateKey (equal keys: the lower index is the smaller).
+MGPP_HD void keep_candidate_keys(uint32_t* keys, int m, int prunable) {
+  uint32_t rank[16];
+  for (int i = 0; i < m; ++i) {
+    int r = 0;
+    for (int j = 0; j < m; ++j) r += keys[j] < keys[i] || (keys[j] == keys[i] && j < i);
+    rank[i] = static_cast<uint32_t>(r);
+  }
+  for (int i = 0; i < m; ++i) {
+    if (rank[i] >= static_cast<uint32_t>(prunable)) keys[i] = kNotCandidateKey;
+  }
+}
+
+// Records the bin that one level of the selection chose, `before` keys lying in the bins below it
+// and `inside` in it.
+MGPP_HD void record_bin(int level, uint32_t bin, int64_t before, int64_t inside,
+                        int64_t* selection) {
   selection[kSelRank] -= before;
+  selection[kSelEqual] = inside;
   if (level == 0) {
     selection[kSelKey] = static_cast<int64_t>(bin) << kHistLowBits;
     selection[kSelBelow] = before;
@@ -45,7 +69,7 @@ MGPP_HD void select_bin(const int64_t* histogram, int level, int64_t* selection)
     if (before + histogram[bin] >= rank) break;
     before += histogram[bin];
   }
-  record_bin(level, bin, before, selection);
+  record_bin(level, bin, before, histogram[bin], selection);
 }
 
 }  // namespace MGPP_NAMESPACE

@@ -157,26 +157,28 @@ void fused_step(const StepTensor* tensors, int64_t count, const StepOptions& opt
 }
 
 void count_histogram(const ValueTensor* tensors, int64_t count, DType dtype, int level,
-                     uint32_t high_bin, int64_t* histogram, int num_threads) {
-  kernels().count_histogram(tensors, count, dtype, level, high_bin, histogram, num_threads);
+                     uint32_t high_bin, int64_t* histogram, int num_threads, Pattern pattern) {
+  kernels().count_histogram(tensors, count, dtype, level, high_bin, histogram, num_threads,
+                            pattern);
 }
 
 void apply_threshold(const ValueTensor* tensors, uint8_t* const* keep_masks, int64_t count,
-                     DType dtype, uint32_t tau_key, int num_threads) {
-  kernels().apply_threshold(tensors, keep_masks, count, dtype, tau_key, num_threads);
+                     DType dtype, uint32_t tau_key, int num_threads, Pattern pattern) {
+  kernels().apply_threshold(tensors, keep_masks, count, dtype, tau_key, num_threads, pattern);
 }
 
 int64_t partition_at_bin(const ValueTensor* tensors, const int64_t* flat_offsets,
                          uint8_t* const* keep_masks, int64_t count, DType dtype, uint32_t high_bin,
                          uint32_t* positions, int64_t capacity, int64_t* low_histogram,
-                         int num_threads) {
+                         int num_threads, Pattern pattern) {
   return kernels().partition_at_bin(tensors, flat_offsets, keep_masks, count, dtype, high_bin,
-                                    positions, capacity, low_histogram, num_threads);
+                                    positions, capacity, low_histogram, num_threads, pattern);
 }
 
 void prune_collected(const PrunedTensor* tensors, int64_t count, const uint32_t* positions,
-                     int64_t num_positions, uint32_t tau_key, int num_threads) {
-  kernels().prune_collected(tensors, count, positions, num_positions, tau_key, num_threads);
+                     int64_t num_positions, uint32_t tau_key, int num_threads, Pattern pattern) {
+  kernels().prune_collected(tensors, count, positions, num_positions, tau_key, num_threads,
+                            pattern);
 }
 
 // "cpu kernels: path <capability> (<how chosen>; built: <capability> (-march=<target>), ...),

@@ -57,15 +57,16 @@ struct KernelTable {
   void (*fused_step)(const StepTensor* tensors, int64_t count, const StepOptions& options,
                      int64_t* high_histogram);
   void (*count_histogram)(const ValueTensor* tensors, int64_t count, DType dtype, int level,
-                          uint32_t high_bin, int64_t* histogram, int num_threads);
+                          uint32_t high_bin, int64_t* histogram, int num_threads, Pattern pattern);
   void (*apply_threshold)(const ValueTensor* tensors, uint8_t* const* keep_masks, int64_t count,
-                          DType dtype, uint32_t tau_key, int num_threads);
+                          DType dtype, uint32_t tau_key, int num_threads, Pattern pattern);
   int64_t (*partition_at_bin)(const ValueTensor* tensors, const int64_t* flat_offsets,
                               uint8_t* const* keep_masks, int64_t count, DType dtype,
                               uint32_t high_bin, uint32_t* positions, int64_t capacity,
-                              int64_t* low_histogram, int num_threads);
+                              int64_t* low_histogram, int num_threads, Pattern pattern);
   void (*prune_collected)(const PrunedTensor* tensors, int64_t count, const uint32_t* positions,
-                          int64_t num_positions, uint32_t tau_key, int num_threads);
+                          int64_t num_positions, uint32_t tau_key, int num_threads,
+                          Pattern pattern);
   std::string (*build_info)();
 };
 

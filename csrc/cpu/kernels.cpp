@@ -9,6 +9,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <numeric>
 #include <stdexcept>
 #include <type_traits>
 #include <vector>
@@ -61,16 +62,55 @@ struct Chunk {
   int64_t end;
 };
 
+// The elements an event function handles as one block: kBlock, or for an N:M pattern the most
+// that is a multiple of both M (whole groups) and 8 (whole mask bytes).
+int64_t block_length(Pattern pattern) {
+  if (pattern.m == 0) return kBlock;
+  const int64_t unit = std::lcm<int64_t>(8, pattern.m);
+  return kBlock - kBlock % unit;
+}
+
+// Chunks of whole blocks.
+int64_t chunk_length(Pattern pattern) {
+  const int64_t block = block_length(pattern);
+  return kChunk - kChunk % block;
+}
+
 template <typename GetNumel>
-std::vector<Chunk> make_chunks(int64_t count, GetNumel numel_of) {
+std::vector<Chunk> make_chunks(int64_t count, GetNumel numel_of, int64_t length = kChunk) {
   std::vector<Chunk> chunks;
   for (int64_t t = 0; t < count; ++t) {
     const int64_t numel = numel_of(t);
-    for (int64_t begin = 0; begin < numel; begin += kChunk) {
-      chunks.push_back({t, begin, std::min(begin + kChunk, numel)});
+    for (int64_t begin = 0; begin < numel; begin += length) {
+      chunks.push_back({t, begin, std::min(begin + length, numel)});
     }
   }
   return chunks;
+}
+
+template <int M>
+void keep_candidates_of_groups(uint32_t* keys, int64_t n, int prunable) {
+  for (int64_t g = 0; g < n; g += M) keep_candidate_keys(keys + g, M, prunable);
+}
+
+// The ranking keys of a block of n elements (a whole number of groups of an N:M pattern): |x|'s
+// key, or kNotCandidateKey for the elements an N:M event does not rank. The usual group sizes
+// get the ranking compiled for their M.
+template <typename P>
+void block_keys(const typename P::T* __restrict data, int64_t n, Pattern pattern,
+                uint32_t* __restrict keys) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) keys[i] = abs_key(P::load(data[i]));
+  const int prunable = pattern.m - pattern.n;
+  switch (pattern.m) {
+    case 0: return;
+    case 2: return keep_candidates_of_groups<2>(keys, n, prunable);
+    case 4: return keep_candidates_of_groups<4>(keys, n, prunable);
+    case 8: return keep_candidates_of_groups<8>(keys, n, prunable);
+    case 16: return keep_candidates_of_groups<16>(keys, n, prunable);
+    default:
+      for (int64_t g = 0; g < n; g += pattern.m) keep_candidate_keys(keys + g, pattern.m, prunable);
+  }
 }
 
 // Each thread counts into kCopies copies of a histogram (copy c of `bins` counters at c·bins):
@@ -408,14 +448,17 @@ void fused_step_typed(const StepTensor* tensors, int64_t count, const StepOption
 }
 
 template <typename P>
-void high_histogram_chunk(const ValueTensor& t, const Chunk& chunk, uint32_t* histogram) {
+void high_histogram_chunk(const ValueTensor& t, const Chunk& chunk, Pattern pattern,
+                          uint32_t* histogram) {
   const auto* __restrict data = static_cast<const typename P::T*>(t.data);
+  const int64_t length = block_length(pattern);
   uint32_t bins[kBlock];
-  for (int64_t block = chunk.begin; block < chunk.end; block += kBlock) {
-    const int64_t end = std::min(block + kBlock, chunk.end);
+  for (int64_t block = chunk.begin; block < chunk.end; block += length) {
+    const int64_t n = std::min(block + length, chunk.end) - block;
+    block_keys<P>(data + block, n, pattern, bins);
 #pragma omp simd
-    for (int64_t i = block; i < end; ++i) bins[i - block] = key_high_bin(abs_key(P::load(data[i])));
-    count_bins(bins, end - block, histogram, kHistHighBins);
+    for (int64_t i = 0; i < n; ++i) bins[i] = key_high_bin(bins[i]);
+    count_bins(bins, n, histogram, kHistHighBins);
   }
 }
 
@@ -424,21 +467,24 @@ void high_histogram_chunk(const ValueTensor& t, const Chunk& chunk, uint32_t* hi
 // most groups do, and count_bins keeps its crowded low bins off the scalar loop.
 template <typename P>
 void low_histogram_chunk(const ValueTensor& t, const Chunk& chunk, uint32_t high_bin,
-                         uint32_t* histogram) {
+                         Pattern pattern, uint32_t* histogram) {
   constexpr int64_t kGroup = 64;
   const auto* __restrict data = static_cast<const typename P::T*>(t.data);
+  const int64_t block_size = block_length(pattern);
+  uint32_t keys[kBlock];
   uint32_t lows[kBlock];
   uint32_t group_lows[kGroup];
   uint8_t group_matches[kGroup];
-  for (int64_t block = chunk.begin; block < chunk.end; block += kBlock) {
-    const int64_t block_end = std::min(block + kBlock, chunk.end);
+  for (int64_t block = chunk.begin; block < chunk.end; block += block_size) {
+    const int64_t n = std::min(block + block_size, chunk.end) - block;
+    block_keys<P>(data + block, n, pattern, keys);
     int64_t m = 0;
-    for (int64_t group = block; group < block_end; group += kGroup) {
-      const int64_t length = std::min(kGroup, block_end - group);
+    for (int64_t group = 0; group < n; group += kGroup) {
+      const int64_t length = std::min(kGroup, n - group);
       int matches = 0;
 #pragma omp simd reduction(+ : matches)
       for (int64_t i = 0; i < length; ++i) {
-        const uint32_t key = abs_key(P::load(data[group + i]));
+        const uint32_t key = keys[group + i];
         const bool match = key_high_bin(key) == high_bin;
         group_lows[i] = key_low_bin(key);
         group_matches[i] = match;
@@ -480,16 +526,18 @@ void write_mask_bytes(const uint8_t* kept, int64_t begin, int64_t end, uint8_t* 
 
 template <typename P>
 void threshold_chunk(const ValueTensor& t, uint8_t* keep_mask, const Chunk& chunk,
-                     uint32_t tau_key) {
+                     uint32_t tau_key, Pattern pattern) {
   auto* data = static_cast<typename P::T*>(t.data);
-  alignas(64) float value_buffer[kBlock];
+  const int64_t length = block_length(pattern);
+  const bool at_tau = pattern.m != 0;
+  uint32_t keys[kBlock];
   uint8_t kept[kBlock];
-  for (int64_t block = chunk.begin; block < chunk.end; block += kBlock) {
-    const int64_t n = std::min(block + kBlock, chunk.end) - block;
-    const float* x = float32_block<P>(data + block, value_buffer, n);
+  for (int64_t block = chunk.begin; block < chunk.end; block += length) {
+    const int64_t n = std::min(block + length, chunk.end) - block;
+    block_keys<P>(data + block, n, pattern, keys);
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
-      const bool below = below_threshold(abs_key(x[i]), tau_key);
+      const bool below = below_threshold(keys[i], tau_key, at_tau);
       kept[i] = !below;
       if (below && !is_positive_zero<P>(data[block + i])) data[block + i] = P::store(0.0f);
     }
@@ -506,24 +554,22 @@ struct Collection {
 
 template <typename P>
 void partition_chunk(const ValueTensor& t, int64_t flat_offset, uint8_t* keep_mask,
-                     const Chunk& chunk, uint32_t high_bin, Collection& collection,
-                     uint32_t* low_histogram) {
+                     const Chunk& chunk, uint32_t high_bin, Pattern pattern,
+                     Collection& collection, uint32_t* low_histogram) {
   constexpr int64_t kGroup = 64;
   auto* data = static_cast<typename P::T*>(t.data);
-  alignas(64) float value_buffer[kBlock];
+  const int64_t length = block_length(pattern);
   uint32_t keys[kBlock];
   uint8_t kept[kBlock];
   uint32_t found[kBlock];
   uint32_t lows[kBlock];
-  for (int64_t block = chunk.begin; block < chunk.end; block += kBlock) {
-    const int64_t n = std::min(block + kBlock, chunk.end) - block;
-    const float* x = float32_block<P>(data + block, value_buffer, n);
+  for (int64_t block = chunk.begin; block < chunk.end; block += length) {
+    const int64_t n = std::min(block + length, chunk.end) - block;
+    block_keys<P>(data + block, n, pattern, keys);
     // Below τ's bin means below τ (τ is finite or +inf): zeroed. The bin and above: kept for now.
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
-      const uint32_t key = abs_key(x[i]);
-      const bool below = key_high_bin(key) < high_bin;
-      keys[i] = key;
+      const bool below = key_high_bin(keys[i]) < high_bin;
       kept[i] = !below;
       if (below && !is_positive_zero<P>(data[block + i])) data[block + i] = P::store(0.0f);
     }
@@ -578,30 +624,32 @@ void fused_step(const StepTensor* tensors, int64_t count, const StepOptions& opt
 }
 
 void count_histogram(const ValueTensor* tensors, int64_t count, DType dtype, int level,
-                     uint32_t high_bin, int64_t* histogram, int num_threads) {
-  const auto chunks = make_chunks(count, [&](int64_t t) { return tensors[t].numel; });
+                     uint32_t high_bin, int64_t* histogram, int num_threads, Pattern pattern) {
+  const auto chunks =
+      make_chunks(count, [&](int64_t t) { return tensors[t].numel; }, chunk_length(pattern));
   const uint32_t bins = level == 0 ? kHistHighBins : kHistLowBins;
   dispatch_dtype(dtype, [&](auto tag) {
     using P = decltype(tag);
     parallel_chunks(chunks, num_threads, bins, histogram,
                     [&](const Chunk& chunk, uint32_t* local) {
       if (level == 0) {
-        high_histogram_chunk<P>(tensors[chunk.tensor], chunk, local);
+        high_histogram_chunk<P>(tensors[chunk.tensor], chunk, pattern, local);
       } else {
-        low_histogram_chunk<P>(tensors[chunk.tensor], chunk, high_bin, local);
+        low_histogram_chunk<P>(tensors[chunk.tensor], chunk, high_bin, pattern, local);
       }
     });
   });
 }
 
 void apply_threshold(const ValueTensor* tensors, uint8_t* const* keep_masks, int64_t count,
-                     DType dtype, uint32_t tau_key, int num_threads) {
-  const auto chunks = make_chunks(count, [&](int64_t t) { return tensors[t].numel; });
+                     DType dtype, uint32_t tau_key, int num_threads, Pattern pattern) {
+  const auto chunks =
+      make_chunks(count, [&](int64_t t) { return tensors[t].numel; }, chunk_length(pattern));
   dispatch_dtype(dtype, [&](auto tag) {
     using P = decltype(tag);
     parallel_chunks(chunks, num_threads, 0, nullptr, [&](const Chunk& chunk, uint32_t*) {
       uint8_t* mask = keep_masks == nullptr ? nullptr : keep_masks[chunk.tensor];
-      threshold_chunk<P>(tensors[chunk.tensor], mask, chunk, tau_key);
+      threshold_chunk<P>(tensors[chunk.tensor], mask, chunk, tau_key, pattern);
     });
   });
 }
@@ -609,8 +657,9 @@ void apply_threshold(const ValueTensor* tensors, uint8_t* const* keep_masks, int
 int64_t partition_at_bin(const ValueTensor* tensors, const int64_t* flat_offsets,
                          uint8_t* const* keep_masks, int64_t count, DType dtype, uint32_t high_bin,
                          uint32_t* positions, int64_t capacity, int64_t* low_histogram,
-                         int num_threads) {
-  const auto chunks = make_chunks(count, [&](int64_t t) { return tensors[t].numel; });
+                         int num_threads, Pattern pattern) {
+  const auto chunks =
+      make_chunks(count, [&](int64_t t) { return tensors[t].numel; }, chunk_length(pattern));
   Collection collection{positions, capacity};
   dispatch_dtype(dtype, [&](auto tag) {
     using P = decltype(tag);
@@ -618,7 +667,7 @@ int64_t partition_at_bin(const ValueTensor* tensors, const int64_t* flat_offsets
                     [&](const Chunk& chunk, uint32_t* local) {
       uint8_t* mask = keep_masks == nullptr ? nullptr : keep_masks[chunk.tensor];
       partition_chunk<P>(tensors[chunk.tensor], flat_offsets[chunk.tensor], mask, chunk, high_bin,
-                         collection, local);
+                         pattern, collection, local);
     });
   });
   const int64_t collected = collection.collected.load();
@@ -631,7 +680,7 @@ int64_t partition_at_bin(const ValueTensor* tensors, const int64_t* flat_offsets
 }
 
 void prune_collected(const PrunedTensor* tensors, int64_t count, const uint32_t* positions,
-                     int64_t num_positions, uint32_t tau_key, int num_threads) {
+                     int64_t num_positions, uint32_t tau_key, int num_threads, Pattern pattern) {
   if (num_positions == 0) return;
   const int threads = static_cast<int>(
       std::max<int64_t>(1, std::min<int64_t>(num_threads, num_positions / 4096 + 1)));
@@ -643,7 +692,8 @@ void prune_collected(const PrunedTensor* tensors, int64_t count, const uint32_t*
         std::upper_bound(tensors, tensors + count, position,
                          [](int64_t at, const PrunedTensor& x) { return at < x.flat_offset; }) - 1;
     const int64_t index = position - t->flat_offset;
-    if (!below_threshold(key_of(*t, index), tau_key)) continue;
+    // Every collected element of an N:M pool is a candidate (the others' keys are above τ's bin).
+    if (!below_threshold(key_of(*t, index), tau_key, pattern.m != 0)) continue;
     zero_element(*t, index);
     // Two positions of one mask byte may belong to two threads.
     if (t->keep_mask != nullptr) {

@@ -53,17 +53,21 @@ using mgpp_abi::cpu::StepTensor;
 void fused_step(const StepTensor* tensors, int64_t count, const StepOptions& options,
                 int64_t* high_histogram);
 
+// `pattern` of the event functions below: an N:M pool's (its tensors' sizes multiples of M),
+// whose elements outside each group's M − N smallest |x| take kNotCandidateKey and whose
+// threshold zeroes the candidates at τ too; {} for an unstructured pool.
+
 // Adds a radix histogram of |x| over the tensors. level 0: kHistHighBins counters indexed by
 // key_high_bin, over all elements; level 1: kHistLowBins counters indexed by key_low_bin, over
 // the elements whose key_high_bin equals `high_bin`.
 void count_histogram(const ValueTensor* tensors, int64_t count, DType dtype, int level,
-                     uint32_t high_bin, int64_t* histogram, int num_threads);
+                     uint32_t high_bin, int64_t* histogram, int num_threads, Pattern pattern = {});
 
 // Sets every element with |x| < τ to zero (elements already +0 are not written, so that the
 // cache lines of weights pruned before stay clean). When `keep_masks` is not null, also writes each
 // tensor's packed mask of the elements that stay (ceil(numel/8) bytes each).
 void apply_threshold(const ValueTensor* tensors, uint8_t* const* keep_masks, int64_t count,
-                     DType dtype, uint32_t tau_key, int num_threads);
+                     DType dtype, uint32_t tau_key, int num_threads, Pattern pattern = {});
 
 // The one-pass pruning of an event (docs/spec.md §3), once the level-0 histogram has chosen τ's
 // high bin `high_bin` (< key_high_bin of +inf, so that τ is not NaN): zeroes every element of a
@@ -75,7 +79,7 @@ void apply_threshold(const ValueTensor* tensors, uint8_t* const* keep_masks, int
 int64_t partition_at_bin(const ValueTensor* tensors, const int64_t* flat_offsets,
                          uint8_t* const* keep_masks, int64_t count, DType dtype, uint32_t high_bin,
                          uint32_t* positions, int64_t capacity, int64_t* low_histogram,
-                         int num_threads);
+                         int num_threads, Pattern pattern = {});
 
 }  // namespace cpu
 }  // namespace MGPP_NAMESPACE
@@ -95,10 +99,11 @@ namespace MGPP_NAMESPACE {
 namespace cpu {
 using mgpp_abi::cpu::PrunedTensor;
 
-// Completes partition_at_bin once τ is exact: zeroes the collected elements with |x| < τ and
-// clears their keep-mask bits.
+// Completes partition_at_bin once τ is exact: zeroes the collected elements with |x| < τ (N:M:
+// <= τ) and clears their keep-mask bits.
 void prune_collected(const PrunedTensor* tensors, int64_t count, const uint32_t* positions,
-                     int64_t num_positions, uint32_t tau_key, int num_threads);
+                     int64_t num_positions, uint32_t tau_key, int num_threads,
+                     Pattern pattern = {});
 
 // "cpu kernels: -march=<target> (<vector ISA>), OpenMP <version>, compiler <version>".
 std::string build_info();

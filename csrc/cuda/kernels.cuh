@@ -509,7 +509,7 @@ struct SelectKernel {
       if (before + a.histogram[bin] >= rank) break;
       before += a.histogram[bin];
     }
-    record_bin(a.level, bin, before, selection);
+    record_bin(a.level, bin, before, a.histogram[bin], selection);
   }
 };
 

@@ -104,5 +104,21 @@ inline const double* current_data(const std::optional<at::Tensor>& current,
   return current.has_value() ? current_data(*current, device) : nullptr;
 }
 
+// An event op's `pattern` argument: [] (unstructured) or [N, M] with 1 <= N < M <= 16, every
+// tensor holding whole groups of M along its last dimension.
+inline Pattern to_pattern(at::IntArrayRef pattern, at::TensorList tensors) {
+  if (pattern.empty()) return Pattern{0, 0};
+  TORCH_CHECK_VALUE(pattern.size() == 2 && 1 <= pattern[0] && pattern[0] < pattern[1] &&
+                        pattern[1] <= 16,
+                    "mgpp: pattern must be empty or [N, M] with 1 <= N < M <= 16, got ", pattern);
+  const int m = static_cast<int>(pattern[1]);
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    TORCH_CHECK_VALUE(tensors[i].dim() > 0 && tensors[i].size(-1) % m == 0, "mgpp: tensors[", i,
+                      "] of shape ", tensors[i].sizes(), " does not split into groups of ", m,
+                      " along its last dimension");
+  }
+  return Pattern{static_cast<int>(pattern[0]), m};
+}
+
 }  // namespace op_checks
 }  // namespace mgpp

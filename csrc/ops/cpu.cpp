@@ -98,7 +98,9 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
 }
 
 void abs_histogram_cpu(at::TensorList tensors, const Tensor& histogram, const Tensor& selection,
-                       int64_t level, const std::optional<Tensor>& current) {
+                       int64_t level, const std::optional<Tensor>& current,
+                       at::IntArrayRef pattern_sizes) {
+  const Pattern pattern = op_checks::to_pattern(pattern_sizes, tensors);
   TORCH_CHECK_VALUE(level == 0 || level == 1, "mgpp: level must be 0 or 1, got ", level);
   int64_t* hist =
       checked_histogram(histogram, level == 0 ? kHistHighBins : kHistLowBins).data_ptr<int64_t>();
@@ -109,7 +111,7 @@ void abs_histogram_cpu(at::TensorList tensors, const Tensor& histogram, const Te
     std::vector<ValueTensor> views;
     for (size_t i : indices) views.push_back({tensors[i].data_ptr(), tensors[i].numel()});
     cpu::count_histogram(views.data(), static_cast<int64_t>(views.size()), dtype,
-                         static_cast<int>(level), high_bin, hist, at::get_num_threads());
+                         static_cast<int>(level), high_bin, hist, at::get_num_threads(), pattern);
   }
 }
 
@@ -131,8 +133,10 @@ void check_masks(at::TensorList tensors, at::TensorList keep_masks) {
 }
 
 void apply_threshold_cpu(at::TensorList tensors, at::TensorList keep_masks,
-                         const Tensor& selection, const std::optional<Tensor>& current) {
+                         const Tensor& selection, const std::optional<Tensor>& current,
+                         at::IntArrayRef pattern_sizes) {
   check_masks(tensors, keep_masks);
+  const Pattern pattern = op_checks::to_pattern(pattern_sizes, tensors);
   const uint32_t tau_key = static_cast<uint32_t>(selection_data(selection)[kSelKey]);
   const auto groups = indices_by_dtype(tensors, kCpu);
   const double* row = current_data(current, kCpu);
@@ -147,7 +151,7 @@ void apply_threshold_cpu(at::TensorList tensors, at::TensorList keep_masks,
     }
     cpu::apply_threshold(views.data(), write_masks ? masks.data() : nullptr,
                          static_cast<int64_t>(views.size()), dtype, tau_key,
-                         at::get_num_threads());
+                         at::get_num_threads(), pattern);
   }
 }
 
@@ -174,8 +178,9 @@ uint32_t* positions_data(const Tensor& positions) {
 
 void partition_at_bin_cpu(at::TensorList tensors, at::TensorList keep_masks,
                           const Tensor& selection, const Tensor& low_histogram,
-                          const Tensor& positions) {
+                          const Tensor& positions, at::IntArrayRef pattern_sizes) {
   check_masks(tensors, keep_masks);
+  const Pattern pattern = op_checks::to_pattern(pattern_sizes, tensors);
   int64_t* hist = checked_histogram(low_histogram, kHistLowBins).data_ptr<int64_t>();
   const uint32_t high_bin = key_high_bin(static_cast<uint32_t>(selection_data(selection)[kSelKey]));
   TORCH_CHECK_VALUE(high_bin < key_high_bin(0x7F800000u),
@@ -197,7 +202,7 @@ void partition_at_bin_cpu(at::TensorList tensors, at::TensorList keep_masks,
                                          keep_masks.empty() ? nullptr : masks.data(),
                                          static_cast<int64_t>(views.size()), dtype, high_bin,
                                          out + collected, positions.numel() - collected, hist,
-                                         at::get_num_threads());
+                                         at::get_num_threads(), pattern);
     } catch (const std::length_error& error) {
       TORCH_CHECK_VALUE(false, error.what());
     }
@@ -207,8 +212,10 @@ void partition_at_bin_cpu(at::TensorList tensors, at::TensorList keep_masks,
 }
 
 void prune_collected_cpu(at::TensorList tensors, at::TensorList keep_masks,
-                         const Tensor& positions, const Tensor& selection) {
+                         const Tensor& positions, const Tensor& selection,
+                         at::IntArrayRef pattern_sizes) {
   check_masks(tensors, keep_masks);
+  const Pattern pattern = op_checks::to_pattern(pattern_sizes, tensors);
   const uint32_t tau_key = static_cast<uint32_t>(selection_data(selection)[kSelKey]);
   const std::vector<int64_t> offsets = flat_offsets(tensors);
   std::vector<cpu::PrunedTensor> pruned;
@@ -221,7 +228,7 @@ void prune_collected_cpu(at::TensorList tensors, at::TensorList keep_masks,
   }
   cpu::prune_collected(pruned.data(), static_cast<int64_t>(pruned.size()),
                        positions_data(positions), positions.numel(), tau_key,
-                       at::get_num_threads());
+                       at::get_num_threads(), pattern);
 }
 
 void schedule_step_cpu(const Tensor& table, const Tensor& position, const Tensor& current,

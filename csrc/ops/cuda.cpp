@@ -128,8 +128,16 @@ void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   }
 }
 
+// The CUDA kernels rank unstructured pools only: the cuda backend refuses N:M pools
+// (OpsBackend.nm_patterns) before a step.
+void check_unstructured(at::IntArrayRef pattern) {
+  TORCH_CHECK_VALUE(pattern.empty(), "mgpp: the CUDA kernels do not rank N:M pools");
+}
+
 void abs_histogram_cuda(at::TensorList tensors, const Tensor& histogram, const Tensor& selection,
-                        int64_t level, const std::optional<Tensor>& current) {
+                        int64_t level, const std::optional<Tensor>& current,
+                        at::IntArrayRef pattern) {
+  check_unstructured(pattern);
   check_counters(histogram, histogram_bins(level), "histogram");
   check_counters(selection, kNumSelectionSlots, "selection");
   const at::Device device = histogram.device();
@@ -160,7 +168,9 @@ void radix_select_cuda(const Tensor& histogram, const Tensor& selection, int64_t
 }
 
 void apply_threshold_cuda(at::TensorList tensors, at::TensorList keep_masks,
-                          const Tensor& selection, const std::optional<Tensor>& current) {
+                          const Tensor& selection, const std::optional<Tensor>& current,
+                          at::IntArrayRef pattern) {
+  check_unstructured(pattern);
   TORCH_CHECK_VALUE(keep_masks.empty() || keep_masks.size() == tensors.size(),
               "mgpp: keep_masks must be empty or one per tensor");
   check_counters(selection, kNumSelectionSlots, "selection");

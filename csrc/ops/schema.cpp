@@ -20,7 +20,7 @@ namespace {
 
 // The layout of csrc/core/layout.h and the dtype codes of csrc/core/formats.h as
 // mgpp_kernels/ops/layout.py checks it at import: "step_scalars=lr,beta1,...;high_bins=65536;
-// low_bins=32768;selection=rank,key,below;schedule=prior_on,c1,k,freeze;
+// low_bins=32768;selection=rank,key,below,equal;schedule=prior_on,c1,k,freeze;
 // dtypes=float32,bfloat16,float16".
 std::string layout() {
 #define MGPP_NAME(enumerator, name) "," #name
@@ -56,15 +56,18 @@ TORCH_LIBRARY(mgpp, m) {
       "fused_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] state_steps, Tensor[] keep_masks, Tensor scalars, "
       "Tensor? grad_scale, Tensor(e!)? histogram, Tensor? current=None) -> ()");
+  // `pattern` (the event ops): [N, M] for an N:M pool, whose candidates are the M − N smallest
+  // |x| of each group of M along the last dimension and whose event zeroes those at τ too
+  // (csrc/core/selection.h); empty for an unstructured pool.
   m.def(
       "abs_histogram_(Tensor[] tensors, Tensor(a!) histogram, Tensor selection, int level, "
-      "Tensor? current=None) -> ()");
+      "Tensor? current=None, int[] pattern=[]) -> ()");
   m.def(
       "radix_select_(Tensor histogram, Tensor(a!) selection, int level, "
       "Tensor? current=None) -> ()");
   m.def(
       "apply_threshold_(Tensor(a!)[] tensors, Tensor(b!)[] keep_masks, Tensor selection, "
-      "Tensor? current=None) -> ()");
+      "Tensor? current=None, int[] pattern=[]) -> ()");
   // The first op of a step on the device schedule: writes `current` from row t = position of
   // `table` and advances position unless found_inf is nonzero.
   m.def(
@@ -74,10 +77,10 @@ TORCH_LIBRARY(mgpp, m) {
   // collected elements' histogram, then prune_collected_.
   m.def(
       "partition_at_bin_(Tensor(a!)[] tensors, Tensor(b!)[] keep_masks, Tensor selection, "
-      "Tensor(c!) low_histogram, Tensor(d!) positions) -> ()");
+      "Tensor(c!) low_histogram, Tensor(d!) positions, int[] pattern=[]) -> ()");
   m.def(
       "prune_collected_(Tensor(a!)[] tensors, Tensor(b!)[] keep_masks, Tensor positions, "
-      "Tensor selection) -> ()");
+      "Tensor selection, int[] pattern=[]) -> ()");
 }
 
 }  // namespace mgpp

@@ -1,9 +1,10 @@
 """The registry of backends: one implementation of an MGPP step each (a module of this package
 exporting BACKEND), all with the same inputs and results (mgpp_kernels.backends.types).
 
-The optimizer gathers a step's tensors into UpdateGroups and, on a pruning event, a PruneEvent;
-a backend updates every group (counting the ranking histogram of candidate groups on an event
-step), then selects τ over all candidates and zeroes the magnitudes below it.
+The optimizer gathers a step's tensors into UpdateGroups and, for each pool that prunes, a
+PruneEvent; a backend updates every group (counting the ranking histogram of candidate groups on
+an event step, per pool), then for each event selects τ over its pool's candidates and zeroes the
+magnitudes below it.
 """
 from __future__ import annotations
 
@@ -31,15 +32,17 @@ class Backend(Protocol):
     def check_params(self, params: list[torch.Tensor]) -> None:
         """Raises ValueError when this backend cannot run on these parameters."""
 
-    def step(self, groups: list[UpdateGroup], event: PruneEvent | None,
+    def step(self, groups: list[UpdateGroup], events: list[PruneEvent],
              grad_scale: torch.Tensor | None,
-             schedule: DeviceSchedule | None = None) -> Threshold | None:
-        """Updates every group in place; on an event, prunes and returns the threshold.
+             schedule: DeviceSchedule | None = None) -> list[Threshold] | None:
+        """Updates every group in place, then prunes each event's pool; returns the events'
+        thresholds, in order.
 
-        Without `schedule`, the host has planned the step (the groups' λ_t, the event's k).
-        With one (started; schedules_on_device only), t, λ_t's c1, the event's k and the freeze
-        are read from it on the device, nothing moves when its found_inf is nonzero, and the
-        threshold stays in its buffers (None is returned).
+        Without `schedule`, the host has planned the step (the groups' λ_t, the events' k).
+        With one (started; schedules_on_device only), t, λ_t's c1, each event's k and the
+        freeze are read on the device from its pool's buffers (schedule.pools, in the order of
+        the events), nothing moves when its found_inf is nonzero, and the thresholds stay in the
+        buffers (None is returned).
         """
 
     def global_threshold(self, tensors: list[torch.Tensor], k: int) -> torch.Tensor:

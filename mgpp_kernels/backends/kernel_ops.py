@@ -7,14 +7,15 @@ import torch
 from .. import ops
 from ..ops.checks import check_parameter
 from ..ops.layout import CURRENT, HIGH_BINS, LOW_BINS, LOW_BITS, SELECTION
-from .device_schedule import DeviceSchedule
+from ..patterns import NMPattern
+from .device_schedule import DeviceSchedule, pruned_count
 from .scalars import group_rows, step_scalars
 from .types import PruneEvent, Threshold, UpdateGroup
 
 if not ops.BUILT:
     raise ImportError(f"mgpp_kernels._C cannot be used: {ops.LOAD_ERROR}")
 
-_RANK, _KEY, _BELOW = (SELECTION.index(slot) for slot in ("rank", "key", "below"))
+_RANK, _KEY = (SELECTION.index(slot) for slot in ("rank", "key"))
 _CURRENT_K = CURRENT.index("k")
 
 
@@ -28,48 +29,57 @@ _MAX_COLLECTED_FRACTION = 1 / 128
 
 
 class _Workspace:
-    """The radix histograms of one device, zero between uses, kept so that every step on the
-    device schedule uses the same memory."""
+    """The radix histograms of one device, a pair per pool ([pools × bins]), zero between uses,
+    kept so that every step on the device schedule uses the same memory."""
 
-    def __init__(self, device: torch.device):
-        self.high_histogram = torch.zeros(HIGH_BINS, dtype=torch.int64, device=device)
-        self.low_histogram = torch.zeros(LOW_BINS, dtype=torch.int64, device=device)
+    def __init__(self, device: torch.device, pools: int):
+        self.high_histograms = torch.zeros((pools, HIGH_BINS), dtype=torch.int64, device=device)
+        self.low_histograms = torch.zeros((pools, LOW_BINS), dtype=torch.int64, device=device)
+
+    @property
+    def pools(self) -> int:
+        return self.high_histograms.shape[0]
 
     def zero_(self) -> None:
-        self.high_histogram.zero_()
-        self.low_histogram.zero_()
+        self.high_histograms.zero_()
+        self.low_histograms.zero_()
 
 
 class Selection:
     """The radix selection of τ, the k-th smallest |x| over a list of tensors, and the pruning
     that follows it, on the tensors' device (docs/spec.md §3).
 
-    `state` is the int64 selection state [rank, key, below]; `high_histogram` already counts
-    the first radix level of the `counted` tensors (the update pass did), the others are counted
-    here. With a process group, the tensors are this rank's shards and k ranks over every
+    `state` is the int64 selection state [rank, key, below, equal]; the pool's level-0
+    histogram already counts the first radix level of the `counted` tensors (the update pass
+    did), the others are counted here. With an N:M `pattern`, only each group's candidates are
+    ranked and those at τ are zeroed too. With a process group, the tensors are this rank's shards and k ranks over every
     rank's: each level's histogram (512 KB, then 256 KB) is summed over the group before its
     selection, so every rank selects the same τ without sending a weight. `current`: the step's
     row of the device schedule (the ops do nothing when it does not prune), or None.
     """
 
-    def __init__(self, tensors: list[torch.Tensor], state: torch.Tensor, workspace: _Workspace,
-                 process_group=None, current: torch.Tensor | None = None):
+    def __init__(self, tensors: list[torch.Tensor], state: torch.Tensor,
+                 high_histogram: torch.Tensor, low_histogram: torch.Tensor,
+                 process_group=None, current: torch.Tensor | None = None,
+                 pattern: NMPattern | None = None):
         self.tensors = tensors
         self.state = state
-        self.workspace = workspace
+        self.high_histogram = high_histogram
+        self.low_histogram = low_histogram
         self.process_group = process_group
         self.current = current
+        self.pattern = pattern
 
     def first_level(self, counted: list[torch.Tensor]) -> torch.Tensor:
         """Level 0: counts the tensors not in `counted`, sums the histogram over the process
         group and selects τ's high bin. Returns this rank's own level-0 histogram (before the
         sum: a copy with a process group, else the histogram itself)."""
-        high_histogram = self.workspace.high_histogram
+        high_histogram = self.high_histogram
         counted_ids = {id(t) for t in counted}
         uncounted = [t for t in self.tensors if id(t) not in counted_ids]
         if uncounted:
             ops.abs_histogram_(uncounted, high_histogram, self.state, level=0,
-                               current=self.current)
+                               current=self.current, pattern=self.pattern)
         local_histogram = high_histogram
         if self.process_group is not None:
             local_histogram = high_histogram.clone()
@@ -88,8 +98,9 @@ class Selection:
 
     def second_level(self) -> None:
         """Level 1 over the elements of τ's high bin, counted in a pass over the tensors."""
-        low_histogram = self.workspace.low_histogram
-        ops.abs_histogram_(self.tensors, low_histogram, self.state, level=1, current=self.current)
+        low_histogram = self.low_histogram
+        ops.abs_histogram_(self.tensors, low_histogram, self.state, level=1, current=self.current,
+                           pattern=self.pattern)
         if self.process_group is not None:
             torch.distributed.all_reduce(low_histogram, group=self.process_group)
         ops.radix_select_(low_histogram, self.state, level=1, current=self.current)
@@ -104,7 +115,8 @@ class Selection:
         """Selects τ and zeroes every |x| < τ, writing the keep masks when given: two passes
         after the update (level 1, then the threshold)."""
         self.select(counted)
-        ops.apply_threshold_(self.tensors, keep_masks, self.state, current=self.current)
+        ops.apply_threshold_(self.tensors, keep_masks, self.state, current=self.current,
+                             pattern=self.pattern)
 
     def prune_in_one_pass(self, keep_masks: list[torch.Tensor],
                           counted: list[torch.Tensor]) -> None:
@@ -118,7 +130,7 @@ class Selection:
         """
         local_histogram = self.first_level(counted)
         if not self.needs_second_level:
-            ops.apply_threshold_(self.tensors, keep_masks, self.state)
+            ops.apply_threshold_(self.tensors, keep_masks, self.state, pattern=self.pattern)
             return
         numel = sum(t.numel() for t in self.tensors)
         high_bin = int(self.state[_KEY]) >> LOW_BITS
@@ -126,15 +138,17 @@ class Selection:
         if (high_bin >= _INF_HIGH_BIN or numel > 1 << 32
                 or collected > max(numel * _MAX_COLLECTED_FRACTION, 1024)):
             self.second_level()
-            ops.apply_threshold_(self.tensors, keep_masks, self.state)
+            ops.apply_threshold_(self.tensors, keep_masks, self.state, pattern=self.pattern)
             return
-        low_histogram = self.workspace.low_histogram
+        low_histogram = self.low_histogram
         positions = torch.empty(collected, dtype=torch.int32)
-        ops.partition_at_bin_(self.tensors, keep_masks, self.state, low_histogram, positions)
+        ops.partition_at_bin_(self.tensors, keep_masks, self.state, low_histogram, positions,
+                              pattern=self.pattern)
         if self.process_group is not None:
             torch.distributed.all_reduce(low_histogram, group=self.process_group)
         ops.radix_select_(low_histogram, self.state, level=1)
-        ops.prune_collected_(self.tensors, keep_masks, positions, self.state)
+        ops.prune_collected_(self.tensors, keep_masks, positions, self.state,
+                             pattern=self.pattern)
 
 
 def tau_of(selection: torch.Tensor) -> torch.Tensor:
@@ -163,89 +177,101 @@ class OpsBackend:
                                  f"parameter on {p.device}")
             check_parameter(p, self.name)
 
-    def step(self, groups: list[UpdateGroup], event: PruneEvent | None,
+    def step(self, groups: list[UpdateGroup], events: list[PruneEvent],
              grad_scale: torch.Tensor | None,
-             schedule: DeviceSchedule | None = None) -> Threshold | None:
-        """The update of every group (counting the level-0 histogram of the candidates on an
-        event), then the event's selection and pruning.
+             schedule: DeviceSchedule | None = None) -> list[Threshold] | None:
+        """The update of every group (counting the level-0 histogram of each pool's candidates
+        on an event), then each event's selection and pruning, one pool after the other.
 
         On the device schedule this is one fixed sequence of ops whatever t (what a CUDA graph
-        replays): schedule_step_ writes the step's row, then every op reads it on the device (a
-        skipped step moves nothing; the event's ops do nothing when it does not prune; masks
-        are written at the freeze); with a process group, the histograms are all-reduced at
-        every step (zero ones when it does not prune). The step scalars, histograms, selection
-        state and τ stay at fixed addresses. On the host schedule the cpu backend prunes in one
-        pass after the update (prune_in_one_pass).
+        replays): schedule_step_ writes each pool's row of the step, then every op reads its
+        pool's row on the device (a skipped step moves nothing; the event's ops do nothing when
+        it does not prune; masks are written at the freeze); with a process group, the
+        histograms are all-reduced at every step (zero ones when it does not prune). The step
+        scalars, histograms, selection states and τ stay at fixed addresses. On the host
+        schedule the cpu backend prunes in one pass after the update (prune_in_one_pass).
         """
-        tensors = [p for g in groups for p in g.params] + (event.params if event else [])
+        tensors = [p for g in groups for p in g.params] + [p for e in events for p in e.params]
         if schedule is None and not tensors:
-            return None
+            return []
         device = schedule.position.device if schedule is not None else tensors[0].device
-        current = None
+        currents: list[torch.Tensor | None] = [None] * len(events)
         if schedule is None:
             scalars = step_scalars(groups, device)
         else:
-            if event is not None and len(event.keep_masks) != len(event.params):
+            if any(len(e.keep_masks) != len(e.params) for e in events):
                 raise ValueError("a step on the device schedule needs a keep mask per candidate")
-            current = schedule.current
-            ops.schedule_step_(schedule.table, schedule.position, current,
-                               found_inf=schedule.found_inf)
+            for pool in schedule.pools:
+                ops.schedule_step_(pool.table, pool.position, pool.current,
+                                   found_inf=schedule.found_inf)
+            currents = [pool.current for pool in schedule.pools[:len(events)]]
             scalars = schedule.stage_scalars(groups, device)
-        workspace = self._workspace(device)
+        workspace = self._workspace(device, len(events))
+        thresholds = []
         try:
-            counted = self._update(groups, scalars, grad_scale, workspace, current,
-                                   count=event is not None)
-            if event is None:
-                return None
-            if schedule is None:
-                state = torch.zeros(len(SELECTION), dtype=torch.int64, device=device)
-                state[_RANK].fill_(event.k)   # a fill kernel, not a copy from the host
-            else:
-                state = schedule.selection
-                state[_RANK].copy_(current[_CURRENT_K])
-            selection = Selection(event.params, state, workspace, event.process_group, current)
-            if schedule is None and self.one_pass_events:
-                selection.prune_in_one_pass(event.keep_masks, counted)
-            else:
-                selection.prune(event.keep_masks, counted)
+            counted = self._update(groups, scalars, grad_scale, workspace, events,
+                                   currents, None if schedule is None else schedule.current)
+            for j, event in enumerate(events):
+                if schedule is None:
+                    state = torch.zeros(len(SELECTION), dtype=torch.int64, device=device)
+                    state[_RANK].fill_(event.k)   # a fill kernel, not a copy from the host
+                else:
+                    state = schedule.pools[j].selection
+                    state[_RANK].copy_(currents[j][_CURRENT_K])
+                selection = Selection(event.params, state, workspace.high_histograms[j],
+                                      workspace.low_histograms[j], event.process_group,
+                                      currents[j], event.pattern)
+                if schedule is None and self.one_pass_events:
+                    selection.prune_in_one_pass(event.keep_masks, counted[j])
+                else:
+                    selection.prune(event.keep_masks, counted[j])
+                if schedule is None:
+                    thresholds.append(Threshold(tau=tau_of(state),
+                                                pruned=pruned_count(state, event.pattern is not None)))
+                else:
+                    schedule.pools[j].tau.copy_(tau_of(state))
         finally:
-            if event is not None:
+            if events:
                 workspace.zero_()
-        if schedule is not None:
-            schedule.tau.copy_(tau_of(state))
-            return None
-        return Threshold(tau=tau_of(state), below=state[_BELOW])
+        return None if schedule is not None else thresholds
 
     @staticmethod
     def _update(groups: list[UpdateGroup], scalars: torch.Tensor,
                 grad_scale: torch.Tensor | None, workspace: _Workspace,
-                current: torch.Tensor | None, count: bool) -> list[torch.Tensor]:
-        """fused_step_ over each group; on an event (`count`), the candidate groups add their
-        level-0 histogram. Returns the tensors counted."""
-        counted = []
+                events: list[PruneEvent], currents: list[torch.Tensor | None],
+                shared_current: torch.Tensor | None) -> list[list[torch.Tensor]]:
+        """fused_step_ over each group; a group of candidates of an event's pool adds its
+        level-0 histogram to that pool's (unstructured pools; an N:M pool's ranking is counted
+        in the selection). `shared_current`: the device schedule's row for the groups outside
+        the events' pools. Returns each event's tensors counted."""
+        counted: list[list[torch.Tensor]] = [[] for _ in events]
         for group, row in zip(groups, group_rows(scalars, len(groups))):
-            counts = count and group.count
+            event = group.event
+            counts = event is not None and events[event].pattern is None
             ops.fused_step_(
                 group.params, group.grads, group.exp_avgs, group.exp_avg_sqs, group.state_steps,
                 group.keep_masks, row, grad_scale=grad_scale,
-                histogram=workspace.high_histogram if counts else None, current=current)
+                histogram=workspace.high_histograms[event] if counts else None,
+                current=shared_current if event is None else currents[event])
             if counts:
-                counted.extend(group.params)
+                counted[event].extend(group.params)
         return counted
 
     def global_threshold(self, tensors: list[torch.Tensor], k: int) -> torch.Tensor:
         device = tensors[0].device
         state = torch.zeros(len(SELECTION), dtype=torch.int64, device=device)
         state[_RANK].fill_(k)
-        workspace = self._workspace(device)
+        workspace = self._workspace(device, 1)
         try:
-            Selection(tensors, state, workspace).select(counted=[])
+            Selection(tensors, state, workspace.high_histograms[0],
+                      workspace.low_histograms[0]).select(counted=[])
         finally:
             workspace.zero_()
         return tau_of(state)
 
-    def _workspace(self, device: torch.device) -> _Workspace:
+    def _workspace(self, device: torch.device, pools: int) -> _Workspace:
+        """The device's histograms for at least `pools` pools (one at least)."""
         workspace = self._workspaces.get(device)
-        if workspace is None:
-            workspace = self._workspaces[device] = _Workspace(device)
+        if workspace is None or workspace.pools < pools:
+            workspace = self._workspaces[device] = _Workspace(device, max(pools, 1))
         return workspace

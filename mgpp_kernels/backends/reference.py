@@ -5,14 +5,18 @@ import torch
 
 from .. import reference
 from ..masks import pack_mask, unpack_mask
+from ..patterns import NMPattern
 from .device_schedule import DeviceSchedule
 from .types import PruneEvent, Threshold, UpdateGroup
 
 
-def gather_magnitudes(params: list[torch.Tensor], process_group) -> torch.Tensor:
-    """|θ| of every rank's shards, in rank order: the oracle's way across processes (it sends
-    the weights; the kernels send histograms). all_gather takes equal sizes: pad, then trim."""
-    local = torch.cat([p.detach().abs().flatten().float() for p in params] or [torch.zeros(0)])
+def gather_magnitudes(params: list[torch.Tensor], process_group,
+                      pattern: NMPattern | None = None) -> torch.Tensor:
+    """|θ| of the candidates of every rank's shards, in rank order: the oracle's way across
+    processes (it sends the weights; the kernels send histograms). all_gather takes equal sizes:
+    pad, then trim."""
+    local = torch.cat([reference.candidate_magnitudes(p, pattern) for p in params]
+                      or [torch.zeros(0)])
     world = torch.distributed.get_world_size(process_group)
     sizes = [local.new_zeros(1, dtype=torch.int64) for _ in range(world)]
     torch.distributed.all_gather(sizes, local.new_full((1,), local.numel(), dtype=torch.int64),
@@ -36,32 +40,34 @@ class ReferenceBackend:
                 raise ValueError(f"the reference backend takes float64, float32, bfloat16 and "
                                  f"float16 parameters, got {p.dtype}")
 
-    def step(self, groups: list[UpdateGroup], event: PruneEvent | None,
+    def step(self, groups: list[UpdateGroup], events: list[PruneEvent],
              grad_scale: torch.Tensor | None,
-             schedule: DeviceSchedule | None = None) -> Threshold | None:
+             schedule: DeviceSchedule | None = None) -> list[Threshold] | None:
         if schedule is not None:
             raise ValueError("the reference backend follows the schedule on the host: it takes "
                              "no DeviceSchedule")
         for group in groups:
             for i, param in enumerate(group.params):
                 self._update(group, i, param, grad_scale)
-        if event is None:
-            return None
+        return [self._prune(event) for event in events]
+
+    @staticmethod
+    def _prune(event: PruneEvent) -> Threshold:
         if event.process_group is None:
-            tau = reference.global_threshold(event.params, event.k)
+            tau = reference.global_threshold(event.params, event.k, event.pattern)
         else:
-            tau = torch.kthvalue(gather_magnitudes(event.params, event.process_group),
-                                 event.k).values
-        below = torch.zeros((), dtype=torch.int64, device=tau.device)
+            tau = torch.kthvalue(gather_magnitudes(event.params, event.process_group,
+                                                   event.pattern), event.k).values
+        pruned = torch.zeros((), dtype=torch.int64, device=tau.device)
         for i, param in enumerate(event.params):
-            keep = reference.keep_mask(param, tau)
-            below += (~keep).sum()
+            keep = reference.keep_mask(param, tau, event.pattern)
+            pruned += (~keep).sum()
             param.masked_fill_(~keep, 0)
             if event.keep_masks:
                 event.keep_masks[i].copy_(pack_mask(keep))
         if event.process_group is not None:
-            torch.distributed.all_reduce(below, group=event.process_group)
-        return Threshold(tau=tau, below=below)
+            torch.distributed.all_reduce(pruned, group=event.process_group)
+        return Threshold(tau=tau, pruned=pruned)
 
     def global_threshold(self, tensors: list[torch.Tensor], k: int) -> torch.Tensor:
         return reference.global_threshold(tensors, k)

@@ -6,6 +6,8 @@ from typing import Any
 
 import torch
 
+from ..patterns import NMPattern
+
 
 @dataclass(frozen=True)
 class Prior:
@@ -31,23 +33,30 @@ class UpdateGroup:
     eps: float
     weight_decay: float
     prior: Prior | None              # None: plain AdamW (non-candidates, or after t_end)
-    count: bool                      # candidates on an event step: rank their updated values
+    event: int | None                # candidates: the index of their pool's PruneEvent among
+                                     # the step's, whose ranking counts their updated values
 
 
 @dataclass
 class PruneEvent:
-    params: list[torch.Tensor]       # every candidate, with or without a gradient
-    k: int | None                    # τ is the k-th smallest |θ|, 1 <= k <= N; None: the
-                                     # device schedule's k of this step (0: no event), with a
-                                     # keep mask per candidate
+    """The pruning event of one pool (mgpp_kernels.pools)."""
+
+    params: list[torch.Tensor]       # every candidate of the pool, with or without a gradient
+    k: int | None                    # τ is the k-th smallest |θ| of the pool's candidates,
+                                     # k >= 1; None: the device schedule's k of this step (0: no
+                                     # event), with a keep mask per candidate
     keep_masks: list[torch.Tensor] = field(default_factory=list)  # filled at the freeze
     # With a torch.distributed process group, `params` are this rank's shards and τ ranks the
     # shards of every rank (N and k are already global); only backends that declare
     # `ranks_across_processes` get one.
     process_group: Any = None
+    # N:M: the candidates are the M − N smallest |θ| of each group of M along the last dimension
+    # (ties: the lower index first), and those with |θ| <= τ are zeroed. None: every element is
+    # a candidate, and those with |θ| < τ are zeroed.
+    pattern: NMPattern | None = None
 
 
 @dataclass(frozen=True)
 class Threshold:
     tau: torch.Tensor                # 0-dim float32, on the parameters' device
-    below: torch.Tensor              # 0-dim int64: how many candidates had |θ| < τ
+    pruned: torch.Tensor             # 0-dim int64: how many candidates the event zeroed

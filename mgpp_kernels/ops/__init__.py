@@ -12,6 +12,7 @@ from typing import Sequence
 
 import torch
 
+from ..patterns import NMPattern
 from . import layout
 from .checks import check_histogram, check_selection, check_step_lists
 
@@ -44,6 +45,10 @@ LOAD_ERROR = _load()
 BUILT = LOAD_ERROR is None
 
 
+def _pattern(pattern: NMPattern | None) -> list[int]:
+    return [] if pattern is None else [pattern.n, pattern.m]
+
+
 def _bins(level: int) -> int:
     if level not in (0, 1):
         raise ValueError(f"mgpp: level must be 0 or 1, got {level}")
@@ -58,6 +63,10 @@ def build_info() -> str:
     return torch.ops.mgpp.build_info()
 
 
+# `pattern`, the keyword of the event ops below: an N:M pool's pattern (None: unstructured), whose
+# candidates are the M − N smallest |x| of each group of M consecutive elements along the last
+# dimension (the lower index first among equal ones); only they are ranked, and the threshold
+# zeroes those at τ too.
 # `current`, the keyword of the step's ops below: the step's row of the device schedule
 # (float64, len(layout.CURRENT), on the tensors' device; written by schedule_step_), which the
 # kernels read there: a skipped step changes nothing (the step counts included), the event ops do
@@ -85,11 +94,12 @@ def fused_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
 
 def abs_histogram_(tensors: Sequence[torch.Tensor], histogram: torch.Tensor,
                    selection: torch.Tensor, *, level: int,
-                   current: torch.Tensor | None = None) -> None:
+                   current: torch.Tensor | None = None, pattern: NMPattern | None = None) -> None:
     """Adds the radix histogram of |x| over `tensors` at `level` to `histogram`: level 0 counts
     the 16 high key bits (layout.HIGH_BINS counters), level 1 the 15 low bits of the keys in the
     high bin that `selection` has chosen (layout.LOW_BINS counters)."""
-    torch.ops.mgpp.abs_histogram_(tensors, histogram, selection, level, current)
+    torch.ops.mgpp.abs_histogram_(tensors, histogram, selection, level, current,
+                                  _pattern(pattern))
 
 
 def radix_select_(histogram: torch.Tensor, selection: torch.Tensor, *, level: int,
@@ -100,10 +110,11 @@ def radix_select_(histogram: torch.Tensor, selection: torch.Tensor, *, level: in
 
 
 def apply_threshold_(tensors: Sequence[torch.Tensor], keep_masks: Sequence[torch.Tensor],
-                     selection: torch.Tensor, *, current: torch.Tensor | None = None) -> None:
-    """Zeroes every element with |x| < τ (τ's key in `selection`); with keep masks (one per
-    tensor, or none), writes which elements survive."""
-    torch.ops.mgpp.apply_threshold_(tensors, keep_masks, selection, current)
+                     selection: torch.Tensor, *, current: torch.Tensor | None = None,
+                     pattern: NMPattern | None = None) -> None:
+    """Zeroes every element with |x| < τ (τ's key in `selection`; N:M: every candidate with
+    |x| <= τ); with keep masks (one per tensor, or none), writes which elements survive."""
+    torch.ops.mgpp.apply_threshold_(tensors, keep_masks, selection, current, _pattern(pattern))
 
 
 def schedule_step_(table: torch.Tensor, position: torch.Tensor, current: torch.Tensor, *,
@@ -118,20 +129,23 @@ def schedule_step_(table: torch.Tensor, position: torch.Tensor, current: torch.T
 
 def partition_at_bin_(tensors: Sequence[torch.Tensor], keep_masks: Sequence[torch.Tensor],
                       selection: torch.Tensor, low_histogram: torch.Tensor,
-                      positions: torch.Tensor) -> None:
+                      positions: torch.Tensor, *, pattern: NMPattern | None = None) -> None:
     """The one pass of an event once level 0 has chosen τ's high bin (CPU; τ's bin below +inf's):
     zeroes every element of a lower bin, keeps every element of a higher one, and collects the
     bin's elements: their positions (flat over `tensors`, in any order) into `positions` (int32
     holding exactly that many) and their level-1 counts into `low_histogram` (layout.LOW_BINS
     counters). With keep masks, writes them with the bin's elements kept."""
-    torch.ops.mgpp.partition_at_bin_(tensors, keep_masks, selection, low_histogram, positions)
+    torch.ops.mgpp.partition_at_bin_(tensors, keep_masks, selection, low_histogram, positions,
+                                     _pattern(pattern))
 
 
 def prune_collected_(tensors: Sequence[torch.Tensor], keep_masks: Sequence[torch.Tensor],
-                     positions: torch.Tensor, selection: torch.Tensor) -> None:
+                     positions: torch.Tensor, selection: torch.Tensor, *,
+                     pattern: NMPattern | None = None) -> None:
     """Completes partition_at_bin_ once `selection` holds the exact τ: zeroes the collected
-    elements with |x| < τ and clears their keep-mask bits."""
-    torch.ops.mgpp.prune_collected_(tensors, keep_masks, positions, selection)
+    elements with |x| < τ (N:M: <= τ) and clears their keep-mask bits."""
+    torch.ops.mgpp.prune_collected_(tensors, keep_masks, positions, selection,
+                                    _pattern(pattern))
 
 
 # ---- fake implementations ----------------------------------------------------------------------
@@ -157,7 +171,13 @@ def _fused_step_fake(params, grads, exp_avgs, exp_avg_sqs, state_steps, keep_mas
         check_histogram(histogram, layout.HIGH_BINS)
 
 
-def _abs_histogram_fake(tensors, histogram, selection, level, current=None):
+def _check_pattern(pattern):
+    if pattern and (len(pattern) != 2 or not 1 <= pattern[0] < pattern[1] <= 16):
+        raise ValueError("mgpp: pattern must be empty or [N, M] with 1 <= N < M <= 16")
+
+
+def _abs_histogram_fake(tensors, histogram, selection, level, current=None, pattern=()):
+    _check_pattern(pattern)
     check_histogram(histogram, _bins(level))
     check_selection(selection)
     _check_current(current)
@@ -169,7 +189,8 @@ def _radix_select_fake(histogram, selection, level, current=None):
     _check_current(current)
 
 
-def _apply_threshold_fake(tensors, keep_masks, selection, current=None):
+def _apply_threshold_fake(tensors, keep_masks, selection, current=None, pattern=()):
+    _check_pattern(pattern)
     if len(keep_masks) not in (0, len(tensors)):
         raise ValueError("mgpp: keep_masks must be empty or one per tensor")
     check_selection(selection)
@@ -193,13 +214,15 @@ def _check_positions(positions):
         raise ValueError("mgpp: positions must be an int32 tensor")
 
 
-def _partition_at_bin_fake(tensors, keep_masks, selection, low_histogram, positions):
+def _partition_at_bin_fake(tensors, keep_masks, selection, low_histogram, positions, pattern=()):
+    _check_pattern(pattern)
     _apply_threshold_fake(tensors, keep_masks, selection)
     check_histogram(low_histogram, layout.LOW_BINS)
     _check_positions(positions)
 
 
-def _prune_collected_fake(tensors, keep_masks, positions, selection):
+def _prune_collected_fake(tensors, keep_masks, positions, selection, pattern=()):
+    _check_pattern(pattern)
     _apply_threshold_fake(tensors, keep_masks, selection)
     _check_positions(positions)
 

@@ -16,8 +16,9 @@ NUM_STEP_SCALARS = len(STEP_SCALARS)
 LOW_BITS = 15
 HIGH_BINS = 1 << 16
 LOW_BINS = 1 << LOW_BITS
-# The int64 selection state: the rank of τ among the keys still in play, τ's key, keys below τ.
-SELECTION = ("rank", "key", "below")
+# The int64 selection state: the rank of τ among the keys still in play, τ's key, the keys below
+# τ, and the keys in the bin the last level chose (after the last level: the keys equal to τ).
+SELECTION = ("rank", "key", "below", "equal")
 NUM_SELECTION_SLOTS = len(SELECTION)
 
 # The parameter and state dtypes the kernels take; a dtype's position is its code in the kernels
