@@ -64,9 +64,12 @@ def bert_base_parameters(layers: int, dtype: torch.dtype = torch.float32):
     return parameters(shapes.candidate_shapes(), shapes.other_shapes(), dtype)
 
 
-def mgpp_optimizer(candidates, others, backend: str, schedule: dict, storage: Storage = FP32):
-    """MGPP with the candidates as pruning candidates and plain AdamW for the others."""
-    return MGPP([{"params": candidates, "prune": True}, {"params": others, "prune": False}],
+def mgpp_optimizer(candidates, others, backend: str, schedule: dict, storage: Storage = FP32,
+                   pattern: str = "unstructured"):
+    """MGPP with the candidates as pruning candidates (one pool of `pattern`) and plain AdamW
+    for the others."""
+    return MGPP([{"params": candidates, "prune": True, "pattern": pattern},
+                 {"params": others, "prune": False}],
                 lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY, backend=backend,
                 state_dtype=storage.state_dtype, num_train_examples=NUM_TRAIN_EXAMPLES,
                 **schedule)
@@ -287,8 +290,10 @@ def run(quick: bool = False, repeats: int = 5, output: str = "bench_results.json
     if "cpu" in built:
         for name, schedule in (("without event", PRUNED_SCHEDULE),
                                ("with pruning event", EVENT_SCHEDULE)):
-            side_by_side[f"MGPP cpu step {name}"] = started_step(
-                mgpp_optimizer(*bert_base_parameters(layers), "cpu", schedule))
+            for pattern, label in (("unstructured", ""), ("2:4", " 2:4")):
+                side_by_side[f"MGPP cpu{label} step {name}"] = started_step(
+                    mgpp_optimizer(*bert_base_parameters(layers), "cpu", schedule,
+                                   pattern=pattern))
     for name, seconds in interleaved_median_times(side_by_side, repeats).items():
         record_step_time(name, seconds, side_by_side[name])
     del side_by_side
@@ -326,6 +331,10 @@ def run(quick: bool = False, repeats: int = 5, output: str = "bench_results.json
         summary.update(
             reference_vs_cpu=by_name["MGPP reference step without event"] / mgpp_steps["cpu"],
             event_vs_no_event=by_name["MGPP cpu step with pruning event"] / mgpp_steps["cpu"],
+            two_four_vs_unstructured=by_name["MGPP cpu 2:4 step without event"]
+            / mgpp_steps["cpu"],
+            two_four_vs_unstructured_event=by_name["MGPP cpu 2:4 step with pruning event"]
+            / by_name["MGPP cpu step with pruning event"],
             kthvalue_vs_radix=by_name["tau selection, torch.cat + torch.kthvalue"]
             / by_name["tau selection, radix histograms (cpu)"])
     for row in rows:

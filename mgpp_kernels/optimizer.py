@@ -180,7 +180,10 @@ class MGPP(Optimizer):
         existing = [p for group in self.param_groups for p in group["params"]]
         self._check_params(existing + params)
         pool = group_pool(param_group, self.config)
-        if pool is not None:
+        if pool is not None and pool.pattern is not None:
+            if self._backend is not None and not self._backend.ranks_nm_pools:
+                raise ValueError(f"the {self._backend.name} backend does not rank N:M pools yet "
+                                 f"(pattern={pool.pattern}): use backend='triton' or 'cpu'")
             check_pattern_fits(pool.pattern, params, [local(p) for p in params])
         sharding = self._sharding.with_candidates(params) if prune else self._sharding
         if sharding.group is not None and not self._backend.ranks_across_processes:

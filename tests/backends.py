@@ -13,6 +13,7 @@ Capabilities of a row:
 - dtypes: the parameter dtypes it takes.
 - ranks_across_processes: it takes process_group= and sharded DTensors (one τ over all ranks).
 - exact_resume: a run resumed from a state_dict equals the uninterrupted run bit for bit.
+- ranks_nm_pools: it takes param groups with an N:M `pattern` (docs/spec.md §5).
 - schedules_on_device: capturable=True; its kernels read the schedule position and GradScaler's
   found_inf on the device (tests/test_device_schedule.py).
 - slow: its kernels run through the Triton interpreter (about 25 ms per program instance), so
@@ -40,6 +41,7 @@ class Row:
     ranks_across_processes: bool
     exact_resume: bool
     schedules_on_device: bool
+    ranks_nm_pools: bool
     slow: bool
     unavailable: str | None
 
@@ -83,6 +85,8 @@ NOT_YET = {
     "ranks_across_processes": "process_group= and sharded DTensors need a backend that ranks "
                               "candidates across processes (not supported yet on this backend)",
     "exact_resume": "a resumed run is not bit-identical to the uninterrupted one",
+    "ranks_nm_pools": "its kernels rank unstructured pools only (N:M not supported yet on this "
+                      "backend)",
     "schedules_on_device": "the oracle follows the schedule on the host (capturable=True is an "
                            "error there)",
 }
@@ -116,15 +120,16 @@ def _rows() -> tuple[Row, ...]:
     return (
         Row("reference", device="cpu", dtypes=KERNEL_DTYPES + (torch.float64,),
             ranks_across_processes=True, exact_resume=True, schedules_on_device=False,
-            slow=False, unavailable=None),
+            ranks_nm_pools=True, slow=False, unavailable=None),
         Row("cpu", device="cpu", dtypes=KERNEL_DTYPES, ranks_across_processes=True,
-            exact_resume=True, schedules_on_device=True, slow=False,
+            exact_resume=True, schedules_on_device=True, ranks_nm_pools=True, slow=False,
             unavailable=_unavailable("cpu")),
         Row("triton", device=triton_device, dtypes=KERNEL_DTYPES, ranks_across_processes=True,
-            exact_resume=True, schedules_on_device=True, slow=triton_device == "cpu",
+            exact_resume=True, schedules_on_device=True, ranks_nm_pools=False,
+            slow=triton_device == "cpu",
             unavailable=triton_unavailable),
         Row("cuda", device="cuda", dtypes=KERNEL_DTYPES, ranks_across_processes=True,
-            exact_resume=True, schedules_on_device=True, slow=False,
+            exact_resume=True, schedules_on_device=True, ranks_nm_pools=False, slow=False,
             unavailable=_unavailable("cuda")),
     )
 

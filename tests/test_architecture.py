@@ -17,7 +17,8 @@ from mgpp_kernels.backends.scalars import step_scalar_values
 from mgpp_kernels.backends.types import Prior, UpdateGroup
 from mgpp_kernels.ops import layout
 from mgpp_kernels.prior import prior_c1, prior_c2
-from mgpp_kernels.schedule import EventPlan, plan_event, schedule_at
+from mgpp_kernels.pools import Pool
+from mgpp_kernels.schedule import EventPlan, schedule_at
 
 from compare import assert_bitwise_equal
 from helpers import SCHEDULE, make_params
@@ -82,11 +83,11 @@ LAYERS = (
     # torch-only leaves: the layout shared with the kernels, the settings, the prior's constants,
     # the packed masks, the data a backend takes and returns
     ("_C", "ops.layout", "config", "prior", "masks", "sharding", "groups", "workloads",
-     "machine", "backends.types", "integrations"),
-    ("ops.checks", "reference"),
+     "machine", "patterns", "integrations"),
+    ("ops.checks", "reference", "backends.types"),
     ("ops",),   # loads the compiled kernels: importing ops.layout runs it
     ("schedule", "backends.scalars"),
-    ("backends.device_schedule", "backends.triton.kernels"),
+    ("backends.device_schedule", "backends.triton.kernels", "pools"),
     ("backends.kernel_ops", "backends.reference", "backends.triton.backend"),
     ("backends.cpu", "backends.cuda", "backends.triton"),
     ("backends",),   # the registry and the Backend protocol: importing backends.types runs it
@@ -203,14 +204,14 @@ def param_groups_of_two():
     (24, 1000, EventPlan(sparsity=0.9, k=900, freeze=True, numel=1000)),  # t_end: the freeze
     (25, 1000, None),                                       # frozen: no more events
 ])
-def test_plan_event_is_a_pure_function_of_the_point_and_n(t, numel, expected):
+def test_a_pools_event_is_a_pure_function_of_the_point_and_n(t, numel, expected):
     point = schedule_at(MGPPConfig(**SCHEDULE), t)
-    assert plan_event(point, numel) == expected
+    assert Pool(None, 0.3, 0.9).plan(point, numel) == expected
 
 
-def test_plan_event_between_t_i_and_t_end_follows_the_cubic():
+def test_a_pools_event_between_t_i_and_t_end_follows_the_cubic():
     config = MGPPConfig(**SCHEDULE)
-    plan = plan_event(schedule_at(config, 14), 10**6)
+    plan = Pool(None, 0.3, 0.9).plan(schedule_at(config, 14), 10**6)
     s = 0.9 + (0.3 - 0.9) * (1 - (14 - 4) / (24 - 4)) ** 3
     assert plan == EventPlan(sparsity=s, k=int(10**6 * s), freeze=False, numel=10**6)
 

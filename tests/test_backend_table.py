@@ -31,6 +31,7 @@ def test_a_row_declares_what_its_backend_declares(row):
     assert backend.name == row.name
     assert getattr(backend, "ranks_across_processes", False) == row.ranks_across_processes
     assert backend.schedules_on_device == row.schedules_on_device
+    assert backend.ranks_nm_pools == row.ranks_nm_pools
     if row.device == "cuda":
         assert torch.cuda.is_available()
     for dtype in row.dtypes:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from mgpp_kernels import MGPP
-from mgpp_kernels.ops.layout import HIGH_BINS, LOW_BITS, NUM_STEP_SCALARS
+from mgpp_kernels.ops.layout import HIGH_BINS, LOW_BITS, NUM_SELECTION_SLOTS, NUM_STEP_SCALARS
 
 from compare import assert_bitwise_equal
 
@@ -48,17 +48,17 @@ def test_fake_implementations_check_what_they_can():
             torch.ops.mgpp.fused_step_(params, grads[:1], *rest)
         with pytest.raises(ValueError, match="histogram"):
             torch.ops.mgpp.abs_histogram_(params, torch.zeros(10, dtype=torch.int64),
-                                          torch.zeros(3, dtype=torch.int64), 0)
+                                          torch.zeros(NUM_SELECTION_SLOTS, dtype=torch.int64), 0)
         with pytest.raises(ValueError, match="level"):
             torch.ops.mgpp.radix_select_(torch.zeros(HIGH_BINS, dtype=torch.int64),
-                                         torch.zeros(3, dtype=torch.int64), 2)
+                                         torch.zeros(NUM_SELECTION_SLOTS, dtype=torch.int64), 2)
         with pytest.raises(ValueError, match="one per tensor"):
             torch.ops.mgpp.apply_threshold_(params, [torch.zeros(5, dtype=torch.uint8)],
-                                            torch.zeros(3, dtype=torch.int64))
+                                            torch.zeros(NUM_SELECTION_SLOTS, dtype=torch.int64))
         with pytest.raises(ValueError, match="current must be a float64 tensor of 5"):
             torch.ops.mgpp.fused_step_(params, grads, *rest, torch.zeros(4, dtype=torch.float64))
         with pytest.raises(ValueError, match="current must be"):
-            torch.ops.mgpp.apply_threshold_(params, [], torch.zeros(3, dtype=torch.int64),
+            torch.ops.mgpp.apply_threshold_(params, [], torch.zeros(NUM_SELECTION_SLOTS, dtype=torch.int64),
                                             torch.zeros(5, dtype=torch.float32))
         with pytest.raises(ValueError, match="table must be"):
             torch.ops.mgpp.schedule_step_(torch.zeros(3, 5, dtype=torch.float64),
@@ -68,7 +68,7 @@ def test_fake_implementations_check_what_they_can():
 
 @needs_ops
 def test_opcheck():
-    selection = torch.tensor([20, 0, 0])
+    selection = torch.tensor([20, 0, 0, 0])
     histogram = torch.zeros(HIGH_BINS, dtype=torch.int64)
     params = step_inputs()[0]
     torch.ops.mgpp.abs_histogram_(params, histogram, selection, 0)
@@ -111,7 +111,7 @@ def test_ops_trace_into_one_graph():
                         histogram):
         torch.ops.mgpp.fused_step_(params, grads, exp_avgs, exp_avg_sqs, steps, masks, scalars,
                                    grad_scale, histogram)
-        selection = torch.tensor([20, 0, 0])
+        selection = torch.tensor([20, 0, 0, 0])
         torch.ops.mgpp.radix_select_(histogram, selection, 0)
         return selection
 

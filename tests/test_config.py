@@ -152,8 +152,7 @@ def test_invalid_group_hyperparameter_is_a_value_error_naming_it(keyword, value)
 
 @pytest.mark.parametrize("keyword,value", [
     ("num_train_examples", 10), ("total_steps", 30), ("initial_warmup_steps", 4),
-    ("final_warmup_steps", 0), ("pruning_interval", 5), ("initial_sparsity", 0.2),
-    ("final_sparsity", 0.5), ("sigma0_sq", 1e-9), ("sigma1_sq", 0.1), ("lambda_mix", 0.2),
+    ("final_warmup_steps", 0), ("pruning_interval", 5), ("sigma0_sq", 1e-9), ("sigma1_sq", 0.1), ("lambda_mix", 0.2),
     ("lambda_final_factor", 0.5), ("state_dtype", torch.float32), ("backend", "cpu")])
 def test_optimizer_wide_keyword_in_a_param_group_is_refused(keyword, value):
     params = make_params([(3,), (4,)])

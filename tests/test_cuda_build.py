@@ -58,7 +58,7 @@ def test_layout_exports_the_header_constants():
     at import."""
     assert torch.ops.mgpp.layout() == (
         "step_scalars=lr,beta1,beta2,eps,weight_decay,prior_on,c1,c2,inv_n,inv_sigma0_sq,"
-        "inv_sigma1_sq;high_bins=65536;low_bins=32768;selection=rank,key,below;"
+        "inv_sigma1_sq;high_bins=65536;low_bins=32768;selection=rank,key,below,equal;"
         "schedule=prior_on,c1,k,freeze;dtypes=float32,bfloat16,float16")
 
 

@@ -143,3 +143,45 @@ def test_decoder_prunes_freezes_exports_and_reloads(tmp_path, family):
 
 def test_default_patterns_cover_the_decoders():
     assert {"gpt2", "llama"} <= set(DEFAULT_PATTERNS)
+
+
+def test_llama_pruned_to_two_four_through_the_trainer_exports_and_reloads(tmp_path):
+    """docs/spec.md §5: a 2:4 pool ends with at most 2 nonzeros in every group of 4 along each
+    candidate's input dimension, exactly half of the candidates zero, its mask frozen."""
+    from mgpp_kernels import MGPP
+    model = tiny_llama()
+    names = candidate_names(model)
+    params = dict(model.named_parameters())
+    candidates = [params[name] for name in names]
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=8,
+                             max_steps=STEPS, learning_rate=1e-2, weight_decay=0.0,
+                             report_to="none", save_strategy="no", disable_tqdm=True,
+                             use_cpu=True, seed=0)
+    optimizer = MGPP(param_groups(model, weight_decay=0.0, pattern="2:4"), lr=1e-2,
+                     num_train_examples=NUM_EXAMPLES, initial_warmup_steps=2,
+                     final_warmup_steps=FINAL_WARMUP, pruning_interval=2, initial_sparsity=0.2,
+                     backend="cpu")
+    recorder = ZerosRecorder(candidates)
+    trainer = Trainer(model=model, args=args, train_dataset=token_dataset(),
+                      optimizers=(optimizer, None), callbacks=[recorder])
+    add_mgpp_callback(trainer)
+    trainer.train()
+
+    stats = optimizer.stats()
+    assert stats["stage"] == "frozen"
+    assert [pool["pattern"] for pool in stats["pools"]] == ["2:4"]
+    for p in candidates:
+        assert int((p.detach().reshape(-1, 4) != 0).sum(dim=1).max()) <= 2
+    total = sum(p.numel() for p in candidates)
+    assert sum(int((p == 0).sum()) for p in candidates) == total // 2
+    frozen = recorder.zeros[-FINAL_WARMUP - 1:]
+    for later in frozen[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(frozen[0], later))
+
+    sparse_path = str(tmp_path / "model.mgpp-sparse.safetensors")
+    save_sparse(model, sparse_path)
+    fresh = tiny_llama()
+    load_sparse(fresh, sparse_path)
+    assert bit_equal(model, fresh)
+    save_compressed_pretrained(model, str(tmp_path / "sparse-bitmask"), names)
+    assert bit_equal(model, load_compressed_pretrained(str(tmp_path / "sparse-bitmask")))

@@ -8,6 +8,7 @@ import torch
 
 from mgpp_kernels import MGPPConfig, masks, reference, schedule
 from mgpp_kernels.ops import layout
+from mgpp_kernels.pools import Pool
 from mgpp_kernels.prior import prior_c1
 
 from helpers import SCHEDULE, build_optimizer, make_params, run_steps
@@ -177,7 +178,8 @@ def test_frozen_mask_is_reapplied_after_every_update(any_backend):
 
 def test_device_schedule_rows_are_the_host_schedule():
     """The table a device-scheduled step reads (docs/spec.md §2 per t, over N = 100)."""
-    rows = schedule.device_schedule_rows(CONFIG, 100)
+    pool = Pool(None, CONFIG.initial_sparsity, CONFIG.final_sparsity)
+    rows = schedule.device_schedule_rows(CONFIG, lambda point: pool.plan(point, 100))
     t_end = CONFIG.t_end
     assert len(rows) == t_end + 2
     column = {name: [row[j] for row in rows] for j, name in enumerate(layout.SCHEDULE_COLUMNS)}

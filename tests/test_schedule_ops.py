@@ -124,7 +124,7 @@ def event_inputs(device):
 
 def run_event(tensors, masks, device, current):
     """The level-0 and level-1 histograms and selections of k = 40, then the threshold."""
-    selection = torch.tensor([40, 0, 0], device=device)
+    selection = torch.tensor([40, 0, 0, 0], device=device)
     for level, bins in ((0, layout.HIGH_BINS), (1, layout.LOW_BINS)):
         histogram = torch.zeros(bins, dtype=torch.int64, device=device)
         ops.abs_histogram_(tensors, histogram, selection, level=level, current=current)

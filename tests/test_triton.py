@@ -207,7 +207,7 @@ def test_bad_input_is_rejected_before_anything_changes():
         TRITON.step([ok.group()], [prune_event(ok.params, 13)], None)
     with pytest.raises(ValueError, match="keep_masks\\[0\\] must be uint8"):
         TRITON.step([ok.group()], [prune_event(ok.params, 3, [torch.zeros(2, dtype=torch.uint8)]
-                                              * 2), None)
+                                               * 2)], None)
     ok.assert_equal(before, "after a rejected step")
 
 

@@ -28,6 +28,8 @@ class Backend(Protocol):
     ranks_across_processes: ClassVar[bool]
     # step() takes a DeviceSchedule: the schedule position and found_inf are read on the device.
     schedules_on_device: ClassVar[bool]
+    # PruneEvent.pattern may be N:M (docs/spec.md §5).
+    ranks_nm_pools: ClassVar[bool]
 
     def check_params(self, params: list[torch.Tensor]) -> None:
         """Raises ValueError when this backend cannot run on these parameters."""

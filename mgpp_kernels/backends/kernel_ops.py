@@ -161,11 +161,12 @@ class OpsBackend:
     schedules_on_device = True   # the ops take the step's row of the device schedule
 
     def __init__(self, name: str, device_type: str, *, steps_on_device: bool,
-                 ranks_across_processes: bool, one_pass_events: bool):
+                 ranks_across_processes: bool, ranks_nm_pools: bool, one_pass_events: bool):
         self.name = name
         self.device_type = device_type
         self.steps_on_device = steps_on_device
         self.ranks_across_processes = ranks_across_processes
+        self.ranks_nm_pools = ranks_nm_pools
         # Whether the device has partition_at_bin_ and prune_collected_ (prune_in_one_pass).
         self.one_pass_events = one_pass_events
         self._workspaces: dict[torch.device, _Workspace] = {}

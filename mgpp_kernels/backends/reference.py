@@ -33,6 +33,7 @@ class ReferenceBackend:
     steps_on_device = False
     ranks_across_processes = True
     schedules_on_device = False
+    ranks_nm_pools = True
 
     def check_params(self, params: list[torch.Tensor]) -> None:
         for p in params:

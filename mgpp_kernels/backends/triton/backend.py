@@ -57,7 +57,7 @@ from triton.runtime.interpreter import InterpretedFunction
 from ...ops.checks import (check_kernel_dtype, check_mask, check_parameter, check_step_lists,
                            check_tensor)
 from ...ops.layout import KERNEL_DTYPES, NUM_SELECTION_SLOTS
-from ..device_schedule import DeviceSchedule
+from ..device_schedule import DeviceSchedule, pruned_count
 from ..scalars import all_step_scalar_values, to_device, write_tensor_lrs
 from ..types import PruneEvent, Threshold, UpdateGroup
 from . import kernels
@@ -154,6 +154,8 @@ class TritonBackend:
     steps_on_device = True
     ranks_across_processes = True
     schedules_on_device = True
+    # The Triton kernels rank unstructured pools only.
+    ranks_nm_pools = False
 
     def __init__(self):
         self._plans = _LruCache(TABLE_CACHE_SIZE)
@@ -189,7 +191,7 @@ class TritonBackend:
                 if step.dtype != torch.float32 or step.device != device:
                     raise ValueError(f"mgpp: state_steps[{i}] must be a float32 tensor on "
                                      f"{device}, got {step.dtype} on {step.device}")
-                entries.append(_Entry(g, group.count, p, group.grads[i], group.exp_avgs[i],
+                entries.append(_Entry(g, group.event == 0, p, group.grads[i], group.exp_avgs[i],
                                       group.exp_avg_sqs[i],
                                       group.keep_masks[i] if group.keep_masks else None, step))
         return entries
@@ -216,28 +218,36 @@ class TritonBackend:
                 check_mask(mask, p, device, i)
 
     @staticmethod
-    def _device_of(groups: list[UpdateGroup], event: PruneEvent | None) -> torch.device | None:
+    def _device_of(groups: list[UpdateGroup],
+                   events: list[PruneEvent]) -> torch.device | None:
         """The device of the step's first tensor; every other tensor is checked against it."""
         for group in groups:
             if group.params:
                 return group.params[0].device
-        if event is not None and event.params:
-            return event.params[0].device
+        for event in events:
+            if event.params:
+                return event.params[0].device
         return None
 
     # ---- the step -------------------------------------------------------------------------------
 
-    def step(self, groups: list[UpdateGroup], event: PruneEvent | None,
+    def step(self, groups: list[UpdateGroup], events: list[PruneEvent],
              grad_scale: torch.Tensor | None,
-             schedule: DeviceSchedule | None = None) -> Threshold | None:
-        device = self._device_of(groups, event)
+             schedule: DeviceSchedule | None = None) -> list[Threshold] | None:
+        """The update, then each event's selection and threshold, one pool after the other.
+        The update pass counts the level-0 histogram of the first event's pool; every other
+        pool's is counted by histogram_kernel. Event j's buffers on the device schedule are
+        schedule.pools[j]'s."""
+        if any(event.pattern is not None for event in events):
+            raise ValueError("the triton backend ranks unstructured pools only")
+        device = self._device_of(groups, events)
         if device is None and schedule is not None:
             device = schedule.position.device   # no tensor this step: t still advances
         if device is None:
-            return None
+            return None if schedule is not None else []
         self._check_device_type(device, "tensor")
         entries = self._entries(groups, device)
-        if event is not None:
+        for event in events:
             self._check_event(event, device, schedule)
         for name, value in (("grad_scale", grad_scale),
                             ("found_inf", schedule.found_inf if schedule else None)):
@@ -245,34 +255,34 @@ class TritonBackend:
                                       or not value.is_floating_point()):
                 raise ValueError(f"{name} must be a one-element floating tensor on {device}")
         scheduled = schedule is not None
+        thresholds = []
         with self._on(device):
             try:
-                scalars, current, rank = self._stage(groups, event, schedule, device)
+                scalars, currents, ranks = self._stage(groups, events, schedule, device)
                 workspace = self._workspace(device)
                 if entries:
-                    self._update(entries, scalars, grad_scale, workspace, current,
-                                 count=event is not None, scheduled=scheduled)
-                if event is None:
-                    return None
-                counted = {id(e.param) for e in entries if e.count}
-                uncounted = [p for p in event.params if id(p) not in counted]
-                selection, tau = ((schedule.selection, schedule.tau) if scheduled else
-                                  (torch.empty(NUM_SELECTION_SLOTS, dtype=torch.int64,
-                                               device=device),
-                                   torch.empty((), dtype=torch.float32, device=device)))
-                self._select(event.params, uncounted, event.keep_masks, rank, selection, tau,
-                             workspace, current, scheduled, event.process_group)
-                self._threshold(event, selection, current, scheduled)
+                    self._update(entries, scalars, grad_scale, workspace, currents[0],
+                                 count=bool(events), scheduled=scheduled)
+                for j, event in enumerate(events):
+                    counted = {id(e.param) for e in entries if e.count} if j == 0 else set()
+                    uncounted = [p for p in event.params if id(p) not in counted]
+                    selection, tau = ((schedule.pools[j].selection, schedule.pools[j].tau)
+                                      if scheduled else
+                                      (torch.empty(NUM_SELECTION_SLOTS, dtype=torch.int64,
+                                                   device=device),
+                                       torch.empty((), dtype=torch.float32, device=device)))
+                    self._select(event.params, uncounted, event.keep_masks, ranks[j], selection,
+                                 tau, workspace, currents[j], scheduled, event.process_group)
+                    self._threshold(event, selection, currents[j], scheduled)
+                    thresholds.append(Threshold(tau=tau, pruned=pruned_count(selection, False)))
             except BaseException:
                 # A failed launch may leave counts in the histograms: start clean next time.
                 self._workspaces.pop(device, None)
                 raise
-        if scheduled:
-            return None
-        return Threshold(tau=tau, below=selection[kernels.SEL_BELOW.value])
+        return None if scheduled else thresholds
 
     def global_threshold(self, tensors: list[torch.Tensor], k: int) -> torch.Tensor:
-        device = self._device_of([], PruneEvent(params=tensors, k=k))
+        device = self._device_of([], [PruneEvent(params=tensors, k=k)])
         if device is None:
             raise ValueError("k must be in [1, 0] (the number of candidate elements): no tensors")
         self._check_device_type(device, "tensor")
@@ -307,26 +317,29 @@ class TritonBackend:
         return self._workspaces[device]
 
     @staticmethod
-    def _stage(groups: list[UpdateGroup], event: PruneEvent | None,
+    def _stage(groups: list[UpdateGroup], events: list[PruneEvent],
                schedule: DeviceSchedule | None, device: torch.device
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The step's values on the device: (the groups' step scalars, the step's row `current`,
-        the float64 k that ranks τ). On the host schedule the scalars and k are staged in one
-        copy, and `current`, which the kernels then never read, is the scalars. On the device
-        schedule the scalars are the schedule's persistent buffer and schedule_kernel writes the
-        row, k included."""
+               ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """The step's values on the device: (the groups' step scalars, each event's row
+        `current` (at least one), each event's float64 k that ranks τ). On the host schedule the
+        scalars and the ks are staged in one copy, and `current`, which the kernels then never
+        read, is the scalars. On the device schedule the scalars are the schedule's persistent
+        buffer and schedule_kernel writes each pool's row, k included."""
         if schedule is None:
-            values = all_step_scalar_values(groups) + [float(event.k) if event is not None else 0.0]
+            values = all_step_scalar_values(groups) + [float(e.k) for e in events]
             scalars = to_device(torch.tensor(values, dtype=torch.float64), device)
             write_tensor_lrs(groups, scalars)
-            return scalars, scalars, scalars[-1:]
+            first_k = scalars.numel() - len(events)
+            return scalars, [scalars] * max(len(events), 1), [
+                scalars[first_k + j:first_k + j + 1] for j in range(len(events))]
         scalars = schedule.stage_scalars(groups, device)
-        current = schedule.current
-        kernels.schedule_kernel[(1,)](
-            schedule.table, schedule.table.shape[0], schedule.position,
-            schedule.found_inf if schedule.found_inf is not None else current, current,
-            HAS_FOUND_INF=schedule.found_inf is not None, **LAUNCH_OPTIONS)
-        return scalars, current, current[kernels.C_K.value:]
+        for pool in schedule.pools:
+            kernels.schedule_kernel[(1,)](
+                pool.table, pool.table.shape[0], pool.position,
+                schedule.found_inf if schedule.found_inf is not None else pool.current,
+                pool.current, HAS_FOUND_INF=schedule.found_inf is not None, **LAUNCH_OPTIONS)
+        currents = [pool.current for pool in schedule.pools]
+        return scalars, currents, [current[kernels.C_K.value:] for current in currents]
 
     def _update(self, entries: list[_Entry], scalars: torch.Tensor,
                 grad_scale: torch.Tensor | None, workspace: _Workspace, current: torch.Tensor,
