@@ -83,7 +83,7 @@ LAYERS = (
     # the packed masks, the data a backend takes and returns
     ("_C", "ops.layout", "config", "prior", "masks", "sharding", "groups", "workloads",
      "machine", "backends.types", "integrations"),
-    ("ops.checks", "reference"),
+    ("ops.checks", "reference", "owl"),   # owl: per-layer targets over groups' candidates
     ("ops",),   # loads the compiled kernels: importing ops.layout runs it
     ("schedule", "backends.scalars"),
     ("backends.device_schedule", "backends.triton.kernels"),
