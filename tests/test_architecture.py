@@ -84,7 +84,7 @@ LAYERS = (
     # the packed masks, the data a backend takes and returns
     ("_C", "ops.layout", "config", "prior", "masks", "sharding", "groups", "workloads",
      "machine", "patterns", "integrations"),
-    ("ops.checks", "reference", "backends.types"),
+    ("ops.checks", "reference", "backends.types", "owl"),   # owl: per-layer targets over groups' candidates
     ("ops",),   # loads the compiled kernels: importing ops.layout runs it
     ("schedule", "backends.scalars"),
     ("backends.device_schedule", "backends.triton.kernels", "pools"),

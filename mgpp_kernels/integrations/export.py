@@ -18,6 +18,10 @@ back. compressed-tensors 0.15 and later (which transformers 5 requires) no longe
 compressor nor reads ``sparsity_config``: ``from_pretrained`` of such a folder then initialises
 the compressed weights at random, with a warning. This module writes the format with the pieces
 compressed-tensors still ships (``BitmaskConfig``, ``pack_bitmasks``) and reads it without them.
+
+Both formats store any mask as it is, N:M ones included. :func:`to_semi_structured` turns the
+2:4-sparse ``torch.nn.Linear`` weights of a model on a CUDA GPU into PyTorch's semi-structured
+sparse tensors, whose matmuls run on the 2:4 sparse tensor cores.
 """
 from __future__ import annotations
 
@@ -466,3 +470,107 @@ def load_compressed_pretrained(save_directory: str, model_class=None, **config_k
                  state.keys() - model_state.keys())
     model.load_state_dict(state, strict=False)
     return model.eval()
+
+
+# The dtypes whose Linear matmuls both of PyTorch's semi-structured backends run: cuSPARSELt
+# (the default) has no float32, CUTLASS no float8.
+SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _semi_structured_min_shape(dtype: torch.dtype) -> tuple[int, int]:
+    """The (rows, columns) a weight's shape must be a positive multiple of, read from the
+    subclass that ``to_sparse_semi_structured`` picks as it picks it (cuSPARSELt: 16 × 16 for
+    float16 and bfloat16; CUTLASS when ``_FORCE_CUTLASS`` is set: 32 × 64)."""
+    from torch.sparse import (SparseSemiStructuredTensor, SparseSemiStructuredTensorCUSPARSELT,
+                              SparseSemiStructuredTensorCUTLASS)
+
+    subclass = (SparseSemiStructuredTensorCUTLASS if SparseSemiStructuredTensor._FORCE_CUTLASS
+                else SparseSemiStructuredTensorCUSPARSELT)
+    constraints = subclass._DTYPE_SHAPE_CONSTRAINTS[dtype]
+    return constraints.sparse_min_rows, constraints.sparse_min_cols
+
+
+def _semi_structured_obstacles(weight: torch.Tensor) -> list[str]:
+    """Why a Linear's weight cannot become a semi-structured sparse tensor; empty if it can."""
+    obstacles = []
+    if weight.device.type != "cuda":
+        obstacles.append(f"it is on {weight.device}: PyTorch's semi-structured sparse kernels "
+                         f"(cuSPARSELt, CUTLASS) run on CUDA only")
+    elif torch.cuda.get_device_capability(weight.device) < (8, 0):
+        capability = ".".join(map(str, torch.cuda.get_device_capability(weight.device)))
+        obstacles.append(f"it is on {weight.device}, of compute capability {capability}: 2:4 "
+                         f"sparse tensor cores need 8.0 (Ampere) or newer")
+    if weight.dtype not in SEMI_STRUCTURED_DTYPES:
+        obstacles.append(f"it is {weight.dtype}: the semi-structured matmuls take torch.float16 "
+                         f"or torch.bfloat16 (model.half() or model.to(torch.bfloat16) first)")
+    # float16 and bfloat16 share their constraints: a weight of another dtype is measured
+    # against the ones it will meet once converted.
+    min_rows, min_cols = _semi_structured_min_shape(
+        weight.dtype if weight.dtype in SEMI_STRUCTURED_DTYPES else torch.float16)
+    rows, columns = weight.shape
+    if not rows or not columns or rows % min_rows or columns % min_cols:
+        obstacles.append(f"its shape {[rows, columns]} is not a positive multiple of "
+                         f"{[min_rows, min_cols]}, to_sparse_semi_structured's least for float16 "
+                         f"and bfloat16")
+    if columns % 4 == 0:
+        nonzeros = (weight.detach() != 0).reshape(rows, columns // 4, 4).sum(dim=-1)
+        dense_groups = (nonzeros > 2).nonzero()
+        if len(dense_groups):
+            row, group = dense_groups[0].tolist()
+            obstacles.append(f"it is not 2:4 sparse: row {row}, columns {4 * group}-"
+                             f"{4 * group + 3} hold {int(nonzeros[row, group])} nonzeros (each "
+                             f"group of 4 consecutive elements of a row may hold at most 2)")
+    return obstacles
+
+
+def to_semi_structured(model: torch.nn.Module, names: Iterable[str] | None = None) -> list[str]:
+    """Replaces the weight of each ``torch.nn.Linear`` that ``names`` lists (parameter names;
+    default: :func:`mgpp_kernels.candidate_names`, the pruning candidates) by a frozen Parameter
+    (``requires_grad=False``) wrapping ``torch.sparse.to_sparse_semi_structured(weight)``, as
+    PyTorch's semi-structured sparsity tutorial does, so that the Linear's matmul runs on the
+    2:4 sparse tensor cores. For inference: the converted weights take no gradient. The Linear
+    modules not named stay as they are (a classifier or an LM head left dense, say).
+
+    Every named weight must be convertible: the weight of a ``torch.nn.Linear`` (transformers'
+    ``Conv1D`` of GPT-2 holds [in, out] and is not), on a CUDA GPU of compute capability 8.0 or
+    newer, float16 or bfloat16, of a shape to_sparse_semi_structured takes (a positive multiple
+    of 16 × 16 rows × columns on its default cuSPARSELt backend), and 2:4 sparse along its rows
+    (at most 2 nonzeros in each group of 4 consecutive elements of a row, the groups MGPP's
+    ``pattern="2:4"`` prunes). Otherwise a ``ValueError`` lists every weight that is not and
+    every reason why, before any module changes; the conversion itself also completes for all
+    weights before the first one is replaced.
+
+    Returns the converted names.
+    """
+    from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
+
+    params = dict(model.named_parameters())
+    names = candidate_names(model) if names is None else list(names)
+    linears: dict[str, torch.nn.Linear] = {}
+    problems = []
+    for name in names:
+        module_name, _, attribute = name.rpartition(".")
+        module = model.get_submodule(module_name) if name in params else None
+        if module is None:
+            problems.append(f"{name}: not a parameter of the model")
+        elif attribute != "weight":
+            problems.append(f"{name}: not a module's weight")
+        elif not isinstance(module, torch.nn.Linear):
+            problems.append(f"{name}: the weight of a {type(module).__name__}, not of a "
+                            f"torch.nn.Linear")
+        elif isinstance(params[name], SparseSemiStructuredTensor):
+            problems.append(f"{name}: already a semi-structured sparse tensor")
+        else:
+            obstacles = _semi_structured_obstacles(params[name])
+            if obstacles:
+                problems.append(f"{name}: {'; '.join(obstacles)}")
+            else:
+                linears[name] = module
+    if problems:
+        raise ValueError("to_semi_structured converts 2:4-sparse float16/bfloat16 Linear weights "
+                         "on a CUDA GPU; these cannot be converted:\n  " + "\n  ".join(problems))
+    converted = {name: to_sparse_semi_structured(module.weight.detach().contiguous())
+                 for name, module in linears.items()}
+    for name, module in linears.items():
+        module.weight = torch.nn.Parameter(converted[name], requires_grad=False)
+    return list(converted)
