@@ -91,12 +91,12 @@ def test_opcheck():
         "apply_threshold_": ([p.clone() for p in params],
                              [torch.zeros((p.numel() + 7) // 8, dtype=torch.uint8)
                               for p in params],
-                             torch.tensor([20, 0x3C000000, 0])),
+                             torch.tensor([20, 0x3C000000, 0, 0])),
         "partition_at_bin_": ([p.clone() for p in params], masks(), chosen,
                               torch.zeros(1 << LOW_BITS, dtype=torch.int64),
                               torch.empty(in_bin, dtype=torch.int32)),
         "prune_collected_": ([p.clone() for p in params], masks(), torch.tensor([3, 40]).int(),
-                             torch.tensor([20, 0x3C000000, 0])),
+                             torch.tensor([20, 0x3C000000, 0, 0])),
     }
     for case, args in cases.items():
         torch.library.opcheck(getattr(torch.ops.mgpp, case.split()[0]).default, args)

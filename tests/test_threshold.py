@@ -302,6 +302,8 @@ def test_event_step_prunes_at_the_exact_threshold_of_the_updated_values(kernel_b
     # The same update without an event gives θ_new before pruning (the update does not depend
     # on the counting): τ must be its k-th smallest |θ_new|, bit for bit.
     groups_u, candidates_u, _, others_u = _event_step_inputs(device)
+    for group in groups_u:
+        group.event = None
     backend.step(groups_u, [], None)
     candidates_u = [p.cpu() for p in candidates_u]
     tau = reference.global_threshold(candidates_u, event.k)
