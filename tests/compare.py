@@ -181,10 +181,21 @@ def assert_unchanged(optimizer, params: list[torch.Tensor], before: dict) -> Non
         assert state.keys() == before["state"][i].keys()
         for key, value in state.items():
             assert_bitwise_equal(value, before["state"][i][key], f"param {i} state {key}")
-    mgpp_after, mgpp_before = after["mgpp"], before["mgpp"]
-    for key in ("last_tau", "last_below"):
-        a, b = mgpp_after.pop(key), mgpp_before.pop(key)
-        assert (a is None) == (b is None), key
-        if a is not None:
-            assert_bitwise_equal(a, b, key)
-    assert mgpp_after == mgpp_before
+    assert_schedule_entries_equal(after["mgpp"], before["mgpp"])
+
+
+def assert_schedule_entries_equal(a: dict, b: dict) -> None:
+    """Two state_dicts' "mgpp" entries are the same: each pool's last τ and pruned count bit
+    for bit (on the CPU), everything else equal."""
+    a, b = dict(a), dict(b)
+    pools_a, pools_b = a.pop("pools"), b.pop("pools")
+    assert a == b
+    assert len(pools_a) == len(pools_b)
+    for i, (pool_a, pool_b) in enumerate(zip(pools_a, pools_b)):
+        pool_a, pool_b = dict(pool_a), dict(pool_b)
+        for key in ("last_tau", "last_pruned"):
+            x, y = pool_a.pop(key), pool_b.pop(key)
+            assert (x is None) == (y is None), f"pool {i} {key}"
+            if x is not None:
+                assert_bitwise_equal(x.cpu(), y.cpu(), f"pool {i} {key}")
+        assert pool_a == pool_b, f"pool {i}"

@@ -65,7 +65,7 @@ class StepTensors:
                            copy_all(self.exp_avg_sqs, state_dtype), copy_all(self.steps, None),
                            copy_all(self.keep_masks, None))
 
-    def group(self, prior=PRIOR, event=0, weight_decay=0.01):
+    def group(self, prior=PRIOR, event=None, weight_decay=0.01):
         return UpdateGroup(self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.steps,
                            self.keep_masks, lr=1e-3, beta1=BETA1, beta2=BETA2, eps=1e-8,
                            weight_decay=weight_decay, prior=prior, event=event)

@@ -285,7 +285,7 @@ def _event_step_inputs(device):
     others = StepTensors.make([(50,)], torch.float32, torch.float32, seed=5, device=device)
     no_grad = StepTensors.make([(300,)], torch.bfloat16, torch.float32, seed=6,
                                device=device).params
-    groups = [fp32.group(), half.group(), others.group(prior=None, event=None)]
+    groups = [fp32.group(event=0), half.group(event=0), others.group(prior=None)]
     return groups, fp32.params + half.params + no_grad, no_grad, others.params
 
 
@@ -302,6 +302,8 @@ def test_event_step_prunes_at_the_exact_threshold_of_the_updated_values(kernel_b
     # The same update without an event gives θ_new before pruning (the update does not depend
     # on the counting): τ must be its k-th smallest |θ_new|, bit for bit.
     groups_u, candidates_u, _, others_u = _event_step_inputs(device)
+    for group in groups_u:
+        group.event = None
     backend.step(groups_u, [], None)
     candidates_u = [p.cpu() for p in candidates_u]
     tau = reference.global_threshold(candidates_u, event.k)
@@ -350,8 +352,8 @@ def test_consecutive_events_after_an_event_prune_at_the_exact_threshold(kernel_b
         keep_masks = [torch.full(((p.numel() + 7) // 8,), 0x5A, dtype=torch.uint8, device=device)
                       for p in candidates]
         k = int(numel * sparsity)
-        threshold, = backend.step([tensors.group(weight_decay=0.0),
-                                   half.group(weight_decay=0.0)],
+        threshold, = backend.step([tensors.group(event=0, weight_decay=0.0),
+                                   half.group(event=0, weight_decay=0.0)],
                                   [prune_event(candidates, k, keep_masks)], None)
         tau = reference.global_threshold(updated, k)
         assert_bitwise_equal(threshold.tau, tau, f"step {step}: tau")
