@@ -11,6 +11,7 @@ from triton.compiler import ASTSource
 
 from mgpp_kernels.backends.triton import kernels
 from mgpp_kernels.backends.triton import backend
+from mgpp_kernels.patterns import NMPattern
 
 SIGNATURES = {
     "schedule_kernel": {"table": "*fp64", "num_rows": "i32", "position": "*i64",
@@ -19,7 +20,7 @@ SIGNATURES = {
                        "grad_scale": "*fp32", "rows": "*fp32", "num_tensors": "i32",
                        "current": "*fp64"},
     "update_kernel": {"update_table": "*i64", "block_table": "*i32", "rows": "*fp32",
-                      "histogram": "*i64", "current": "*fp64"},
+                      "histograms": "*i64", "currents": "*fp64"},
     "histogram_kernel": {"value_table": "*i64", "block_table": "*i32", "histogram": "*i64",
                          "selection": "*i64", "current": "*fp64"},
     "select_kernel": {"histogram": "*i64", "selection": "*i64", "rank_source": "*fp64",
@@ -28,6 +29,8 @@ SIGNATURES = {
                          "current": "*fp64"},
 }
 DTYPE_PAIRS = [(0, 0), (1, 0), (1, 1), (2, 0), (2, 2)]  # (parameter, state): fp32 0, bf16 1, fp16 2
+# N:M pools of a power-of-two group, of one that is not (its lanes padded) and of the largest.
+PATTERNS = [NMPattern(2, 4), NMPattern(2, 6), NMPattern(4, 16)]
 # Approximate float32 division and square root (Triton's `/` and tl.sqrt) and flushing of
 # denormals to zero: none may appear in the per-element math, whose AdamW division and square
 # root are IEEE (docs/spec.md §4; its fused multiply-adds are allowed). (prepare_kernel's float64
@@ -42,6 +45,7 @@ def variants():
     """Every kernel with every dtype (pair) and flag the backend launches it with (SCHEDULED: the
     device schedule's variants, which read the step's row and may do nothing)."""
     blocks = backend.GPU_BLOCKS
+    unstructured = backend.pattern_constexprs(None)
     for has_found_inf in (True, False):
         yield "schedule_kernel", dict(HAS_FOUND_INF=has_found_inf)
     for has_grad_scale, scheduled in ((True, False), (False, False), (True, True)):
@@ -60,12 +64,20 @@ def variants():
         for level in (0, 1):
             for scheduled in (False, True):
                 yield "histogram_kernel", dict(DTYPE=dtype, LEVEL=level, SCHEDULED=scheduled,
-                                               ALIGNED=True, BLOCK=blocks["value"])
+                                               ALIGNED=True, **unstructured)
         for scheduled in (False, True):
             yield "threshold_kernel", dict(DTYPE=dtype, WRITE_MASKS=True, SCHEDULED=scheduled,
-                                           ALIGNED=True, BLOCK=blocks["value"])
+                                           ALIGNED=True, **unstructured)
     yield "threshold_kernel", dict(DTYPE=0, WRITE_MASKS=False, SCHEDULED=False, ALIGNED=False,
-                                   BLOCK=blocks["value"])
+                                   **unstructured)
+    # N:M pools: both levels and the threshold with the freeze's masks, one dtype each.
+    for dtype, pattern in zip((0, 1, 2), PATTERNS):
+        grouped = backend.pattern_constexprs(pattern)
+        for level in (0, 1):
+            yield "histogram_kernel", dict(DTYPE=dtype, LEVEL=level, SCHEDULED=True,
+                                           ALIGNED=True, **grouped)
+        yield "threshold_kernel", dict(DTYPE=dtype, WRITE_MASKS=True, SCHEDULED=True,
+                                       ALIGNED=True, **grouped)
     for level, bins in ((0, kernels.HIGH_BINS.value), (1, kernels.LOW_BINS.value)):
         for scheduled in (False, True):
             yield "select_kernel", dict(LEVEL=level, SCHEDULED=scheduled, BINS=bins,

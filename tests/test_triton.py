@@ -1,7 +1,8 @@
 """What is particular to the triton backend (its agreement with the reference, one step, τ, whole
 runs, is in the conformance suites over tests/backends.py): its shared math element by element
-through the interpreter, its launches, cached tables and the absence of host reads in step(),
-its step-list checks, and its kernels compiled for real GPU targets (no GPU needed)."""
+through the interpreter, pools and N:M patterns in one step, its launches, cached tables and the
+absence of host reads in step(), its step-list checks, and its kernels compiled for real GPU
+targets (no GPU needed)."""
 from __future__ import annotations
 
 import json
@@ -16,15 +17,20 @@ import torch
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 
-from mgpp_kernels import MGPP, schedule  # noqa: E402
+from mgpp_kernels import MGPP, masks, reference, schedule  # noqa: E402
 from mgpp_kernels import optimizer as optimizer_module  # noqa: E402
 from mgpp_kernels.backends import load_backend, scalars  # noqa: E402
+from mgpp_kernels.backends.device_schedule import DeviceSchedule  # noqa: E402
+from mgpp_kernels.backends.types import Prior, PruneEvent  # noqa: E402
+from mgpp_kernels.ops.layout import SCHEDULE_COLUMNS  # noqa: E402
+from mgpp_kernels.patterns import NMPattern  # noqa: E402
+from mgpp_kernels.prior import prior_c1  # noqa: E402
 from mgpp_kernels.backends.triton import backend as triton_backend  # noqa: E402
 from mgpp_kernels.backends.triton import kernels  # noqa: E402
 
 from compare import assert_bitwise_equal, assert_within, ulp  # noqa: E402
 from helpers import make_params  # noqa: E402
-from step_inputs import StepTensors, prune_event  # noqa: E402
+from step_inputs import PRIOR, StepTensors, prune_event  # noqa: E402
 
 TRITON = load_backend("triton")
 REFERENCE = load_backend("reference")
@@ -92,6 +98,173 @@ def test_16bit_rounding_and_exp_match_torch_and_float64():
     assert (exp[x.isnan()].isnan()).all() and exp[x == float("inf")].eq(float("inf")).all()
     assert torch.equal(exp[finite & (x < -86.0)],
                        torch.full_like(exp[finite & (x < -86.0)], exp[x == -86.0][0].item()))
+
+
+# ---- pools and N:M patterns -------------------------------------------------------------------
+
+# One step over four pools, their candidates of mixed dtypes: two unstructured pools, a 2:4 pool
+# and a 2:6 pool (M not a power of two: its groups are padded to 8 lanes), with candidates
+# without a gradient, beside a group outside every pool. Pools 1 and 3 are bfloat16 only (one
+# radix level); 0 and 2 mix fp32 with fp16.
+PATTERNS = [None, None, NMPattern(2, 4), NMPattern(2, 6)]
+SPARSITIES = [0.5, 0.9, 0.75, 0.6]   # of each pool's candidates
+POOL_GROUPS = [  # (dtype, shapes, event)
+    (torch.float32, [(1, 4), (3, 4)], 0),
+    (torch.float16, [(7, 12)], 0),
+    (torch.bfloat16, [(5, 16)], 1),
+    (torch.float16, [(5, 16)], 2),
+    (torch.float32, [(7, 12)], 2),
+    (torch.bfloat16, [(7, 12), (3, 6)], 3),
+    (torch.float32, [(3, 4)], None),
+]
+WITHOUT_GRADIENT = [(torch.bfloat16, (1, 4), 1), (torch.float32, (3, 4), 2)]
+
+
+def pool_step_inputs(masked):
+    """The groups' tensors, and each pool's candidates (the groups' then those without a
+    gradient), made alike at every call; `masked`: every candidate carries an all-ones keep mask,
+    as on the device schedule before the freeze."""
+    tensors = []
+    for i, (dtype, shapes, event) in enumerate(POOL_GROUPS):
+        group = StepTensors.make(shapes, dtype, torch.float32, seed=10 + i)
+        if masked and event is not None:
+            group.keep_masks = [masks.pack_mask(torch.ones(shape, dtype=torch.bool))
+                                for shape in shapes]
+        tensors.append(group)
+    candidates = [[p for (_, _, event), group in zip(POOL_GROUPS, tensors) if event == j
+                   for p in group.params] for j in range(len(PATTERNS))]
+    for i, (dtype, shape, event) in enumerate(WITHOUT_GRADIENT):
+        candidates[event].append(make_model([shape], dtype, seed=30 + i)[0].detach())
+    return tensors, candidates
+
+
+def pool_ks(candidates):
+    ks = []
+    for params, pattern, sparsity in zip(candidates, PATTERNS, SPARSITIES):
+        numel = sum(p.numel() for p in params)
+        if pattern is not None:
+            numel = numel // pattern.m * pattern.prunable
+        ks.append(int(numel * sparsity))
+    return ks
+
+
+def updated_without_event():
+    """Every candidate after the same update on a step without an event."""
+    tensors, candidates = pool_step_inputs(masked=False)
+    groups = [group.group(prior=None if event is None else PRIOR, event=None)
+              for (_, _, event), group in zip(POOL_GROUPS, tensors)]
+    assert TRITON.step(groups, [], None) == []
+    return candidates
+
+
+def assert_pools_pruned_as_the_reference(candidates, keep_masks, taus, pruned):
+    """Each pool's τ is the k-th smallest |θ| of its candidates in the update without an event,
+    bit for bit; its tensors are those values with exactly reference.keep_mask's zeros, its keep
+    masks that mask, its pruned count theirs."""
+    updated = updated_without_event()
+    for j, (pattern, k) in enumerate(zip(PATTERNS, pool_ks(updated))):
+        tau = reference.global_threshold(updated[j], k, pattern)
+        assert tau > 0, f"pool {j}"
+        assert_bitwise_equal(taus[j], tau, f"pool {j}: tau")
+        zeroed = 0
+        for i, (param, before, mask) in enumerate(zip(candidates[j], updated[j], keep_masks[j])):
+            keep = reference.keep_mask(before, tau, pattern)
+            zeroed += int((~keep).sum())
+            assert_bitwise_equal(param, before.masked_fill(~keep, 0), f"pool {j}, tensor {i}")
+            assert_bitwise_equal(mask, masks.pack_mask(keep), f"pool {j}, keep mask {i}")
+        assert zeroed > 0 and int(pruned[j]) == zeroed, f"pool {j}: pruned {int(pruned[j])}"
+
+
+@interpreted
+def test_pools_and_nm_patterns_prune_at_each_pools_exact_threshold_on_the_host_schedule():
+    tensors, candidates = pool_step_inputs(masked=False)
+    ks = pool_ks(candidates)
+    groups = [group.group(prior=None if event is None else PRIOR, event=event)
+              for (_, _, event), group in zip(POOL_GROUPS, tensors)]
+    keep_masks = [[torch.full((masks.packed_mask_bytes(p.numel()),), 0xA5, dtype=torch.uint8)
+                   for p in params] for params in candidates]
+    events = [PruneEvent(params, k, pool_masks, pattern=pattern)
+              for params, k, pool_masks, pattern in zip(candidates, ks, keep_masks, PATTERNS)]
+    thresholds = TRITON.step(groups, events, None)
+    assert len(thresholds) == len(events)
+    assert_pools_pruned_as_the_reference(candidates, keep_masks,
+                                         [threshold.tau for threshold in thresholds],
+                                         [threshold.pruned for threshold in thresholds])
+    # The group outside every pool is updated as on a step without events.
+    outside, = (group for (_, _, event), group in zip(POOL_GROUPS, tensors) if event is None)
+    expected, = (group for (_, _, event), group in zip(POOL_GROUPS, pool_step_inputs(False)[0])
+                 if event is None)
+    TRITON.step([expected.group(prior=None, event=None)], [], None)
+    outside.assert_equal(expected, "the group outside every pool")
+
+
+@interpreted
+def test_pools_and_nm_patterns_prune_at_each_pools_exact_threshold_on_the_device_schedule():
+    """The same step with the schedule on the device, started by hand as the optimizer does: a
+    table per pool whose row t = 0 prunes to its k and freezes (writing the keep masks), and
+    after which nothing prunes; λ_t's c1 comes from the row. A second step prunes nothing and
+    keeps each pool's τ and pruned count."""
+    tensors, candidates = pool_step_inputs(masked=True)
+    c1 = prior_c1(PRIOR.lambda_t, PRIOR.sigma0_sq, PRIOR.sigma1_sq)
+    rows = [[dict(prior_on=1.0, c1=c1, k=float(k), freeze=1.0),
+             dict(prior_on=0.0, c1=0.0, k=0.0, freeze=1.0)] for k in pool_ks(candidates)]
+    tables = [[[row[name] for name in SCHEDULE_COLUMNS] for row in pool] for pool in rows]
+    schedule = DeviceSchedule(on=True)
+    schedule.start(tables, [sum(p.numel() for p in params) for params in candidates],
+                   [pattern is not None for pattern in PATTERNS], t=0,
+                   last_thresholds=[None] * len(PATTERNS), device=torch.device("cpu"))
+    device_prior = Prior(None, PRIOR.sigma0_sq, PRIOR.sigma1_sq, PRIOR.num_train_examples)
+    groups = [group.group(prior=None if event is None else device_prior, event=event)
+              for (_, _, event), group in zip(POOL_GROUPS, tensors)]
+    by_param = {id(p): mask for group in tensors for p, mask in zip(group.params,
+                                                                      group.keep_masks)}
+    keep_masks = [[by_param[id(p)] if id(p) in by_param
+                   else masks.pack_mask(torch.ones(p.shape, dtype=torch.bool)) for p in params]
+                  for params in candidates]
+    events = [PruneEvent(params, None, pool_masks, pattern=pattern)
+              for params, pool_masks, pattern in zip(candidates, keep_masks, PATTERNS)]
+    assert TRITON.step(groups, events, None, schedule) is None
+    thresholds = [pool.threshold() for pool in schedule.pools]
+    assert_pools_pruned_as_the_reference(candidates, keep_masks,
+                                         [threshold.tau for threshold in thresholds],
+                                         [threshold.pruned for threshold in thresholds])
+    before = [threshold.tau.clone() for threshold in thresholds]
+    TRITON.step(groups, events, None, schedule)
+    assert int(schedule.position) == 2
+    for j, pool in enumerate(schedule.pools):
+        assert_bitwise_equal(pool.tau, before[j], f"pool {j}: tau after a step without event")
+        assert int(pool.threshold().pruned) == int(thresholds[j].pruned)
+
+
+@interpreted
+def test_nm_ranking_takes_the_lower_index_first_among_equal_magnitudes():
+    """csrc/core/selection.h keep_candidate_keys' ties, against reference.nm_candidates: groups
+    of equal |θ| (±, zeros), a group already sparse, rows of exactly M, M = 16 and M = 3."""
+    for pattern, rows in ((NMPattern(2, 4), [[0.5, -0.5, 0.5, 0.5], [0.0, 0.0, 0.25, -0.0],
+                                             [1.0, 2.0, 2.0, 1.0], [0.5, 0.25, 0.25, 0.125]]),
+                          (NMPattern(1, 3), [[0.25, 0.25, 0.25], [0.5, -0.5, 0.125],
+                                             [0.0, 0.5, 0.0]]),
+                          (NMPattern(5, 16), [[0.25] * 8 + [-0.25] * 8,
+                                              [float(i % 5) for i in range(16)]])):
+        for dtype in (torch.float32, torch.bfloat16):
+            values = torch.tensor(rows, dtype=dtype)
+            ours, theirs = values.clone(), values.clone()
+            numel = values.numel() // pattern.m * pattern.prunable
+            for k in (1, numel // 2, numel):
+                ours.copy_(values)
+                theirs.copy_(values)
+                mask = torch.zeros(masks.packed_mask_bytes(values.numel()), dtype=torch.uint8)
+                threshold, = TRITON.step([], [PruneEvent([ours], k, [mask], pattern=pattern)],
+                                         None)
+                expected, = REFERENCE.step([], [PruneEvent([theirs], k, [], pattern=pattern)],
+                                           None)
+                what = f"{pattern} {dtype} k={k}"
+                assert_bitwise_equal(threshold.tau, expected.tau, what)
+                assert_bitwise_equal(ours, theirs, what)
+                assert_bitwise_equal(mask, masks.pack_mask(reference.keep_mask(values,
+                                                                               expected.tau,
+                                                                               pattern)), what)
+                assert int(threshold.pruned) == int(expected.pruned), what
 
 
 # ---- launches, tables and host synchronisation ------------------------------------------------
@@ -206,8 +379,8 @@ def test_bad_input_is_rejected_before_anything_changes():
     with pytest.raises(ValueError, match="k must be in"):
         TRITON.step([ok.group()], [prune_event(ok.params, 13)], None)
     with pytest.raises(ValueError, match="keep_masks\\[0\\] must be uint8"):
-        TRITON.step([ok.group()], [prune_event(ok.params, 3, [torch.zeros(2, dtype=torch.uint8)]
-                                               * 2)], None)
+        TRITON.step([ok.group()],
+                    [prune_event(ok.params, 3, [torch.zeros(2, dtype=torch.uint8)] * 2)], None)
     ok.assert_equal(before, "after a rejected step")
 
 

@@ -56,7 +56,9 @@ F32, BF16, F16 = (tl.constexpr(layout.KERNEL_DTYPES.index(dtype))
 LOW_BITS = tl.constexpr(layout.LOW_BITS)
 HIGH_BINS = tl.constexpr(layout.HIGH_BINS)
 LOW_BINS = tl.constexpr(layout.LOW_BINS)
+# csrc/core/selection.h's kNaNKeyFloor and kNotCandidateKey.
 NAN_KEY_FLOOR = tl.constexpr(0x7F800001)
+NOT_CANDIDATE_KEY = tl.constexpr(0x7FFFFFFF)
 
 # The float64 step scalars of one update group, in layout.STEP_SCALARS order.
 NUM_STEP_SCALARS = tl.constexpr(layout.NUM_STEP_SCALARS)
@@ -71,10 +73,11 @@ BLOCK_TABLE = ("tensor", "block")
 BLOCK_COLUMNS = tl.constexpr(len(BLOCK_TABLE))
 B_TENSOR, B_BLOCK = _columns(BLOCK_TABLE)
 # The update table (int64, one row per tensor): addresses, numel, the tensor's row of scalars
-# and whether its values are counted on an event.
-UPDATE_TABLE = ("param", "grad", "exp_avg", "exp_avg_sq", "keep_mask", "numel", "row", "count")
+# and the pool (its event's index) whose level-0 histogram counts its updated values on an event,
+# -1 for none.
+UPDATE_TABLE = ("param", "grad", "exp_avg", "exp_avg_sq", "keep_mask", "numel", "row", "pool")
 UPDATE_COLUMNS = tl.constexpr(len(UPDATE_TABLE))
-U_PARAM, U_GRAD, U_EXP_AVG, U_EXP_AVG_SQ, U_KEEP_MASK, U_NUMEL, U_ROW, U_COUNT = _columns(
+U_PARAM, U_GRAD, U_EXP_AVG, U_EXP_AVG_SQ, U_KEEP_MASK, U_NUMEL, U_ROW, U_POOL = _columns(
     UPDATE_TABLE)
 # The value table of the histogram and threshold kernels (int64, one row per tensor).
 VALUE_TABLE = ("data", "numel", "keep_mask")
@@ -96,10 +99,13 @@ ROW_WIDTH = tl.constexpr(len(SCALAR_ROW))
 NUM_PRIOR_SCALARS = tl.constexpr(len(SCALAR_ROW) - SCALAR_ROW.index("prior_on"))
 # The device schedule (layout.SCHEDULE_COLUMNS rows) and the step's row written from it (CURRENT).
 SCHEDULE_WIDTH = tl.constexpr(len(layout.SCHEDULE_COLUMNS))
+CURRENT_WIDTH = tl.constexpr(len(layout.CURRENT))
 C_PRIOR_ON, C_C1, C_K, C_FREEZE, C_SKIP = _columns(
     layout.CURRENT, ("prior_on", "c1", "k", "freeze", "skip"))
-# Selection state (int64[3]): rank of τ among the keys in play, τ's key bits, keys below τ.
-SEL_RANK, SEL_KEY, SEL_BELOW = _columns(layout.SELECTION, ("rank", "key", "below"))
+# Selection state (layout.SELECTION, csrc/core/layout.h): rank of τ among the keys in play, τ's
+# key bits, keys below τ, keys in the bin the last level chose.
+SEL_RANK, SEL_KEY, SEL_BELOW, SEL_EQUAL = _columns(layout.SELECTION,
+                                                   ("rank", "key", "below", "equal"))
 
 
 # ---- storage formats ---------------------------------------------------------------------------
@@ -344,10 +350,11 @@ def prepare_kernel(prepare_table, scalars, grad_scale, rows, num_tensors, curren
 
 @device_function
 def _update_block(param, grad, exp_avg, exp_avg_sq, keep_mask_address, offsets, in_bounds, row,
-                  histogram, count, PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
+                  histogram, counts, PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
                   COUNT: tl.constexpr):
     """Prior gradient + AdamW + frozen mask on one block (pointers already at the block start);
-    on an event step, counts the level-0 histogram of |θ_new| as stored."""
+    where `counts` (an event of the tensor's pool), adds |θ_new| as stored to the pool's level-0
+    histogram."""
     theta = _bits_to_f32(_load(param + offsets, in_bounds), PARAM_DTYPE)
     g = _bits_to_f32(_load(grad + offsets, in_bounds), PARAM_DTYPE)
     m = _bits_to_f32(_load(exp_avg + offsets, in_bounds), STATE_DTYPE)
@@ -378,26 +385,28 @@ def _update_block(param, grad, exp_avg, exp_avg_sq, keep_mask_address, offsets, 
     tl.store(exp_avg + offsets, _f32_to_bits(m, STATE_DTYPE), mask=in_bounds)
     tl.store(exp_avg_sq + offsets, _f32_to_bits(v, STATE_DTYPE), mask=in_bounds)
     if COUNT:
-        if count != 0:
+        if counts:
             key = _abs_key(_bits_to_f32(stored, PARAM_DTYPE))
             tl.atomic_add(histogram + (key >> LOW_BITS), 1, mask=in_bounds, sem="relaxed")
 
 
 @triton.jit
-def update_kernel(update_table, block_table, rows, histogram, current, PARAM_DTYPE: tl.constexpr,
-                  STATE_DTYPE: tl.constexpr, COUNT: tl.constexpr, SCHEDULED: tl.constexpr,
-                  ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
-    """One BLOCK of one tensor per program: the fused MGPP update (docs/spec.md §2) of the tensors of one
-    (parameter dtype, state dtype) pair. COUNT: this may be an event step; tensors whose table row
-    has U_COUNT set add the level-0 histogram of their updated values. SCHEDULED: `current` says
-    whether it is one (k != 0) and whether the step is skipped (then nothing is written)."""
-    if _runs(current, SCHEDULED, C_SKIP):
-        _update_program(update_table, block_table, rows, histogram, current, PARAM_DTYPE,
+def update_kernel(update_table, block_table, rows, histograms, currents,
+                  PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, COUNT: tl.constexpr,
+                  SCHEDULED: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """One BLOCK of one tensor per program: the fused MGPP update (docs/spec.md §2) of the tensors
+    of one (parameter dtype, state dtype) pair. COUNT: this may be an event step; a tensor whose
+    table row names a pool (U_POOL >= 0) adds its updated values to that pool's row of the level-0
+    `histograms` ([pools × HIGH_BINS]). SCHEDULED: the pool's row of `currents` ([pools ×
+    CURRENT], the step's rows of the device schedule) says whether the pool prunes (k != 0), and
+    the first row whether the step is skipped (then nothing is written; every row says it)."""
+    if _runs(currents, SCHEDULED, C_SKIP):
+        _update_program(update_table, block_table, rows, histograms, currents, PARAM_DTYPE,
                         STATE_DTYPE, COUNT, SCHEDULED, ALIGNED, BLOCK)
 
 
 @device_function
-def _update_program(update_table, block_table, rows, histogram, current,
+def _update_program(update_table, block_table, rows, histograms, currents,
                     PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, COUNT: tl.constexpr,
                     SCHEDULED: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     entry, start, numel = _program_block(update_table, block_table, UPDATE_COLUMNS, U_NUMEL, BLOCK)
@@ -408,69 +417,125 @@ def _update_program(update_table, block_table, rows, histogram, current,
     keep_mask_address = tl.load(entry + U_KEEP_MASK)
     keep_mask_address = tl.where(keep_mask_address != 0, keep_mask_address + start // 8, 0)
     row = rows + tl.load(entry + U_ROW) * ROW_WIDTH
-    count = tl.where(_runs(current, SCHEDULED, C_K), tl.load(entry + U_COUNT), 0)
+    pool = tl.load(entry + U_POOL)
+    pool_row = tl.maximum(pool, 0)   # any row for a tensor outside every pool: never counted
+    histogram = histograms + pool_row * HIGH_BINS
+    counts = (pool >= 0) & _runs(currents + pool_row * CURRENT_WIDTH, SCHEDULED, C_K)
     offsets = tl.arange(0, BLOCK)
     # Full blocks run without a bounds mask so that their loads vectorise; the tail block masks.
     if start + BLOCK <= numel:
         _update_block(param, grad, exp_avg, exp_avg_sq, keep_mask_address, offsets, None, row,
-                      histogram, count, PARAM_DTYPE, STATE_DTYPE, COUNT)
+                      histogram, counts, PARAM_DTYPE, STATE_DTYPE, COUNT)
     else:
         _update_block(param, grad, exp_avg, exp_avg_sq, keep_mask_address, offsets,
-                      offsets < numel - start, row, histogram, count, PARAM_DTYPE, STATE_DTYPE,
+                      offsets < numel - start, row, histogram, counts, PARAM_DTYPE, STATE_DTYPE,
                       COUNT)
 
 
 # ---- exact global threshold --------------------------------------------------------------------
 
 @device_function
-def _histogram_block(data, offsets, in_bounds, histogram, high_bin, DTYPE: tl.constexpr,
-                     LEVEL: tl.constexpr):
+def _keep_candidate_keys(key, GROUP_SIZE: tl.constexpr, GROUP_TILE: tl.constexpr,
+                         PRUNABLE: tl.constexpr):
+    """csrc/core/selection.h keep_candidate_keys on a tile of groups, one group per row of
+    GROUP_TILE lanes (GROUP_SIZE rounded up to a power of two; the lanes from GROUP_SIZE on are
+    no element): keys not among the PRUNABLE smallest of their group become NOT_CANDIDATE_KEY,
+    the lower index being the smaller of equal keys. Each key's rank counts the smaller ones of
+    its row, [groups, lane, other lane] in registers."""
+    lane = tl.arange(0, GROUP_TILE)
+    mine, other = key[:, :, None], key[:, None, :]
+    smaller = (other < mine) | ((other == mine) & (lane[None, None, :] < lane[None, :, None]))
+    smaller = smaller & (lane < GROUP_SIZE)[None, None, :]
+    rank = tl.sum(smaller.to(tl.int32), 2)
+    return tl.where(rank < PRUNABLE, key, NOT_CANDIDATE_KEY)
+
+
+@device_function
+def _group_keys(data, remaining, DTYPE: tl.constexpr, GROUPS: tl.constexpr,
+                GROUP_SIZE: tl.constexpr, GROUP_TILE: tl.constexpr, PRUNABLE: tl.constexpr):
+    """The N:M ranking keys of a block of GROUPS whole groups (`data` at its start, `remaining`
+    elements from there to the tensor's end, a multiple of GROUP_SIZE), as a [GROUPS, GROUP_TILE]
+    tile: the elements' offsets (group g's element j at g·GROUP_SIZE + j), which lanes are
+    elements, and their keys (csrc/cpu/kernels.cpp block_keys)."""
+    lane = tl.arange(0, GROUP_TILE)[None, :]
+    offsets = tl.arange(0, GROUPS)[:, None] * GROUP_SIZE + lane
+    in_bounds = (lane < GROUP_SIZE) & (offsets < remaining)
     key = _abs_key(_bits_to_f32(_load(data + offsets, in_bounds), DTYPE))
+    return offsets, in_bounds, _keep_candidate_keys(key, GROUP_SIZE, GROUP_TILE, PRUNABLE)
+
+
+@device_function
+def _below_threshold(key, tau_key, AT_TAU: tl.constexpr):
+    """csrc/core/selection.h below_threshold: key < τ's, or <= where AT_TAU (N:M); comparisons
+    with a NaN τ are false."""
+    if AT_TAU:
+        below = key < tau_key + 1
+    else:
+        below = key < tau_key
+    return below & (tau_key < NAN_KEY_FLOOR)
+
+
+@device_function
+def _count_keys(key, counted, histogram, high_bin, LEVEL: tl.constexpr):
+    """Adds the keys where `counted` (None: all) to the level's histogram: LEVEL 0 their high
+    bits; LEVEL 1 the low bits of those whose high bits are `high_bin`."""
     if LEVEL == 0:
-        tl.atomic_add(histogram + (key >> LOW_BITS), 1, mask=in_bounds, sem="relaxed")
+        tl.atomic_add(histogram + (key >> LOW_BITS), 1, mask=counted, sem="relaxed")
     else:
         match = (key >> LOW_BITS) == high_bin
-        if in_bounds is not None:
-            match = match & in_bounds
+        if counted is not None:
+            match = match & counted
         tl.atomic_add(histogram + (key & (LOW_BINS - 1)), 1, mask=match, sem="relaxed")
 
 
 @triton.jit
 def histogram_kernel(value_table, block_table, histogram, selection, current, DTYPE: tl.constexpr,
                      LEVEL: tl.constexpr, SCHEDULED: tl.constexpr, ALIGNED: tl.constexpr,
-                     BLOCK: tl.constexpr):
+                     BLOCK: tl.constexpr, GROUP_SIZE: tl.constexpr, GROUP_TILE: tl.constexpr,
+                     PRUNABLE: tl.constexpr):
     """Adds the radix histogram of |x| over the table's tensors. LEVEL 0: HIGH_BINS counters of
     the key's high bits over all elements; LEVEL 1: LOW_BINS counters of the low bits of the
-    elements whose high bits are the bin chosen at level 0 (selection[SEL_KEY]). SCHEDULED: only
-    on an event step (k != 0 in `current`)."""
+    elements whose high bits are the bin chosen at level 0 (selection[SEL_KEY]). An N:M pool
+    (GROUP_SIZE = M > 0; BLOCK elements are whole groups) counts the keys of its ranking, every
+    non-candidate as NOT_CANDIDATE_KEY. SCHEDULED: only on an event step (k != 0 in `current`)."""
     if _runs(current, SCHEDULED, C_K):
         _histogram_program(value_table, block_table, histogram, selection, DTYPE, LEVEL, ALIGNED,
-                           BLOCK)
+                           BLOCK, GROUP_SIZE, GROUP_TILE, PRUNABLE)
 
 
 @device_function
 def _histogram_program(value_table, block_table, histogram, selection, DTYPE: tl.constexpr,
-                       LEVEL: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+                       LEVEL: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+                       GROUP_SIZE: tl.constexpr, GROUP_TILE: tl.constexpr,
+                       PRUNABLE: tl.constexpr):
     entry, start, numel = _program_block(value_table, block_table, VALUE_COLUMNS, V_NUMEL, BLOCK)
     data = _typed_pointer(tl.load(entry + V_DATA), DTYPE, ALIGNED) + start
     if LEVEL == 0:
         high_bin = 0
     else:
         high_bin = tl.load(selection + SEL_KEY) >> LOW_BITS
-    offsets = tl.arange(0, BLOCK)
-    if start + BLOCK <= numel:
-        _histogram_block(data, offsets, None, histogram, high_bin, DTYPE, LEVEL)
+    if GROUP_SIZE != 0:
+        _, in_bounds, key = _group_keys(data, numel - start, DTYPE, BLOCK // GROUP_SIZE,
+                                        GROUP_SIZE, GROUP_TILE, PRUNABLE)
+        _count_keys(key, in_bounds, histogram, high_bin, LEVEL)
     else:
-        _histogram_block(data, offsets, offsets < numel - start, histogram, high_bin, DTYPE, LEVEL)
+        offsets = tl.arange(0, BLOCK)
+        if start + BLOCK <= numel:
+            key = _abs_key(_bits_to_f32(_load(data + offsets, None), DTYPE))
+            _count_keys(key, None, histogram, high_bin, LEVEL)
+        else:
+            in_bounds = offsets < numel - start
+            key = _abs_key(_bits_to_f32(_load(data + offsets, in_bounds), DTYPE))
+            _count_keys(key, in_bounds, histogram, high_bin, LEVEL)
 
 
 @triton.jit
 def select_kernel(histogram, selection, rank_source, tau, current, LEVEL: tl.constexpr,
                   SCHEDULED: tl.constexpr, BINS: tl.constexpr, CHUNK: tl.constexpr):
     """Radix selection (csrc/core/selection.h select_bin), one program: finds the bin that holds
-    the rank-th smallest key, updates selection = [rank, key, below], writes τ = the key's float,
-    and zeroes the histogram for its next use. LEVEL 0 starts from rank = rank_source[0] (the
-    float64 k of the step scalars, or of `current`); LEVEL 1 continues from selection.
+    the rank-th smallest key, updates selection = [rank, key, below, equal], writes τ = the key's
+    float, and zeroes the histogram for its next use. LEVEL 0 starts from rank = rank_source[0]
+    (the float64 k of the staged host values, or of `current`); LEVEL 1 continues from selection.
     SCHEDULED: only on an event step (k != 0 in `current`), so that `selection` and τ keep the
     last event's values in between."""
     if _runs(current, SCHEDULED, C_K):
@@ -487,6 +552,7 @@ def _select_program(histogram, selection, rank_source, tau, LEVEL: tl.constexpr,
     before = rank * 0          # keys in the bins scanned so far
     chosen = rank * 0 + (BINS - 1)
     chosen_before = rank * 0   # keys below the chosen bin
+    chosen_count = rank * 0    # keys in the chosen bin
     found = rank * 0
     last_count = rank * 0
     for chunk in range(0, BINS, CHUNK):
@@ -499,12 +565,16 @@ def _select_program(histogram, selection, rank_source, tau, LEVEL: tl.constexpr,
         chosen = tl.where(hit, first, chosen)
         chosen_before = tl.where(hit, before + tl.sum(tl.where(bins < first, counts, 0), 0),
                                  chosen_before)
+        chosen_count = tl.where(hit, tl.sum(tl.where(bins == first, counts, 0), 0), chosen_count)
         found = tl.where(hit, 1, found)
         last_count = tl.sum(tl.where(bins == BINS - 1, counts, 0), 0) + last_count
         before = before + tl.sum(counts, 0)
     # No bin reaches the rank (k above the count): the last bin, as select_bin's loop ends.
     chosen_before = tl.where(found != 0, chosen_before, before - last_count)
+    chosen_count = tl.where(found != 0, chosen_count, last_count)
+    # record_bin: the rank within the chosen bin, its count, τ's key bits and the keys below.
     tl.store(selection + SEL_RANK, rank - chosen_before)
+    tl.store(selection + SEL_EQUAL, chosen_count)
     if LEVEL == 0:
         key = chosen << LOW_BITS
         below = chosen_before
@@ -517,10 +587,25 @@ def _select_program(histogram, selection, rank_source, tau, LEVEL: tl.constexpr,
 
 
 @device_function
+def _store_keep_mask(keep, keep_mask_address, valid_elements, SIZE: tl.constexpr):
+    """Packs the keep flags of SIZE consecutive elements (int32 0/1, in element order, from a
+    multiple of 8 on) into their mask bytes: element i is bit i % 8 of byte i // 8. Only the
+    bytes of the first `valid_elements` elements are written (None: all)."""
+    bits = tl.reshape(keep, (SIZE // 8, 8)) << tl.arange(0, 8)[None, :]
+    packed = tl.sum(bits, axis=1).to(tl.uint8)
+    byte_offsets = tl.arange(0, SIZE // 8)
+    keep_mask = keep_mask_address.to(tl.pointer_type(tl.uint8))
+    if valid_elements is None:
+        tl.store(keep_mask + byte_offsets, packed)
+    else:
+        tl.store(keep_mask + byte_offsets, packed, mask=byte_offsets * 8 < valid_elements)
+
+
+@device_function
 def _threshold_block(data, keep_mask_address, offsets, in_bounds, tau_key, freezes,
                      DTYPE: tl.constexpr, WRITE_MASKS: tl.constexpr, BLOCK: tl.constexpr):
     key = _abs_key(_bits_to_f32(_load(data + offsets, in_bounds), DTYPE))
-    below = (key < tau_key) & (tau_key < NAN_KEY_FLOOR)  # comparisons with a NaN τ are false
+    below = _below_threshold(key, tau_key, False)
     zero = tl.zeros([BLOCK], tl.float32)
     if in_bounds is None:
         tl.store(data + offsets, _f32_to_bits(zero, DTYPE), mask=below)
@@ -530,42 +615,69 @@ def _threshold_block(data, keep_mask_address, offsets, in_bounds, tau_key, freez
         keep = ((~below) & in_bounds).to(tl.int32)
     if WRITE_MASKS:
         if freezes:
-            # Element i is bit i % 8 of byte i // 8.
-            bits = tl.reshape(keep, (BLOCK // 8, 8)) << tl.arange(0, 8)[None, :]
-            packed = tl.sum(bits, axis=1).to(tl.uint8)
-            byte_offsets = tl.arange(0, BLOCK // 8)
-            keep_mask = keep_mask_address.to(tl.pointer_type(tl.uint8))
             if in_bounds is None:
-                tl.store(keep_mask + byte_offsets, packed)
+                _store_keep_mask(keep, keep_mask_address, None, BLOCK)
             else:
-                valid_elements = tl.sum(in_bounds.to(tl.int32), 0)
-                tl.store(keep_mask + byte_offsets, packed,
-                         mask=byte_offsets * 8 < valid_elements)
+                _store_keep_mask(keep, keep_mask_address, tl.sum(in_bounds.to(tl.int32), 0),
+                                 BLOCK)
+
+
+@device_function
+def _threshold_groups(data, keep_mask_address, remaining, tau_key, freezes, DTYPE: tl.constexpr,
+                      WRITE_MASKS: tl.constexpr, GROUPS: tl.constexpr, GROUP_SIZE: tl.constexpr,
+                      GROUP_TILE: tl.constexpr, PRUNABLE: tl.constexpr):
+    """_threshold_block for a block of whole N:M groups: zeroes the candidates with |x| <= τ."""
+    offsets, in_bounds, key = _group_keys(data, remaining, DTYPE, GROUPS, GROUP_SIZE, GROUP_TILE,
+                                          PRUNABLE)
+    below = _below_threshold(key, tau_key, True) & in_bounds
+    zero = tl.zeros([GROUPS, GROUP_TILE], tl.float32)
+    tl.store(data + offsets, _f32_to_bits(zero, DTYPE), mask=below)
+    if WRITE_MASKS:
+        if freezes:
+            # The tile's flags in element order (lane j of group g is element g·GROUP_SIZE + j).
+            TILE: tl.constexpr = GROUPS * GROUP_TILE
+            keep = tl.reshape(((~below) & in_bounds).to(tl.int32), (TILE,))
+            element = tl.arange(0, TILE)
+            lane = tl.minimum((element // GROUP_SIZE) * GROUP_TILE + element % GROUP_SIZE,
+                              TILE - 1)
+            keep = tl.where(element < GROUPS * GROUP_SIZE, tl.gather(keep, lane, 0), 0)
+            _store_keep_mask(keep, keep_mask_address,
+                             tl.minimum(remaining, GROUPS * GROUP_SIZE), TILE)
 
 
 @triton.jit
 def threshold_kernel(value_table, block_table, selection, current, DTYPE: tl.constexpr,
                      WRITE_MASKS: tl.constexpr, SCHEDULED: tl.constexpr, ALIGNED: tl.constexpr,
-                     BLOCK: tl.constexpr):
-    """Zeroes every |x| < τ (τ's key at selection[SEL_KEY]); with WRITE_MASKS, also writes each
-    tensor's packed keep mask (the freeze). SCHEDULED: only on an event step (k != 0 in
-    `current`), and the masks (WRITE_MASKS: the table has them) only when it freezes."""
+                     BLOCK: tl.constexpr, GROUP_SIZE: tl.constexpr, GROUP_TILE: tl.constexpr,
+                     PRUNABLE: tl.constexpr):
+    """Zeroes every |x| < τ (τ's key at selection[SEL_KEY]); for an N:M pool (GROUP_SIZE = M > 0;
+    BLOCK elements are whole groups, a multiple of 8), every candidate with |x| <= τ. With
+    WRITE_MASKS, also writes each tensor's packed keep mask (the freeze). SCHEDULED: only on an
+    event step (k != 0 in `current`), and the masks (WRITE_MASKS: the table has them) only when
+    it freezes."""
     if _runs(current, SCHEDULED, C_K):
         _threshold_program(value_table, block_table, selection,
-                           _runs(current, SCHEDULED, C_FREEZE), DTYPE, WRITE_MASKS, ALIGNED, BLOCK)
+                           _runs(current, SCHEDULED, C_FREEZE), DTYPE, WRITE_MASKS, ALIGNED, BLOCK,
+                           GROUP_SIZE, GROUP_TILE, PRUNABLE)
 
 
 @device_function
 def _threshold_program(value_table, block_table, selection, freezes, DTYPE: tl.constexpr,
-                       WRITE_MASKS: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+                       WRITE_MASKS: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+                       GROUP_SIZE: tl.constexpr, GROUP_TILE: tl.constexpr,
+                       PRUNABLE: tl.constexpr):
     entry, start, numel = _program_block(value_table, block_table, VALUE_COLUMNS, V_NUMEL, BLOCK)
     data = _typed_pointer(tl.load(entry + V_DATA), DTYPE, ALIGNED) + start
     keep_mask_address = tl.load(entry + V_KEEP_MASK) + start // 8
     tau_key = tl.load(selection + SEL_KEY)
-    offsets = tl.arange(0, BLOCK)
-    if start + BLOCK <= numel:
-        _threshold_block(data, keep_mask_address, offsets, None, tau_key, freezes, DTYPE,
-                         WRITE_MASKS, BLOCK)
+    if GROUP_SIZE != 0:
+        _threshold_groups(data, keep_mask_address, numel - start, tau_key, freezes, DTYPE,
+                          WRITE_MASKS, BLOCK // GROUP_SIZE, GROUP_SIZE, GROUP_TILE, PRUNABLE)
     else:
-        _threshold_block(data, keep_mask_address, offsets, offsets < numel - start, tau_key,
-                         freezes, DTYPE, WRITE_MASKS, BLOCK)
+        offsets = tl.arange(0, BLOCK)
+        if start + BLOCK <= numel:
+            _threshold_block(data, keep_mask_address, offsets, None, tau_key, freezes, DTYPE,
+                             WRITE_MASKS, BLOCK)
+        else:
+            _threshold_block(data, keep_mask_address, offsets, offsets < numel - start, tau_key,
+                             freezes, DTYPE, WRITE_MASKS, BLOCK)
