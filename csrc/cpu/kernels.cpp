@@ -318,8 +318,10 @@ void update_chunk(const StepTensor& t, const Chunk& chunk, const StepOptions& op
   uint8_t keep[kBlock];
   bool uses_spike[kBlock / kSpikeSpan];
   constexpr auto kFullTerm = kPrior ? PriorTerm::kSpikeAndSlab : PriorTerm::kNone;
-  for (int64_t block = chunk.begin; block < chunk.end; block += kBlock) {
-    const int64_t n = std::min(block + kBlock, chunk.end) - block;
+  // Whole groups of an N:M pattern per block when the histogram ranks them.
+  const int64_t length = kHist ? block_length(options.pattern) : kBlock;
+  for (int64_t block = chunk.begin; block < chunk.end; block += length) {
+    const int64_t n = std::min(block + length, chunk.end) - block;
     // Staged arrays are widened, and narrowed below, in interleaved pieces, so that all their
     // DRAM streams stay in flight together.
     for (int64_t piece = 0; piece < n; piece += kPiece) {
@@ -409,8 +411,9 @@ void update_chunk(const StepTensor& t, const Chunk& chunk, const StepOptions& op
     if (kHist) {
       // The histogram counts |θ| as stored: widen the rounded values back.
       const float* __restrict stored = float32_block<P>(param + block, theta_buffer, n);
+      block_keys<F32>(stored, n, options.pattern, bins);
 #pragma omp simd
-      for (int64_t i = 0; i < n; ++i) bins[i] = key_high_bin(abs_key(stored[i]));
+      for (int64_t i = 0; i < n; ++i) bins[i] = key_high_bin(bins[i]);
       count_bins(bins, n, histogram, kHistHighBins);
     }
   }
@@ -419,7 +422,9 @@ void update_chunk(const StepTensor& t, const Chunk& chunk, const StepOptions& op
 template <typename P, typename S>
 void fused_step_typed(const StepTensor* tensors, int64_t count, const StepOptions& options,
                       int64_t* high_histogram) {
-  const auto chunks = make_chunks(count, [&](int64_t t) { return tensors[t].numel; });
+  const auto chunks = make_chunks(
+      count, [&](int64_t t) { return tensors[t].numel; },
+      high_histogram != nullptr ? chunk_length(options.pattern) : kChunk);
   const bool hist = high_histogram != nullptr;
   const uint32_t bins = hist ? kHistHighBins : 0;
   parallel_chunks(chunks, options.num_threads, bins, high_histogram,

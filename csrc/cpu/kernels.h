@@ -35,6 +35,7 @@ struct StepOptions {
   PriorConstants prior;
   float inv_grad_scale;  // gradients are multiplied by this before use (1 without a GradScaler)
   int num_threads;
+  Pattern pattern;       // the pool whose level-0 histogram the step counts ({} unstructured)
 };
 
 }  // namespace cpu
@@ -48,7 +49,8 @@ using mgpp_abi::cpu::StepTensor;
 
 // Prior gradient + AdamW + frozen mask for every tensor, in one pass over each element. When
 // `high_histogram` (kHistHighBins counters) is not null, it also adds the count of every
-// key_high_bin(|θ_new|): the first level of the radix selection of τ. Throws
+// key_high_bin(|θ_new|), each group's non-candidates as kNotCandidateKey under an N:M
+// options.pattern: the first level of the radix selection of τ. Throws
 // std::invalid_argument on an unknown dtype or a state dtype the kernels do not take.
 void fused_step(const StepTensor* tensors, int64_t count, const StepOptions& options,
                 int64_t* high_histogram);

@@ -53,12 +53,19 @@ void check_driver_takes_large_kernel_arguments() {
               ". Update the driver, or use the triton or cpu backend.");
 }
 
+// The CUDA kernels rank unstructured pools only: the cuda backend refuses N:M pools
+// (OpsBackend.nm_patterns) before a step.
+void check_unstructured(at::IntArrayRef pattern) {
+  TORCH_CHECK_VALUE(pattern.empty(), "mgpp: the CUDA kernels do not rank N:M pools");
+}
+
 void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                      at::TensorList exp_avg_sqs, at::TensorList state_steps,
                      at::TensorList keep_masks, const Tensor& scalars,
                      const std::optional<Tensor>& grad_scale,
                      const std::optional<Tensor>& histogram,
-                     const std::optional<Tensor>& current) {
+                     const std::optional<Tensor>& current, at::IntArrayRef pattern) {
+  check_unstructured(pattern);
   const size_t n = params.size();
   TORCH_CHECK_VALUE(scalars.is_cuda() && scalars.scalar_type() == at::kDouble && scalars.is_contiguous() &&
                   scalars.numel() == kNumStepScalars,
@@ -126,12 +133,6 @@ void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
     launch.stream = current_stream(device);
     cuda::fused_step(tensors.data(), static_cast<int64_t>(tensors.size()), launch);
   }
-}
-
-// The CUDA kernels rank unstructured pools only: the cuda backend refuses N:M pools
-// (OpsBackend.nm_patterns) before a step.
-void check_unstructured(at::IntArrayRef pattern) {
-  TORCH_CHECK_VALUE(pattern.empty(), "mgpp: the CUDA kernels do not rank N:M pools");
 }
 
 void abs_histogram_cuda(at::TensorList tensors, const Tensor& histogram, const Tensor& selection,

@@ -323,7 +323,7 @@ void test_histogram(DType dtype, const GridConfig& grid) {
   const auto views = views_of(buffers);
   const int64_t count = static_cast<int64_t>(views.size());
   const uint32_t tie_key = abs_key(buffers[2].get(7));
-  const int64_t selection[3] = {1, static_cast<int64_t>(tie_key & ~(kHistLowBins - 1u)), 0};
+  const int64_t selection[kNumSelectionSlots] = {1, static_cast<int64_t>(tie_key & ~(kHistLowBins - 1u)), 0, 0};
   for (int level : {0, 1}) {
     const uint32_t bins = level == 0 ? kHistHighBins : kHistLowBins;
     std::vector<int64_t> histogram(bins, 0), cpu_histogram(bins, 0), direct(bins, 0);
@@ -363,7 +363,7 @@ void test_threshold(DType dtype, const GridConfig& grid) {
       std::vector<Buffer> expected = buffers;
       // τ among ties, τ = 0 (nothing is below), τ = NaN (comparisons are false: nothing zeroed).
       const uint32_t tau_key = which == 0 ? abs_key(buffers[2].get(7)) : which == 1 ? 0u : nan_key;
-      const int64_t selection[3] = {0, static_cast<int64_t>(tau_key), 0};
+      const int64_t selection[kNumSelectionSlots] = {0, static_cast<int64_t>(tau_key), 0, 0};
       std::vector<std::vector<uint8_t>> masks, cpu_masks;
       std::vector<uint8_t*> mask_ptrs, cpu_mask_ptrs;
       for (auto& b : buffers) {
@@ -428,11 +428,11 @@ void test_select(int threads) {
       for (int i = 0; i < 5; ++i) ranks.push_back(1 + static_cast<int64_t>(rng() % static_cast<uint32_t>(total)));
       for (int64_t rank : ranks) {
         // Level 1 continues a level-0 selection: a key prefix and a count below are already set.
-        int64_t selection[3] = {rank, level == 0 ? 0 : int64_t{0x1234} << kHistLowBits, level == 0 ? 0 : 17};
-        int64_t expected[3] = {selection[0], selection[1], selection[2]};
+        int64_t selection[kNumSelectionSlots] = {rank, level == 0 ? 0 : int64_t{0x1234} << kHistLowBits, level == 0 ? 0 : 17, 0};
+        int64_t expected[kNumSelectionSlots] = {selection[0], selection[1], selection[2], selection[3]};
         emulate_select(histogram.data(), level, selection, threads);
         select_bin(histogram.data(), level, expected);
-        CHECK(std::equal(selection, selection + 3, expected), "select on the grid (%d threads) differs "
+        CHECK(std::equal(selection, selection + kNumSelectionSlots, expected), "select on the grid (%d threads) differs "
               "from select_bin: level %d shape %d rank %lld -> [%lld %lld %lld] vs [%lld %lld %lld]",
               threads, level, shape, static_cast<long long>(rank), static_cast<long long>(selection[0]),
               static_cast<long long>(selection[1]), static_cast<long long>(selection[2]),
@@ -459,7 +459,7 @@ void test_tau_end_to_end() {
   std::sort(keys.begin(), keys.end());
   const int64_t n = static_cast<int64_t>(keys.size());
   for (int64_t k : {int64_t{1}, int64_t{2}, n / 3, n / 2, n - 1, n}) {
-    int64_t selection[3] = {k, 0, 0};
+    int64_t selection[kNumSelectionSlots] = {k, 0, 0, 0};
     for (int level : {0, 1}) {
       std::vector<int64_t> histogram(level == 0 ? kHistHighBins : kHistLowBins, 0);
       AccessStats stats;
@@ -609,8 +609,8 @@ void test_scheduled_events() {
       mask_ptrs.push_back(masks[t].data());
       expected_mask_ptrs.push_back(expected_masks[t].data());
     }
-    int64_t selection[3] = {40, 0, 0};
-    int64_t host_selection[3] = {40, 0, 0};
+    int64_t selection[kNumSelectionSlots] = {40, 0, 0, 0};
+    int64_t host_selection[kNumSelectionSlots] = {40, 0, 0, 0};
     AccessStats stats;
     for (int level : {0, 1}) {
       std::vector<int64_t> histogram(level == 0 ? kHistHighBins : kHistLowBins, 0);
@@ -630,8 +630,8 @@ void test_scheduled_events() {
       emulate<cuda::SelectKernel>(cuda::SelectArgs{host_histogram.data(), host_selection, level, nullptr},
                                   1, 64, 0, stats);
     }
-    const int64_t untouched[3] = {40, 0, 0};
-    CHECK(std::equal(selection, selection + 3, prunes ? host_selection : untouched),
+    const int64_t untouched[kNumSelectionSlots] = {40, 0, 0, 0};
+    CHECK(std::equal(selection, selection + kNumSelectionSlots, prunes ? host_selection : untouched),
           "selection at k = %g", row[kScheduleK]);
     emulate_all<cuda::ThresholdKernel<F32>>(
         cuda::plan_threshold(views.data(), mask_ptrs.data(), count, selection, row.data(), 64), 16, 0,

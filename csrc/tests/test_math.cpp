@@ -253,7 +253,7 @@ void test_keys_and_selection() {
   for (float v : values) ++high[key_high_bin(abs_key(v))];
   for (int64_t k : {int64_t{1}, int64_t{2}, int64_t{5000}, int64_t{99999},
                     static_cast<int64_t>(values.size())}) {
-    int64_t selection[3] = {k, 0, 0};
+    int64_t selection[kNumSelectionSlots] = {k, 0, 0, 0};
     select_bin(high.data(), 0, selection);
     std::fill(low.begin(), low.end(), 0);
     for (float v : values) {
@@ -270,7 +270,36 @@ void test_keys_and_selection() {
     CHECK(selection[kSelBelow] == below, "k=%lld: below %lld, expected %lld",
           static_cast<long long>(k), static_cast<long long>(selection[kSelBelow]),
           static_cast<long long>(below));
+    const int64_t equal =
+        std::upper_bound(values.begin(), values.end(), values[k - 1]) - values.begin() - below;
+    CHECK(selection[kSelEqual] == equal, "k=%lld: equal %lld, expected %lld",
+          static_cast<long long>(k), static_cast<long long>(selection[kSelEqual]),
+          static_cast<long long>(equal));
   }
+}
+
+// keep_candidate_keys against a stable sort of each group (the lower index first among equal
+// keys), on groups of every size with many ties; below_threshold's N:M rule keeps τ's ties out.
+void test_nm_candidates() {
+  std::mt19937 generator(11);
+  for (int m = 2; m <= 16; ++m) {
+    for (int prunable = 1; prunable < m; ++prunable) {
+      for (int trial = 0; trial < 200; ++trial) {
+        uint32_t keys[16], expected[16];
+        for (int i = 0; i < m; ++i) keys[i] = expected[i] = generator() % 4;  // many ties
+        int order[16];
+        for (int i = 0; i < m; ++i) order[i] = i;
+        std::stable_sort(order, order + m, [&](int a, int b) { return keys[a] < keys[b]; });
+        for (int r = prunable; r < m; ++r) expected[order[r]] = kNotCandidateKey;
+        keep_candidate_keys(keys, m, prunable);
+        CHECK(std::equal(keys, keys + m, expected), "M=%d, M-N=%d, trial %d", m, prunable, trial);
+      }
+    }
+  }
+  CHECK(below_threshold(5u, 5u, true) && !below_threshold(5u, 5u, false), "N:M zeroes τ's ties");
+  CHECK(below_threshold(0x7F800000u, 0x7F800000u, true), "an N:M pool zeroes +inf at τ = +inf");
+  CHECK(!below_threshold(kNotCandidateKey, 0x7F800000u, true), "a non-candidate is never pruned");
+  CHECK(!below_threshold(0u, 0x7FC00000u, true), "nothing is at or below a NaN threshold");
 }
 
 }  // namespace
@@ -283,5 +312,6 @@ int main() {
   test_bfloat16();
   test_float16();
   test_keys_and_selection();
+  test_nm_candidates();
   return TEST_MAIN_RESULT();
 }

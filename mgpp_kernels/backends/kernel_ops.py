@@ -241,19 +241,20 @@ class OpsBackend:
                 grad_scale: torch.Tensor | None, workspace: _Workspace,
                 events: list[PruneEvent], currents: list[torch.Tensor | None],
                 shared_current: torch.Tensor | None) -> list[list[torch.Tensor]]:
-        """fused_step_ over each group; a group of candidates of an event's pool adds its
-        level-0 histogram to that pool's (unstructured pools; an N:M pool's ranking is counted
-        in the selection). `shared_current`: the device schedule's row for the groups outside
-        the events' pools. Returns each event's tensors counted."""
+        """fused_step_ over each group; a group of candidates of an event's pool adds the
+        level-0 histogram of its updated values (N:M: of each group's candidates) to that
+        pool's. `shared_current`: the device schedule's row for the groups outside the events'
+        pools. Returns each event's tensors counted."""
         counted: list[list[torch.Tensor]] = [[] for _ in events]
         for group, row in zip(groups, group_rows(scalars, len(groups))):
             event = group.event
-            counts = event is not None and events[event].pattern is None
+            counts = event is not None
             ops.fused_step_(
                 group.params, group.grads, group.exp_avgs, group.exp_avg_sqs, group.state_steps,
                 group.keep_masks, row, grad_scale=grad_scale,
                 histogram=workspace.high_histograms[event] if counts else None,
-                current=shared_current if event is None else currents[event])
+                current=shared_current if event is None else currents[event],
+                pattern=events[event].pattern if counts else None)
             if counts:
                 counted[event].extend(group.params)
         return counted

@@ -42,12 +42,15 @@ def adamw_kwargs(args) -> dict[str, Any]:
 
 def mgpp_optimizer_cls_and_kwargs(model: torch.nn.Module, args=None, *,
                                   patterns: Iterable[str] | None = None,
+                                  sparsity: dict[str, float] | None = None,
+                                  pattern: str | None = None,
                                   **mgpp_kwargs) -> tuple[type[MGPP], dict[str, Any]]:
     """``(MGPP, kwargs)`` for ``Trainer(optimizer_cls_and_kwargs=...)``.
 
     ``kwargs`` holds ``params``: the param groups of :func:`mgpp_kernels.param_groups` (the
     candidates by ``patterns``, biases and LayerNorm weights without weight decay as the Trainer
-    does), which the Trainer uses instead of its own grouping. AdamW's hyperparameters come from
+    does; per-candidate targets by ``sparsity`` and an N:M ``pattern``, as it takes them), which
+    the Trainer uses instead of its own grouping. AdamW's hyperparameters come from
     ``args`` unless given in ``mgpp_kwargs``; so does ``total_steps`` when ``args.max_steps`` is
     set (otherwise :class:`MGPPCallback` fills it in). The Trainer pops ``params`` from the
     dict, so build a new pair for every Trainer.
@@ -61,15 +64,18 @@ def mgpp_optimizer_cls_and_kwargs(model: torch.nn.Module, args=None, *,
     kwargs.update(mgpp_kwargs)
     # Check the MGPP settings now, not when the Trainer builds the optimizer inside train().
     MGPPConfig(**{key: value for key, value in kwargs.items() if key in _CONFIG_FIELDS})
-    groups = param_groups(model, patterns, weight_decay=kwargs.get("weight_decay"))
+    groups = param_groups(model, patterns, weight_decay=kwargs.get("weight_decay"),
+                          sparsity=sparsity, pattern=pattern)
     return MGPP, {"params": groups, **kwargs}
 
 
 def create_mgpp(model: torch.nn.Module, args=None, *, patterns: Iterable[str] | None = None,
+                sparsity: dict[str, float] | None = None, pattern: str | None = None,
                 **mgpp_kwargs) -> MGPP:
     """An MGPP optimizer for ``model``, for ``Trainer(optimizers=(optimizer, None))``; the
     arguments are those of :func:`mgpp_optimizer_cls_and_kwargs`."""
     optimizer_cls, kwargs = mgpp_optimizer_cls_and_kwargs(model, args, patterns=patterns,
+                                                          sparsity=sparsity, pattern=pattern,
                                                           **mgpp_kwargs)
     return optimizer_cls(kwargs.pop("params"), **kwargs)
 

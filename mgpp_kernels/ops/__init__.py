@@ -79,17 +79,18 @@ def fused_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
                 state_steps: Sequence[torch.Tensor], keep_masks: Sequence[torch.Tensor],
                 scalars: torch.Tensor, *, grad_scale: torch.Tensor | None = None,
                 histogram: torch.Tensor | None = None,
-                current: torch.Tensor | None = None) -> None:
+                current: torch.Tensor | None = None, pattern: NMPattern | None = None) -> None:
     """One MGPP step (prior gradient, AdamW, frozen mask) over every tensor of one update group.
 
     Adds 1 to each `state_steps` entry, then updates params, exp_avgs and exp_avg_sqs in place.
     `scalars` holds the group's float64 step scalars in layout.STEP_SCALARS order; `keep_masks`
     is empty or one packed mask per parameter (mgpp_kernels.masks); gradients are divided by
     `grad_scale` when given. With `histogram` (int64, layout.HIGH_BINS counters), the level-0
-    radix histogram of the updated |θ| is added to it (on the device schedule, at events only).
+    radix histogram of the updated |θ| is added to it (on the device schedule, at events only),
+    ranking the candidates of each group under an N:M `pattern` (cpu only).
     """
     torch.ops.mgpp.fused_step_(params, grads, exp_avgs, exp_avg_sqs, state_steps, keep_masks,
-                               scalars, grad_scale, histogram, current)
+                               scalars, grad_scale, histogram, current, _pattern(pattern))
 
 
 def abs_histogram_(tensors: Sequence[torch.Tensor], histogram: torch.Tensor,
@@ -159,8 +160,9 @@ def _check_current(current):
 
 
 def _fused_step_fake(params, grads, exp_avgs, exp_avg_sqs, state_steps, keep_masks, scalars,
-                     grad_scale, histogram, current=None):
+                     grad_scale, histogram, current=None, pattern=()):
     _check_current(current)
+    _check_pattern(pattern)
     if params:
         check_step_lists(params, grads, exp_avgs, exp_avg_sqs, state_steps, keep_masks,
                          params[0].device)
