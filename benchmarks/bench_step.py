@@ -242,9 +242,45 @@ def regrowth_rows(layers: int, repeats: int) -> list[dict]:
     return rows
 
 
+# The N:M pattern the pattern section compares with unstructured candidates.
+PATTERN = "2:4"
+
+
+def pattern_rows(layers: int, repeats: int) -> tuple[list[dict], dict]:
+    """The pattern section: the cpu step over the candidates as one unstructured pool and as one
+    2:4 pool, without and with a pruning event, all threads, taking turns; and the 2:4 steps'
+    ratios to the unstructured ones."""
+    steps = {}
+    for pattern in ("unstructured", PATTERN):
+        for schedule, event in ((PRUNED_SCHEDULE, False), (EVENT_SCHEDULE, True)):
+            steps[pattern, event] = started_step(mgpp_optimizer(
+                *bert_base_parameters(layers), "cpu", schedule, pattern=pattern))
+    seconds_of = interleaved_median_times(steps, repeats)
+    rows = []
+    for (pattern, event), seconds in seconds_of.items():
+        rows.append(dict(section="pattern", pattern=pattern, event=event, seconds=seconds,
+                         threads=torch.get_num_threads()))
+        print(f"  {pattern:<14} {'event' if event else '':<5} {seconds * 1e3:9.2f} ms",
+              flush=True)
+    ratios = {f"{PATTERN}_vs_unstructured": seconds_of[PATTERN, False]
+              / seconds_of["unstructured", False],
+              f"{PATTERN}_vs_unstructured_event": seconds_of[PATTERN, True]
+              / seconds_of["unstructured", True]}
+    print("  " + ", ".join(f"{name} {value:.3f}x" for name, value in ratios.items()), flush=True)
+    return rows, ratios
+
+
 def run(quick: bool = False, repeats: int = 5, output: str = "bench_results.json",
-        regrowth_only: bool = False) -> dict:
+        regrowth_only: bool = False, patterns_only: bool = False) -> dict:
     layers = 2 if quick else 12
+    if patterns_only:
+        print(f"patterns (cpu), BERT-base shape, {layers} layers, cpu {cpu_model()}:")
+        rows, ratios = pattern_rows(layers, repeats)
+        result = dict(cpu=cpu_model(), layers=layers, pattern_rows=rows, summary=ratios,
+                      load_average=os.getloadavg())
+        with open(output, "w") as f:
+            json.dump(result, f, indent=2)
+        return result
     if regrowth_only:
         print(f"regrowth regime (cpu), BERT-base shape, {layers} layers, cpu {cpu_model()}:")
         regrowth = regrowth_rows(layers, repeats)
@@ -290,10 +326,8 @@ def run(quick: bool = False, repeats: int = 5, output: str = "bench_results.json
     if "cpu" in built:
         for name, schedule in (("without event", PRUNED_SCHEDULE),
                                ("with pruning event", EVENT_SCHEDULE)):
-            for pattern, label in (("unstructured", ""), ("2:4", " 2:4")):
-                side_by_side[f"MGPP cpu{label} step {name}"] = started_step(
-                    mgpp_optimizer(*bert_base_parameters(layers), "cpu", schedule,
-                                   pattern=pattern))
+            side_by_side[f"MGPP cpu step {name}"] = started_step(
+                mgpp_optimizer(*bert_base_parameters(layers), "cpu", schedule))
     for name, seconds in interleaved_median_times(side_by_side, repeats).items():
         record_step_time(name, seconds, side_by_side[name])
     del side_by_side
@@ -331,10 +365,6 @@ def run(quick: bool = False, repeats: int = 5, output: str = "bench_results.json
         summary.update(
             reference_vs_cpu=by_name["MGPP reference step without event"] / mgpp_steps["cpu"],
             event_vs_no_event=by_name["MGPP cpu step with pruning event"] / mgpp_steps["cpu"],
-            two_four_vs_unstructured=by_name["MGPP cpu 2:4 step without event"]
-            / mgpp_steps["cpu"],
-            two_four_vs_unstructured_event=by_name["MGPP cpu 2:4 step with pruning event"]
-            / by_name["MGPP cpu step with pruning event"],
             kthvalue_vs_radix=by_name["tau selection, torch.cat + torch.kthvalue"]
             / by_name["tau selection, radix histograms (cpu)"])
     for row in rows:
@@ -350,6 +380,9 @@ def run(quick: bool = False, repeats: int = 5, output: str = "bench_results.json
             if row["threads"] == torch.get_num_threads():
                 key = "fp32" if row["storage"] == FP32.label else "bf16"
                 summary[f"regrowth_events_vs_no_event_{key}"] = row["vs_no_event"]
+        print(f"patterns (cpu): {PATTERN} candidates against unstructured ones:")
+        pattern, pattern_ratios = pattern_rows(layers, repeats)
+        summary.update(pattern_ratios)
     print()
     print(format_table(rows))
     if storage:
@@ -363,6 +396,7 @@ def run(quick: bool = False, repeats: int = 5, output: str = "bench_results.json
                   torch=torch.__version__, mgpp_kernels=__version__, layers=layers,
                   elements=numel, candidate_elements=candidate_numel, rows=rows,
                   storage_rows=storage, regrowth_rows=regrowth if storage else [],
+                  pattern_rows=pattern if storage else [],
                   summary=summary, load_average=os.getloadavg())
     with open(output, "w") as f:
         json.dump(result, f, indent=2)
@@ -393,11 +427,14 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="2 layers instead of 12")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per measurement")
     parser.add_argument("--output", default="bench_results.json", help="JSON file of the results")
-    parser.add_argument("--regrowth-only", action="store_true",
-                        help="only the regrowth regime: events on consecutive steps after an event")
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument("--regrowth-only", action="store_true",
+                      help="only the regrowth regime: events on consecutive steps after an event")
+    only.add_argument("--patterns-only", action="store_true",
+                      help=f"only the cpu step over {PATTERN} candidates against unstructured ones")
     args = parser.parse_args(argv)
     run(quick=args.quick, repeats=args.repeats, output=args.output,
-        regrowth_only=args.regrowth_only)
+        regrowth_only=args.regrowth_only, patterns_only=args.patterns_only)
     return 0
 
 

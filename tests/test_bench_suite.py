@@ -178,6 +178,16 @@ def test_step_table_says_when_peak_memory_is_unknown():
     assert blank.endswith("|           |")
 
 
+def test_pattern_section_times_both_patterns_with_and_without_an_event(monkeypatch):
+    monkeypatch.setattr(bench_step, "interleaved_median_times",
+                        lambda steps, repeats: {key: 2.0 if key[0] == "2:4" else 1.0
+                                                for key in steps})
+    rows, ratios = bench_step.pattern_rows(layers=1, repeats=1)
+    assert {(row["pattern"], row["event"]) for row in rows} == {
+        ("unstructured", False), ("unstructured", True), ("2:4", False), ("2:4", True)}
+    assert ratios == {"2:4_vs_unstructured": 2.0, "2:4_vs_unstructured_event": 2.0}
+
+
 class FakeDoBench:
     """triton.testing.do_bench's contract: it refuses an unknown return_mode with an
     AssertionError before it calls fn (`all_mode`: whether "all" is known), then calls fn."""

@@ -10,10 +10,13 @@ import pytest
 import torch
 
 from mgpp_kernels import MGPP, param_groups, reference
+from mgpp_kernels.backends.types import PruneEvent
+from mgpp_kernels.masks import pack_mask
 from mgpp_kernels.patterns import NMPattern, parse_pattern
 from mgpp_kernels.schedule import prune_count, schedule_at
 
 import backends
+from step_inputs import StepTensors
 
 # Events at t_i = 2, at 4, 6, 8, 10, and the freeze at t_end = 11.
 SCHEDULE = dict(num_train_examples=100, initial_warmup_steps=2, total_steps=12,
@@ -225,3 +228,46 @@ def test_param_groups_take_per_candidate_targets_and_a_pattern():
         param_groups(model, sparsity={"decoder": 0.5})
     with pytest.raises(ValueError, match="different targets"):
         param_groups(model, sparsity={"layers": 0.5, "q_proj": 0.4})
+
+
+# Large enough for several chunks of the cpu kernels (32768 elements) and many blocks; a group
+# size the cpu ranks with code compiled for it (4) and one it ranks generically (6).
+LARGE_POOLS = [(NMPattern(2, 4), [(300, 128), (3, 4)], torch.float32),
+               (NMPattern(3, 6), [(120, 330), (1, 6)], torch.bfloat16)]
+SMALL_POOLS = [(NMPattern(2, 4), [(9, 16), (3, 4)], torch.float32),
+               (NMPattern(3, 6), [(4, 18), (1, 6)], torch.bfloat16)]
+
+
+@pytest.mark.parametrize("row", backends.params(backends.KERNELS, requires=("ranks_nm_pools",)))
+def test_nm_events_rank_the_updated_values_of_each_group(row):
+    """Backend level, with a real update (lr > 0, the prior on): each N:M pool's τ is kthvalue
+    over the candidates of the values the same update gives without an event, bit for bit, and
+    the zeros, masks and pruned counts are the rule's."""
+    backend = row.load()
+    layouts = row.pick(LARGE_POOLS, SMALL_POOLS)
+
+    def inputs():
+        return [StepTensors.make(shapes, dtype, torch.float32, seed=30 + i, device=row.device)
+                for i, (_, shapes, dtype) in enumerate(layouts)]
+    pruned_inputs, plain_inputs = inputs(), inputs()
+    backend.step([t.group() for t in plain_inputs], [], None)
+    events, expected = [], []
+    for (pattern, _, _), pruned, plain in zip(layouts, pruned_inputs, plain_inputs):
+        updated = [p.cpu() for p in plain.params]
+        candidates = sum(p.numel() for p in updated) // pattern.m * pattern.prunable
+        k = candidates * 3 // 4
+        masks = [torch.full(((p.numel() + 7) // 8,), 0xA5, dtype=torch.uint8, device=row.device)
+                 for p in pruned.params]
+        events.append(PruneEvent(params=pruned.params, k=k, keep_masks=masks, pattern=pattern))
+        tau = reference.global_threshold(updated, k, pattern)
+        keeps = [reference.keep_mask(u, tau, pattern) for u in updated]
+        expected.append((tau, updated, keeps))
+    thresholds = backend.step([t.group(event=j) for j, t in enumerate(pruned_inputs)], events,
+                              None)
+    for j, (threshold, event, (tau, updated, keeps)) in enumerate(
+            zip(thresholds, events, expected)):
+        assert torch.equal(threshold.tau.cpu().view(torch.int32), tau.view(torch.int32)), j
+        assert int(threshold.pruned) == sum(int((~keep).sum()) for keep in keeps), j
+        for p, u, keep, mask in zip(event.params, updated, keeps, event.keep_masks):
+            assert torch.equal(p.cpu().view(torch.uint8), u.masked_fill(~keep, 0).view(torch.uint8))
+            assert torch.equal(mask.cpu(), pack_mask(keep))

@@ -30,15 +30,14 @@ constexpr uint32_t kNotCandidateKey = 0x7FFFFFFFu;
 
 // The keys of one group of M consecutive elements, `keys[0..m)`, with those that are not among
 // its M − N smallest replaced by kNotCandidateKey (equal keys: the lower index is the smaller).
+// Branch-free, so that with a constant m the loops unroll and a loop over groups vectorises.
 MGPP_HD void keep_candidate_keys(uint32_t* keys, int m, int prunable) {
-  uint32_t rank[16];
+  uint32_t k[16];
+  for (int i = 0; i < m; ++i) k[i] = keys[i];
   for (int i = 0; i < m; ++i) {
-    int r = 0;
-    for (int j = 0; j < m; ++j) r += keys[j] < keys[i] || (keys[j] == keys[i] && j < i);
-    rank[i] = static_cast<uint32_t>(r);
-  }
-  for (int i = 0; i < m; ++i) {
-    if (rank[i] >= static_cast<uint32_t>(prunable)) keys[i] = kNotCandidateKey;
+    int rank = 0;
+    for (int j = 0; j < m; ++j) rank += j < i ? k[j] <= k[i] : k[j] < k[i];
+    keys[i] = rank < prunable ? k[i] : kNotCandidateKey;
   }
 }
 

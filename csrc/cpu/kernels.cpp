@@ -89,8 +89,9 @@ std::vector<Chunk> make_chunks(int64_t count, GetNumel numel_of, int64_t length 
 }
 
 template <int M>
-void keep_candidates_of_groups(uint32_t* keys, int64_t n, int prunable) {
-  for (int64_t g = 0; g < n; g += M) keep_candidate_keys(keys + g, M, prunable);
+void keep_candidates_of_groups(uint32_t* __restrict keys, int64_t n, int prunable) {
+#pragma omp simd
+  for (int64_t g = 0; g < n / M; ++g) keep_candidate_keys(keys + g * M, M, prunable);
 }
 
 // The ranking keys of a block of n elements (a whole number of groups of an N:M pattern): |x|'s
