@@ -9,6 +9,8 @@ Every rank runs, in order, and saves what it holds to OUT/<scenario>_rank<r>.pt:
 - "shards_<backend>": plain tensors, each rank holding a shard of the candidates, MGPP given
   process_group=; rank 1 holds only bfloat16 candidates, rank 0 float32 and bfloat16 ones.
   "shards_<backend>_capturable": the same with the schedule on the device (cpu, triton).
+- "pools_<backend>": plain shards as above in three pools (2:4, unstructured to 50% and to 80%),
+  for the backends that rank N:M pools.
 
 The single-process runs the test compares with are built from the same functions.
 """
@@ -36,9 +38,10 @@ GLOBAL_BATCH = 8
 # The rows of tests/backends.py that rank across processes and run here on CPU tensors (gloo).
 BACKENDS = tuple(row.name for row in backends.ROWS if row.ranks_across_processes
                  and row.device == "cpu" and row.unavailable is None)
-# Those that also run with the schedule on the device (capturable=True).
+# Those that also run with the schedule on the device (capturable=True), and with N:M pools.
 DEVICE_SCHEDULE_BACKENDS = tuple(name for name in BACKENDS
                                  if backends.BY_NAME[name].schedules_on_device)
+NM_BACKENDS = tuple(name for name in BACKENDS if backends.BY_NAME[name].ranks_nm_pools)
 
 
 # ---- a model trained on data-parallel batches (DDP and FSDP2) ----------------------------------
@@ -78,7 +81,9 @@ def loss_on(model, x, y):
 
 
 def keep_masks(optimizer: MGPP) -> list[torch.Tensor]:
-    return [optimizer.state[p]["keep_mask"].clone() for p in optimizer.param_groups[0]["params"]]
+    """The candidates' keep masks, in param-group order."""
+    return [optimizer.state[p]["keep_mask"].clone() for group in optimizer.param_groups
+            if group["prune"] for p in group["params"]]
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -126,21 +131,29 @@ SHARDED_CANDIDATES = [((40, 9), torch.float32), ((33,), torch.bfloat16), ((1, 7)
                       ((0, 3), torch.float32), ((64,), torch.bfloat16)]
 
 
-def held_rows(index: int, rows: int, rank: int | None) -> slice | None:
-    """The rows of candidate `index` that `rank` holds (None: none; rank None: the whole model).
-    Rank 0 holds the float32 candidates and the first third of each bfloat16 one, rank 1 the
-    rest of the bfloat16 ones: rank 1 has no candidate that needs the second radix level."""
+# The pools scenario's candidates (shape, dtype, param-group keys), whole rows to each rank.
+POOL_CANDIDATES = [((40, 8), torch.float32, {"pattern": "2:4"}),
+                   ((33, 12), torch.bfloat16, {"pattern": "2:4"}),
+                   ((9, 7), torch.float32, {"final_sparsity": 0.5}),
+                   ((64,), torch.bfloat16, {"final_sparsity": 0.5}),
+                   ((30, 5), torch.bfloat16, {})]
+
+
+def held_rows(dtype: torch.dtype, rows: int, rank: int | None) -> slice | None:
+    """The rows of a candidate of `dtype` that `rank` holds (None: none; rank None: the whole
+    model). Rank 0 holds the float32 candidates and the first third of each bfloat16 one, rank 1
+    the rest of the bfloat16 ones: rank 1 has no candidate that needs the second radix level."""
     if rank is None:
         return slice(None)
-    if SHARDED_CANDIDATES[index][1] != torch.bfloat16:
+    if dtype != torch.bfloat16:
         return slice(None) if rank == 0 else None
     return slice(0, rows // 3) if rank == 0 else slice(rows // 3, rows)
 
 
-def whole_candidates() -> list[torch.Tensor]:
+def whole_candidates(layout=SHARDED_CANDIDATES) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(11)
     return [(torch.randn(shape, generator=generator) * 0.1).to(dtype)
-            for shape, dtype in SHARDED_CANDIDATES]
+            for shape, dtype, *_ in layout]
 
 
 def whole_gradient(t: int, index: int, like: torch.Tensor) -> torch.Tensor:
@@ -148,16 +161,21 @@ def whole_gradient(t: int, index: int, like: torch.Tensor) -> torch.Tensor:
     return (torch.randn(like.shape, generator=generator) * 0.02).to(like.dtype)
 
 
-def shards_run(rank: int | None, backend: str, process_group=None, capturable=False):
+def shards_run(rank: int | None, backend: str, process_group=None, capturable=False,
+               pools=False):
     """This rank's shards of the candidates (the whole tensors when rank is None) plus one
-    replicated non-candidate, trained on fixed gradients through the whole schedule. Returns
+    replicated non-candidate, trained on fixed gradients through the whole schedule; with
+    `pools`, POOL_CANDIDATES in their pools, else SHARDED_CANDIDATES in one. Returns
     {candidate index: parameter}, the non-candidate and the optimizer."""
-    whole = whole_candidates()
-    rows = {i: held_rows(i, w.shape[0], rank) for i, w in enumerate(whole)}
+    layout = POOL_CANDIDATES if pools else [(shape, dtype, {}) for shape, dtype in
+                                            SHARDED_CANDIDATES]
+    whole = whole_candidates(layout)
+    rows = {i: held_rows(w.dtype, w.shape[0], rank) for i, w in enumerate(whole)}
     held = {i: torch.nn.Parameter(whole[i][r].clone()) for i, r in rows.items() if r is not None}
     other = torch.nn.Parameter(torch.linspace(-1, 1, 6))
-    optimizer = MGPP([{"params": list(held.values()), "prune": True},
-                      {"params": [other], "prune": False}],
+    # One param group per candidate: the same keys form one pool, as they would in one group.
+    groups = [{"params": [p], "prune": True, **layout[i][2]} for i, p in held.items()]
+    optimizer = MGPP(groups + [{"params": [other], "prune": False}],
                      lr=1e-2, weight_decay=0.01, backend=backend, process_group=process_group,
                      capturable=capturable, **SCHEDULE)
     for t in range(SCHEDULE["total_steps"]):
@@ -168,7 +186,7 @@ def shards_run(rank: int | None, backend: str, process_group=None, capturable=Fa
     return held, other, optimizer
 
 
-def run_shards(rank: int, out: Path, backend: str, capturable=False) -> None:
+def run_shards(rank: int, out: Path, backend: str, capturable=False, pools=False) -> None:
     # Every collective MGPP makes, as (name, element count): the kernels must send counts only.
     collectives = []
     originals = {name: getattr(dist, name) for name in ("all_reduce", "all_gather")}
@@ -184,7 +202,7 @@ def run_shards(rank: int, out: Path, backend: str, capturable=False) -> None:
         setattr(dist, name, recording(name))
     try:
         held, other, optimizer = shards_run(rank, backend, process_group=dist.group.WORLD,
-                                            capturable=capturable)
+                                            capturable=capturable, pools=pools)
     finally:
         for name, original in originals.items():
             setattr(dist, name, original)
@@ -193,8 +211,10 @@ def run_shards(rank: int, out: Path, backend: str, capturable=False) -> None:
                 "other": other.detach().clone(),
                 "masks": dict(zip(held, keep_masks(optimizer))),
                 "tau": stats["tau"], "pruned": stats["pruned"],
-                "event_sparsity": stats["event_sparsity"], "collectives": collectives},
-               out / f"shards_{backend}{'_capturable' if capturable else ''}_rank{rank}.pt")
+                "event_sparsity": stats["event_sparsity"], "pools": stats["pools"],
+                "collectives": collectives},
+               out / f"{'pools' if pools else 'shards'}_{backend}"
+                     f"{'_capturable' if capturable else ''}_rank{rank}.pt")
 
 
 def main(out: Path) -> None:
@@ -209,6 +229,8 @@ def main(out: Path) -> None:
             run_shards(rank, out, backend)
         for backend in DEVICE_SCHEDULE_BACKENDS:
             run_shards(rank, out, backend, capturable=True)
+        for backend in NM_BACKENDS:
+            run_shards(rank, out, backend, pools=True)
         dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -60,6 +60,7 @@ def running(params) -> set[str]:
 assert running(ranking_rows()) == set(worker.BACKENDS)
 assert running(ranking_rows(requires=("schedules_on_device",))) == set(
     worker.DEVICE_SCHEDULE_BACKENDS)
+assert running(ranking_rows(requires=("ranks_nm_pools",))) == set(worker.NM_BACKENDS)
 
 
 def free_port() -> int:
@@ -120,7 +121,7 @@ def single_process_model_run(backend: str):
 
 def unpacked_masks(optimizer):
     return [masks.unpack_mask(optimizer.state[p]["keep_mask"], p)
-            for p in optimizer.param_groups[0]["params"]]
+            for group in optimizer.param_groups if group["prune"] for p in group["params"]]
 
 
 def test_ddp_ranks_identical_and_equal_to_single_process(ranks):
@@ -185,6 +186,29 @@ def test_sharded_candidates_with_process_group_equal_single_process(ranks, backe
     assert stats["event_sparsity"] == stats["pruned"] / sum(p.numel() for p in held.values())
     # Rank 1 holds only bfloat16 candidates: it must still join rank 0's second radix level.
     assert {results[1]["held"][i].dtype for i in results[1]["held"]} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("backend", ranking_rows(requires=("ranks_nm_pools",)))
+def test_pools_with_nm_over_process_group_equal_single_process(ranks, backend):
+    """Three pools (2:4, unstructured to 50% and to 80%) of shards on two ranks: each pool's τ,
+    pruned count and N, and every candidate and mask, equal a single process bit for bit."""
+    results = ranks(f"pools_{backend}")
+    held, other, optimizer = worker.shards_run(None, backend, pools=True)
+    keep = dict(zip(held, unpacked_masks(optimizer)))
+    for i, p in held.items():
+        pieces = [r["held"][i] for r in results if i in r["held"]]
+        assert_bitwise_equal(torch.cat(pieces), p.detach(), f"candidate {i}")
+        mask_pieces = [masks.unpack_mask(r["masks"][i], r["held"][i])
+                       for r in results if i in r["held"]]
+        assert torch.equal(torch.cat(mask_pieces), keep[i]), f"keep mask {i}"
+    expected = optimizer.stats()["pools"]
+    assert [pool["pattern"] for pool in expected] == ["2:4", "unstructured", "unstructured"]
+    for rank, result in enumerate(results):
+        for pool, mine in zip(expected, result["pools"]):
+            for key in ("tau", "pruned", "numel", "event_sparsity", "target_sparsity"):
+                assert mine[key] == pool[key], f"rank {rank}, {pool['pattern']}: {key}"
+    for i in (0, 1):   # the 2:4 candidates end 2:4
+        assert int((held[i].detach().reshape(-1, 4) != 0).sum(dim=1).max()) <= 2
 
 
 # The collectives of one event: N (1 count), the level-0 histogram (65536 counters), the level-1
