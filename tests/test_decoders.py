@@ -4,6 +4,8 @@ the last steps, exported (mgpp-sparse, compressed-tensors sparse-bitmask, save_p
 reloaded bit for bit."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -134,7 +136,8 @@ def test_decoder_prunes_freezes_exports_and_reloads(tmp_path, family):
     load_sparse(fresh, sparse_path)
     check(fresh)
 
-    save_compressed_pretrained(model, str(tmp_path / "sparse-bitmask"), names)
+    assert save_compressed_pretrained(model, str(tmp_path / "sparse-bitmask"),
+                                      names)["structure"] == "unstructured"
     check(load_compressed_pretrained(str(tmp_path / "sparse-bitmask")))
 
     model.save_pretrained(str(tmp_path / "dense"))
@@ -183,5 +186,8 @@ def test_llama_pruned_to_two_four_through_the_trainer_exports_and_reloads(tmp_pa
     fresh = tiny_llama()
     load_sparse(fresh, sparse_path)
     assert bit_equal(model, fresh)
-    save_compressed_pretrained(model, str(tmp_path / "sparse-bitmask"), names)
+    saved = save_compressed_pretrained(model, str(tmp_path / "sparse-bitmask"), names)
+    assert saved["structure"] == "2:4"
+    config = json.loads((tmp_path / "sparse-bitmask" / "config.json").read_text())
+    assert config["quantization_config"]["sparsity_config"]["sparsity_structure"] == "2:4"
     assert bit_equal(model, load_compressed_pretrained(str(tmp_path / "sparse-bitmask")))

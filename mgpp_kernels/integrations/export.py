@@ -311,6 +311,13 @@ def _bitmask_decoding(path: str, name: str, encoded: dict[str, torch.Tensor]) ->
     return dense
 
 
+def _is_two_four(tensor: torch.Tensor) -> bool:
+    """At most 2 nonzeros in every group of 4 consecutive elements of the last dimension."""
+    if tensor.dim() == 0 or tensor.shape[-1] % 4:
+        return False
+    return bool(((tensor.detach() != 0).reshape(-1, 4).sum(dim=-1) <= 2).all())
+
+
 def save_compressed_pretrained(model, save_directory: str, names: Iterable[str] | None = None,
                                tokenizer=None) -> dict[str, Any]:
     """Saves a transformers model to ``save_directory`` in the compressed-tensors sparse-bitmask
@@ -320,7 +327,9 @@ def save_compressed_pretrained(model, save_directory: str, names: Iterable[str] 
     ``<module>.compressed``, ``.bitmask``, ``.shape`` and ``.row_offsets``, the other tensors as
     they are, tied weights once; the generation config and ``tokenizer`` when there are.
 
-    Returns the stored names, the sparsity of the compressed weights and the file's bytes.
+    The sparsity structure recorded is "2:4" when every compressed weight is 2:4 along its last
+    dimension, else "unstructured". Returns the stored names, the sparsity of the compressed
+    weights, that structure and the file's bytes.
     """
     import compressed_tensors
     from compressed_tensors.config import BitmaskConfig
@@ -334,6 +343,7 @@ def save_compressed_pretrained(model, save_directory: str, names: Iterable[str] 
     tensors: dict[str, torch.Tensor] = {}
     first_of_view: dict[tuple, str] = {}
     zeros = numel = 0
+    two_four = bool(names)
     for name, tensor in state.items():
         view = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
                 tensor.dtype)
@@ -346,13 +356,15 @@ def save_compressed_pretrained(model, save_directory: str, names: Iterable[str] 
                 tensors[f"{prefix}.{suffix}"] = part
             zeros += int((tensor == 0).sum())
             numel += tensor.numel()
+            two_four = two_four and _is_two_four(tensor)
         else:
             tensors[name] = tensor.detach().cpu().contiguous()
     os.makedirs(save_directory, exist_ok=True)
     path = os.path.join(save_directory, "model.safetensors")
     save_file(tensors, path, metadata={"format": "pt"})
     sparsity = zeros / numel if numel else 0.0
-    sparsity_config = BitmaskConfig(global_sparsity=sparsity, sparsity_structure="unstructured",
+    structure = "2:4" if two_four else "unstructured"
+    sparsity_config = BitmaskConfig(global_sparsity=sparsity, sparsity_structure=structure,
                                     targets=sorted(name.removesuffix(".weight")
                                                    for name in names))
     model.config.save_pretrained(save_directory)
@@ -369,7 +381,7 @@ def save_compressed_pretrained(model, save_directory: str, names: Iterable[str] 
         model.generation_config.save_pretrained(save_directory)
     if tokenizer is not None:
         tokenizer.save_pretrained(save_directory)
-    return {"compressed": sorted(names), "sparsity": sparsity,
+    return {"compressed": sorted(names), "sparsity": sparsity, "structure": structure,
             "compressed_bytes": os.path.getsize(path)}
 
 
