@@ -195,6 +195,25 @@ def test_callback_rejects_other_optimizers_and_warns_on_a_short_schedule(tmp_pat
         trainer.train()
 
 
+def test_callback_logs_each_pool_when_there_are_several():
+    first, second = (torch.nn.Parameter(torch.randn(8, 8)) for _ in range(2))
+    optimizer = MGPP([{"params": [first], "prune": True, "pattern": "2:4"},
+                      {"params": [second], "prune": True, "final_sparsity": 0.5}],
+                     num_train_examples=10, initial_warmup_steps=0, total_steps=4,
+                     backend="reference")
+    for p in (first, second):
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    callback = MGPPCallback()
+    callback.optimizer = optimizer
+    entries = callback.log_entries()
+    stats = optimizer.stats()
+    assert "mgpp_tau" not in entries
+    for i, pool in enumerate(stats["pools"]):
+        assert entries[f"mgpp_pool{i}_sparsity"] == pool["event_sparsity"] > 0
+        assert entries[f"mgpp_pool{i}_tau"] == pool["tau"]
+
+
 def test_prior_off_without_pruning_is_adamw():
     torch.manual_seed(0)
     weights = [torch.randn(7, 5), torch.randn(4097)]

@@ -101,10 +101,11 @@ class MGPPCallback(TrainerCallback):
     candidates now: in the pruning stage the pruned weights regrow at once, as the paper
     intends, so between events it reads near 0 until the mask freezes),
     ``{prefix}target_sparsity``, ``{prefix}tau`` (from the first pruning event on) and
-    ``{prefix}lambda_t`` (with the prior on), in the log history, the progress bar and the
-    printer. The Trainer runs callbacks passed as ``callbacks=[...]`` after its reporting
-    integrations; :func:`add_mgpp_callback` puts this one first so that TensorBoard and W&B
-    record the values too.
+    ``{prefix}lambda_t`` (with the prior on), and with several pools each pool's
+    ``{prefix}pool<i>_sparsity`` and ``{prefix}pool<i>_tau`` (docs/spec.md §5), in the log
+    history, the progress bar and the printer. The Trainer runs callbacks passed as
+    ``callbacks=[...]`` after its reporting integrations; :func:`add_mgpp_callback` puts this
+    one first so that TensorBoard and W&B record the values too.
     """
 
     def __init__(self, prefix: str = "mgpp_"):
@@ -140,6 +141,11 @@ class MGPPCallback(TrainerCallback):
                    "target_sparsity": stats["target_sparsity"]}
         if stats["tau"] is not None:
             entries["tau"] = stats["tau"]
+        if len(stats["pools"]) > 1:   # each pool's own, numbered in pool order
+            for i, pool in enumerate(stats["pools"]):
+                entries[f"pool{i}_sparsity"] = pool["event_sparsity"]
+                if pool["tau"] is not None:
+                    entries[f"pool{i}_tau"] = pool["tau"]
         if self.optimizer.use_prior:
             entries["lambda_t"] = stats["lambda_t"]
         return {self.prefix + key: value for key, value in entries.items()}
