@@ -129,7 +129,7 @@ def _rows() -> tuple[Row, ...]:
             slow=triton_device == "cpu",
             unavailable=triton_unavailable),
         Row("cuda", device="cuda", dtypes=KERNEL_DTYPES, ranks_across_processes=True,
-            exact_resume=True, schedules_on_device=True, ranks_nm_pools=False, slow=False,
+            exact_resume=True, schedules_on_device=True, ranks_nm_pools=True, slow=False,
             unavailable=_unavailable("cuda")),
     )
 

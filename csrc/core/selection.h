@@ -41,6 +41,14 @@ MGPP_HD void keep_candidate_keys(uint32_t* keys, int m, int prunable) {
   }
 }
 
+// The elements that a kernel takes as a whole under an N:M pattern of group size m: whole groups
+// and whole bytes of a packed mask, lcm(8, m) (8 when unstructured, m = 0).
+MGPP_HD int nm_unit(int m) {
+  int unit = 8;
+  while (m != 0 && unit % m != 0) unit += 8;
+  return unit;
+}
+
 // Records the bin that one level of the selection chose, `before` keys lying in the bins below it
 // and `inside` in it.
 MGPP_HD void record_bin(int level, uint32_t bin, int64_t before, int64_t inside,

@@ -9,7 +9,6 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
-#include <numeric>
 #include <stdexcept>
 #include <type_traits>
 #include <vector>
@@ -65,9 +64,7 @@ struct Chunk {
 // The elements an event function handles as one block: kBlock, or for an N:M pattern the most
 // that is a multiple of both M (whole groups) and 8 (whole mask bytes).
 int64_t block_length(Pattern pattern) {
-  if (pattern.m == 0) return kBlock;
-  const int64_t unit = std::lcm<int64_t>(8, pattern.m);
-  return kBlock - kBlock % unit;
+  return kBlock - kBlock % nm_unit(pattern.m);
 }
 
 // Chunks of whole blocks.

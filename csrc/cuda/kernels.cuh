@@ -315,6 +315,7 @@ struct HistogramArgs {
   const int64_t* selection;       // level 1 counts the high bin of selection[kSelKey]
   unsigned long long* histogram;  // kHistHighBins (level 0) or kHistLowBins (level 1) counters
   const double* current;          // the step's row of the device schedule, or null
+  Pattern pattern;                // N:M: each group's candidates only (m = 0: every element)
   int32_t first_block[kMaxTensors + 1];
   int64_t numel[kMaxTensors];
   const void* data[kMaxTensors];
@@ -362,8 +363,27 @@ struct HistogramKernel {
     }
   }
 
+  // N:M: each thread takes whole groups (a chunk holds whole groups), ranks them in registers
+  // and counts the candidates' keys, the others' as kNotCandidateKey.
+  template <class Thread>
+  static MGPP_HD void count_groups(const Thread& th, const Args& a, const BlockState& st) {
+    const T* data = static_cast<const T*>(a.data[st.chunk.slot]);
+    const int m = a.pattern.m;
+    for (int64_t g = st.chunk.begin + int64_t{m} * th.thread(); g < st.chunk.end;
+         g += int64_t{m} * th.block_dim()) {
+      uint32_t keys[16];
+      for (int j = 0; j < m; ++j) keys[j] = abs_key(P::load(data[g + j]));
+      keep_candidate_keys(keys, m, m - a.pattern.n);
+      for (int j = 0; j < m; ++j) count_key(th, a, st.high_bin, keys[j]);
+    }
+  }
+
   template <class Thread>
   static MGPP_HD void count(const Thread& th, const Args& a, const BlockState& st) {
+    if (a.pattern.m != 0) {
+      count_groups(th, a, st);
+      return;
+    }
     const T* data = static_cast<const T*>(a.data[st.chunk.slot]);
     const int64_t begin = st.chunk.begin;
     const int64_t end = st.chunk.end;
@@ -388,6 +408,7 @@ struct ThresholdArgs {
   int64_t chunk_size;
   const int64_t* selection;  // τ's key is selection[kSelKey]
   const double* current;     // the step's row of the device schedule, or null
+  Pattern pattern;           // N:M: zero each group's candidates at or below τ (m = 0: below τ)
   int32_t first_block[kMaxTensors + 1];
   int64_t numel[kMaxTensors];
   void* data[kMaxTensors];
@@ -423,10 +444,41 @@ struct ThresholdKernel {
     }
   }
 
+  // N:M: each thread takes nm_unit(M) elements, whole groups and whole mask bytes (a chunk holds
+  // whole units), ranks each group in registers and zeroes its candidates at or below τ.
+  template <class Thread>
+  static MGPP_HD void apply_groups(const Thread& th, const Args& a, const BlockState& st) {
+    T* data = static_cast<T*>(a.data[st.chunk.slot]);
+    uint8_t* mask = st.write_mask ? a.keep_mask[st.chunk.slot] : nullptr;
+    const int m = a.pattern.m;
+    const int unit = nm_unit(m);
+    const int64_t end = st.chunk.end;
+    for (int64_t i = st.chunk.begin + int64_t{unit} * th.thread(); i < end;
+         i += int64_t{unit} * th.block_dim()) {
+      uint8_t keep_bytes[16] = {};
+      for (int g = 0; g < unit && i + g < end; g += m) {
+        uint32_t keys[16];
+        for (int j = 0; j < m; ++j) keys[j] = abs_key(P::load(data[i + g + j]));
+        keep_candidate_keys(keys, m, m - a.pattern.n);
+        for (int j = 0; j < m; ++j) {
+          const bool below = below_threshold(keys[j], st.tau_key, true);
+          if (below) data[i + g + j] = P::store(0.0f);
+          keep_bytes[(g + j) / 8] |= static_cast<uint8_t>(!below << ((g + j) % 8));
+        }
+      }
+      if (mask == nullptr) continue;
+      for (int b = 0; b < unit / 8 && i + 8 * b < end; ++b) mask[(i >> 3) + b] = keep_bytes[b];
+    }
+  }
+
   // Each thread takes groups of 8 elements: one byte of the packed mask. A group is rewritten
   // only when one of its elements is zeroed.
   template <class Thread>
   static MGPP_HD void apply(const Thread& th, const Args& a, const BlockState& st) {
+    if (a.pattern.m != 0) {
+      apply_groups(th, a, st);
+      return;
+    }
     T* data = static_cast<T*>(a.data[st.chunk.slot]);
     uint8_t* mask = st.write_mask ? a.keep_mask[st.chunk.slot] : nullptr;
     const int64_t begin = st.chunk.begin;

@@ -114,12 +114,14 @@ void fused_step(const StepTensor* tensors, int64_t count, const StepLaunch& laun
 
 void abs_histogram(const ValueTensor* tensors, int64_t count, DType dtype, int level,
                    const int64_t* selection, int64_t* histogram, const double* current,
-                   void* stream) {
+                   void* stream, Pattern pattern) {
   const size_t counter_bytes = shared_histogram_bytes(level == 0 ? kHistHighBins : kHistLowBins);
   dispatch_dtype(dtype, [&](auto format) {
     using Kernel = HistogramKernel<decltype(format)>;
     const HistogramMode mode = histogram_mode<Kernel>(counter_bytes);
-    const auto launches = plan_histogram(tensors, count, level, selection, histogram, current, mode);
+    const auto launches = plan_histogram(tensors, count, level, selection, histogram, current, mode,
+                                         pattern_chunk_size(pattern), HistogramArgs::kMaxTensors,
+                                         pattern);
     launch_all<Kernel>(launches, mode == kSharedHistogram ? counter_bytes : 0, as_stream(stream));
   });
 }
@@ -133,11 +135,14 @@ void radix_select(const int64_t* histogram, int level, int64_t* selection, const
 }
 
 void apply_threshold(const ValueTensor* tensors, uint8_t* const* keep_masks, int64_t count,
-                     DType dtype, const int64_t* selection, const double* current, void* stream) {
+                     DType dtype, const int64_t* selection, const double* current, void* stream,
+                     Pattern pattern) {
   dispatch_dtype(dtype, [&](auto format) {
     using Kernel = ThresholdKernel<decltype(format)>;
-    launch_all<Kernel>(plan_threshold(tensors, keep_masks, count, selection, current), 0,
-                       as_stream(stream));
+    launch_all<Kernel>(plan_threshold(tensors, keep_masks, count, selection, current,
+                                      pattern_chunk_size(pattern), ThresholdArgs::kMaxTensors,
+                                      pattern),
+                       0, as_stream(stream));
   });
 }
 

@@ -44,20 +44,22 @@ void fused_step(const StepTensor* tensors, int64_t count, const StepLaunch& laun
 
 // Adds the radix histogram of |x| over the tensors: level 0 counts key_high_bin over all
 // elements (kHistHighBins counters); level 1 counts key_low_bin of the elements whose high bin is
-// key_high_bin(selection[kSelKey]) (kHistLowBins counters).
+// key_high_bin(selection[kSelKey]) (kHistLowBins counters). Under an N:M `pattern`, each group's
+// non-candidates count as kNotCandidateKey (csrc/core/selection.h).
 void abs_histogram(const ValueTensor* tensors, int64_t count, DType dtype, int level,
                    const int64_t* selection, int64_t* histogram, const double* current,
-                   void* stream);
+                   void* stream, Pattern pattern = {});
 
 // One radix selection level on the device: the same result as select_bin (csrc/core/selection.h).
 void radix_select(const int64_t* histogram, int level, int64_t* selection, const double* current,
                   void* stream);
 
-// Zeroes |x| < τ (τ's key is selection[kSelKey]); when keep_masks is not null, also writes each
-// tensor's packed keep mask (ceil(numel/8) bytes).
-// On the device schedule the masks are written at the freeze only.
+// Zeroes |x| < τ (τ's key is selection[kSelKey]; under an N:M `pattern`, each group's
+// candidates at or below τ); when keep_masks is not null, also writes each tensor's packed keep
+// mask (ceil(numel/8) bytes). On the device schedule the masks are written at the freeze only.
 void apply_threshold(const ValueTensor* tensors, uint8_t* const* keep_masks, int64_t count,
-                     DType dtype, const int64_t* selection, const double* current, void* stream);
+                     DType dtype, const int64_t* selection, const double* current, void* stream,
+                     Pattern pattern = {});
 
 // The first launch of a step on the device schedule (one thread): write_step_row from `table`
 // (rows × kNumScheduleColumns float64) at t = *position into `current`, skipping when found_inf

@@ -38,14 +38,20 @@ Args& add_tensor(std::vector<Args>& launches, const Args& common, int64_t numel,
 }
 
 template <class Args>
-void check_plan(const Args& common, int max_tensors, bool shared_counters) {
+void check_plan(const Args& common, int max_tensors, bool shared_counters, int unit = 8) {
   if (max_tensors < 1 || max_tensors > Args::kMaxTensors) {
     throw std::invalid_argument("mgpp: max_tensors out of range");
   }
-  if (common.chunk_size < 8 || common.chunk_size % 8 != 0 || (shared_counters && common.chunk_size > 0xFFFF)) {
-    throw std::invalid_argument("mgpp: chunk_size must be a positive multiple of 8 (below 2^16 "
-                                "with shared counters)");
+  if (common.chunk_size < unit || common.chunk_size % unit != 0 ||
+      (shared_counters && common.chunk_size > 0xFFFF)) {
+    throw std::invalid_argument("mgpp: chunk_size must be a positive multiple of 8 and of an N:M "
+                                "pattern's group size (below 2^16 with shared counters)");
   }
+}
+
+// The chunk of the event kernels under an N:M pattern: kChunkSize cut to whole groups and bytes.
+inline int64_t pattern_chunk_size(Pattern pattern) {
+  return kChunkSize - kChunkSize % nm_unit(pattern.m);
 }
 
 inline std::vector<FusedStepArgs> plan_fused_step(const StepTensor* tensors, int64_t count,
@@ -80,7 +86,8 @@ inline std::vector<HistogramArgs> plan_histogram(const ValueTensor* tensors, int
                                                  const int64_t* selection, int64_t* histogram,
                                                  const double* current, int32_t histogram_mode,
                                                  int64_t chunk_size = kChunkSize,
-                                                 int max_tensors = HistogramArgs::kMaxTensors) {
+                                                 int max_tensors = HistogramArgs::kMaxTensors,
+                                                 Pattern pattern = {}) {
   if (level != 0 && level != 1) throw std::invalid_argument("mgpp: level must be 0 or 1");
   HistogramArgs common{};
   common.histogram_mode = histogram_mode;
@@ -89,7 +96,8 @@ inline std::vector<HistogramArgs> plan_histogram(const ValueTensor* tensors, int
   common.selection = selection;
   common.histogram = reinterpret_cast<unsigned long long*>(histogram);
   common.current = current;
-  check_plan(common, max_tensors, histogram_mode == kSharedHistogram);
+  common.pattern = pattern;
+  check_plan(common, max_tensors, histogram_mode == kSharedHistogram, nm_unit(pattern.m));
   std::vector<HistogramArgs> launches;
   for (int64_t t = 0; t < count; ++t) {
     if (tensors[t].numel == 0) continue;
@@ -103,12 +111,14 @@ inline std::vector<ThresholdArgs> plan_threshold(const ValueTensor* tensors, uin
                                                  int64_t count, const int64_t* selection,
                                                  const double* current,
                                                  int64_t chunk_size = kChunkSize,
-                                                 int max_tensors = ThresholdArgs::kMaxTensors) {
+                                                 int max_tensors = ThresholdArgs::kMaxTensors,
+                                                 Pattern pattern = {}) {
   ThresholdArgs common{};
   common.chunk_size = chunk_size;
   common.selection = selection;
   common.current = current;
-  check_plan(common, max_tensors, false);
+  common.pattern = pattern;
+  check_plan(common, max_tensors, false, nm_unit(pattern.m));
   std::vector<ThresholdArgs> launches;
   for (int64_t t = 0; t < count; ++t) {
     if (tensors[t].numel == 0) continue;

@@ -53,10 +53,10 @@ void check_driver_takes_large_kernel_arguments() {
               ". Update the driver, or use the triton or cpu backend.");
 }
 
-// The CUDA kernels rank unstructured pools only: the cuda backend refuses N:M pools
-// (OpsBackend.nm_patterns) before a step.
+// The CUDA update counts unstructured pools only; an N:M pool's level-0 histogram is counted by
+// abs_histogram_ (the cuda backend passes fused_step_ no pattern).
 void check_unstructured(at::IntArrayRef pattern) {
-  TORCH_CHECK_VALUE(pattern.empty(), "mgpp: the CUDA kernels do not rank N:M pools");
+  TORCH_CHECK_VALUE(pattern.empty(), "mgpp: the CUDA fused_step_ counts unstructured pools only");
 }
 
 void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -137,8 +137,8 @@ void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
 
 void abs_histogram_cuda(at::TensorList tensors, const Tensor& histogram, const Tensor& selection,
                         int64_t level, const std::optional<Tensor>& current,
-                        at::IntArrayRef pattern) {
-  check_unstructured(pattern);
+                        at::IntArrayRef pattern_sizes) {
+  const Pattern pattern = op_checks::to_pattern(pattern_sizes, tensors);
   check_counters(histogram, histogram_bins(level), "histogram");
   check_counters(selection, kNumSelectionSlots, "selection");
   const at::Device device = histogram.device();
@@ -152,7 +152,7 @@ void abs_histogram_cuda(at::TensorList tensors, const Tensor& histogram, const T
     for (size_t i : indices) views.push_back({tensors[i].data_ptr(), tensors[i].numel()});
     cuda::abs_histogram(views.data(), static_cast<int64_t>(views.size()), dtype,
                         static_cast<int>(level), selection.data_ptr<int64_t>(),
-                        histogram.data_ptr<int64_t>(), row, current_stream(device));
+                        histogram.data_ptr<int64_t>(), row, current_stream(device), pattern);
   }
 }
 
@@ -170,8 +170,8 @@ void radix_select_cuda(const Tensor& histogram, const Tensor& selection, int64_t
 
 void apply_threshold_cuda(at::TensorList tensors, at::TensorList keep_masks,
                           const Tensor& selection, const std::optional<Tensor>& current,
-                          at::IntArrayRef pattern) {
-  check_unstructured(pattern);
+                          at::IntArrayRef pattern_sizes) {
+  const Pattern pattern = op_checks::to_pattern(pattern_sizes, tensors);
   TORCH_CHECK_VALUE(keep_masks.empty() || keep_masks.size() == tensors.size(),
               "mgpp: keep_masks must be empty or one per tensor");
   check_counters(selection, kNumSelectionSlots, "selection");
@@ -190,7 +190,7 @@ void apply_threshold_cuda(at::TensorList tensors, at::TensorList keep_masks,
     }
     cuda::apply_threshold(views.data(), keep_masks.empty() ? nullptr : masks.data(),
                           static_cast<int64_t>(views.size()), dtype, selection.data_ptr<int64_t>(),
-                          row, current_stream(device));
+                          row, current_stream(device), pattern);
   }
 }
 

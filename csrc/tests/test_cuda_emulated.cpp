@@ -263,7 +263,7 @@ void test_fused_step(DType param_dtype, DType state_dtype, const GridConfig& gri
                                              counter_bytes(grid.histogram_mode, kHistHighBins), stats);
 
     const cpu::StepOptions options{param_dtype, state_dtype, prior_on, prior_constants(scalars),
-                                   scaled ? 1.0f / grad_scale : 1.0f, kCpuThreads};
+                                   scaled ? 1.0f / grad_scale : 1.0f, kCpuThreads, Pattern{}};
     cpu::fused_step(cpu_tensors.data(), static_cast<int64_t>(cpu_tensors.size()), options,
                     cpu_histogram.data());
 
@@ -396,6 +396,81 @@ void test_threshold(DType dtype, const GridConfig& grid) {
       }
       CHECK(stats.misaligned_vector_accesses == 0, "misaligned 128-bit accesses in the threshold");
     }
+  }
+}
+
+// N:M pools: the emulated histogram (both levels) and threshold (with masks) against the CPU
+// kernels with the same pattern, on group sizes that divide a mask byte, that span several bytes
+// and that do not align with them, and tensors of one group, a few groups and several chunks.
+template <class P>
+void test_nm_events(DType dtype) {
+  std::mt19937 rng(static_cast<unsigned>(static_cast<int>(dtype) + 77));
+  for (const Pattern pattern : {Pattern{2, 4}, Pattern{3, 6}, Pattern{1, 16}, Pattern{2, 3}}) {
+    const int unit = nm_unit(pattern.m);
+    std::vector<Buffer> buffers, expected;
+    for (size_t groups : {size_t{1}, size_t{5}, static_cast<size_t>(3 * 4096 / pattern.m + 7)}) {
+      // Many ties: values from a small set, with the kernels' special cases mixed in.
+      std::vector<float> values = test_values(groups * pattern.m, 0.02f, rng, true);
+      for (size_t i = 0; i < values.size(); i += 3) values[i] = 0.001f * static_cast<float>(rng() % 4);
+      buffers.emplace_back(dtype, values, 0);
+      expected.emplace_back(dtype, values, 0);
+    }
+    const auto views = views_of(buffers);
+    const auto cpu_views = views_of(expected);
+    const int64_t count = static_cast<int64_t>(views.size());
+    const int64_t chunk_size = 4 * unit;   // several chunks per tensor, of whole units
+    uint32_t tau_key = 0;
+    std::vector<int64_t> level0(kHistHighBins, 0);
+    for (int level : {0, 1}) {
+      const uint32_t bins = level == 0 ? kHistHighBins : kHistLowBins;
+      std::vector<int64_t> histogram(bins, 0), cpu_histogram(bins, 0);
+      const int64_t selection[kNumSelectionSlots] = {0, static_cast<int64_t>(tau_key), 0, 0};
+      AccessStats stats;
+      emulate_all<cuda::HistogramKernel<P>>(
+          cuda::plan_histogram(views.data(), count, level, selection, histogram.data(), nullptr,
+                               cuda::kSharedHistogram, chunk_size, cuda::HistogramArgs::kMaxTensors,
+                               pattern),
+          32, counter_bytes(cuda::kSharedHistogram, bins), stats);
+      cpu::count_histogram(cpu_views.data(), count, dtype, level, key_high_bin(tau_key),
+                           cpu_histogram.data(), kCpuThreads, pattern);
+      CHECK(histogram == cpu_histogram, "%d:%d level-%d histogram differs from the CPU kernel's (%s)",
+            pattern.n, pattern.m, level, name(dtype));
+      if (level == 0) {
+        // τ: the candidate key halfway up, whose high bin level 1 counts.
+        int64_t candidates = 0;
+        for (uint32_t b = 0; b < 0xFFFFu; ++b) candidates += histogram[b];
+        int64_t selected[kNumSelectionSlots] = {candidates / 2 + 1, 0, 0, 0};
+        select_bin(histogram.data(), 0, selected);
+        tau_key = static_cast<uint32_t>(selected[kSelKey]);
+      }
+    }
+    std::vector<std::vector<uint8_t>> masks, cpu_masks;
+    std::vector<uint8_t*> mask_ptrs, cpu_mask_ptrs;
+    for (auto& b : buffers) {
+      masks.emplace_back((b.size() + 7) / 8, 0xAB);
+      cpu_masks.emplace_back((b.size() + 7) / 8, 0xCD);
+    }
+    for (size_t t = 0; t < buffers.size(); ++t) {
+      mask_ptrs.push_back(masks[t].data());
+      cpu_mask_ptrs.push_back(cpu_masks[t].data());
+    }
+    const int64_t selection[kNumSelectionSlots] = {0, static_cast<int64_t>(tau_key), 0, 0};
+    AccessStats stats;
+    emulate_all<cuda::ThresholdKernel<P>>(
+        cuda::plan_threshold(views.data(), mask_ptrs.data(), count, selection, nullptr, chunk_size,
+                             cuda::ThresholdArgs::kMaxTensors, pattern),
+        32, 0, stats);
+    cpu::apply_threshold(cpu_views.data(), cpu_mask_ptrs.data(), count, dtype, tau_key, kCpuThreads,
+                         pattern);
+    bool zeroed = false;
+    for (size_t t = 0; t < buffers.size(); ++t) {
+      CHECK(buffers[t].content() == expected[t].content(), "%d:%d threshold values differ (%s, "
+            "tensor %zu)", pattern.n, pattern.m, name(dtype), t);
+      CHECK(masks[t] == cpu_masks[t], "%d:%d keep mask differs (%s, tensor %zu)", pattern.n,
+            pattern.m, name(dtype), t);
+      for (size_t i = 0; i < buffers[t].size(); ++i) zeroed = zeroed || !((masks[t][i / 8] >> (i % 8)) & 1);
+    }
+    CHECK(zeroed, "%d:%d: the threshold zeroed nothing", pattern.n, pattern.m);
   }
 }
 
@@ -665,6 +740,9 @@ int main() {
     test_threshold<F16>(DType::Float16, grid);
   }
   for (int threads : {1, 64, cuda::kSelectThreads}) test_select(threads);
+  test_nm_events<F32>(DType::Float32);
+  test_nm_events<BF16>(DType::BFloat16);
+  test_nm_events<F16>(DType::Float16);
   test_tau_end_to_end();
   test_schedule_kernel();
   test_scheduled_fused_step();

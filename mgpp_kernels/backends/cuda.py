@@ -15,6 +15,5 @@ if not torch._C._dispatch_has_kernel_for_dispatch_key("mgpp::fused_step_", "CUDA
 if not torch.cuda.is_available():
     raise ImportError("no CUDA device is available")
 
-# The CUDA kernels rank unstructured pools only (csrc/ops/cuda.cpp refuses a pattern).
 BACKEND = OpsBackend("cuda", "cuda", steps_on_device=True, ranks_across_processes=True,
-                     ranks_nm_pools=False, one_pass_events=False)
+                     one_pass_events=False, ranks_nm_in_update=False)

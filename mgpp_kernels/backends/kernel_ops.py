@@ -160,13 +160,17 @@ class OpsBackend:
 
     schedules_on_device = True   # the ops take the step's row of the device schedule
 
+    ranks_nm_pools = True   # the event ops take a pattern
+
     def __init__(self, name: str, device_type: str, *, steps_on_device: bool,
-                 ranks_across_processes: bool, ranks_nm_pools: bool, one_pass_events: bool):
+                 ranks_across_processes: bool, one_pass_events: bool, ranks_nm_in_update: bool):
         self.name = name
         self.device_type = device_type
         self.steps_on_device = steps_on_device
         self.ranks_across_processes = ranks_across_processes
-        self.ranks_nm_pools = ranks_nm_pools
+        # fused_step_ counts an N:M pool's histogram (else abs_histogram_ does, in a pass of its
+        # own).
+        self.ranks_nm_in_update = ranks_nm_in_update
         # Whether the device has partition_at_bin_ and prune_collected_ (prune_in_one_pass).
         self.one_pass_events = one_pass_events
         self._workspaces: dict[torch.device, _Workspace] = {}
@@ -236,19 +240,19 @@ class OpsBackend:
                 workspace.zero_()
         return None if schedule is not None else thresholds
 
-    @staticmethod
-    def _update(groups: list[UpdateGroup], scalars: torch.Tensor,
+    def _update(self, groups: list[UpdateGroup], scalars: torch.Tensor,
                 grad_scale: torch.Tensor | None, workspace: _Workspace,
                 events: list[PruneEvent], currents: list[torch.Tensor | None],
                 shared_current: torch.Tensor | None) -> list[list[torch.Tensor]]:
         """fused_step_ over each group; a group of candidates of an event's pool adds the
-        level-0 histogram of its updated values (N:M: of each group's candidates) to that
-        pool's. `shared_current`: the device schedule's row for the groups outside the events'
+        level-0 histogram of its updated values (N:M: of each group's candidates, where the
+        device's update ranks them) to that pool's. `shared_current`: the device schedule's row for the groups outside the events'
         pools. Returns each event's tensors counted."""
         counted: list[list[torch.Tensor]] = [[] for _ in events]
         for group, row in zip(groups, group_rows(scalars, len(groups))):
             event = group.event
-            counts = event is not None
+            counts = event is not None and (events[event].pattern is None
+                                            or self.ranks_nm_in_update)
             ops.fused_step_(
                 group.params, group.grads, group.exp_avgs, group.exp_avg_sqs, group.state_steps,
                 group.keep_masks, row, grad_scale=grad_scale,
