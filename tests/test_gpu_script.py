@@ -2,8 +2,8 @@
 as on a GPU, with tiny sizes on the CPU, the triton backend through the interpreter and cpu in the
 place of cuda, so that the script a GPU session spends its few minutes on cannot rot here. One run
 goes as it should; in another every stage is made to fail (MGPP_GPU_RUN_FAIL=all: the build as if
-the CUDA kernels were skipped, smoke and bench in their first section, verify and tests after they
-ran), and each stage's failure is recorded while the stages after it still run and report."""
+the CUDA kernels were skipped, smoke and bench in their first section, verify and tests at once),
+and each stage's failure is recorded while the stages after it still run and report."""
 from __future__ import annotations
 
 import json
@@ -233,10 +233,5 @@ def test_a_failed_stage_is_recorded_and_the_next_ones_still_report(failing_run, 
             assert {r["optimizer"] for r in sections["steps_1b"]["rows"]} == {
                 "AdamW fused", "MGPP triton", "device copy"}
             assert any(line.startswith("checks: τ exact 16/16, ") for line in lines)
-    elif stage == "verify":
-        assert "all backends within docs/spec.md §4" in lines
-        assert any(line.startswith("triton ok: θ ") for line in lines)
-        assert lines[-1] == "failure injected (MGPP_GPU_RUN_FAIL)"
     else:
-        assert any(line.startswith('pytest -m "gpu and not slow": ') for line in lines)
-        assert lines[-1] == "failure injected (MGPP_GPU_RUN_FAIL)"
+        assert lines == ["failure injected (MGPP_GPU_RUN_FAIL)"]

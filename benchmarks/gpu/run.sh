@@ -24,8 +24,8 @@
 # extension is checked), tiny sizes, triton through the interpreter and the cpu backend in the
 # place of cuda (tests/test_gpu_script.py runs it, so that this script cannot rot).
 # MGPP_GPU_RUN_FAIL=<stage>[,<stage>...] or "all" makes those stages fail (the build as if the
-# CUDA kernels were skipped, smoke and bench in their first section, verify and tests after they
-# ran), to test that the others still report.
+# CUDA kernels were skipped, smoke and bench in their first section, verify and tests at once),
+# to test that the others still report.
 set -uo pipefail
 
 # The stages in their order and each one's limit in seconds: 8 minutes in all, so that one
@@ -159,6 +159,10 @@ stage_bench() {
 
 stage_verify() {
   local arguments=() backends backend verify_status=0 theta m v tau mask final final_mask status
+  if injected verify; then
+    summary "failure injected (MGPP_GPU_RUN_FAIL)"
+    return 1
+  fi
   read -r -a backends < <(built_backends)
   for backend in "${backends[@]}"; do
     arguments+=(--backend "$backend")
@@ -178,15 +182,15 @@ stage_verify() {
       "$mask; end to end $final, mask diff $final_mask"
   done
   summary "$(tail -n 1 "$WORK/verify.txt")"
-  if injected verify; then
-    summary "failure injected (MGPP_GPU_RUN_FAIL)"
-    return 1
-  fi
   return "$verify_status"
 }
 
 stage_tests() {
   local files=("${FIRST_TESTS[@]}") file tests_status
+  if injected tests; then
+    summary "failure injected (MGPP_GPU_RUN_FAIL)"
+    return 1
+  fi
   for file in tests/test_*.py; do
     [[ " ${FIRST_TESTS[*]} " == *" $file "* ]] || files+=("$file")
   done
@@ -198,10 +202,6 @@ stage_tests() {
   grep -m 3 -E '^(FAILED|ERROR) ' "$WORK/pytest.txt" | while read -r line; do
     summary "${line:0:150}"
   done
-  if injected tests; then
-    summary "failure injected (MGPP_GPU_RUN_FAIL)"
-    return 1
-  fi
   return "$tests_status"
 }
 
