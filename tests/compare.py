@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import torch
 
+from benchmarks.common import agreement
 from mgpp_kernels import masks
 
 INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16,
             torch.float64: torch.int64}
-MANTISSA_BITS = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}
-MIN_NORMAL_EXPONENT = {torch.float32: -126, torch.bfloat16: -126, torch.float16: -14}
 
 
 def _host(t: torch.Tensor) -> torch.Tensor:
@@ -96,10 +95,9 @@ def assert_fp32_bound(actual, expected, scale, what: str = "", where=None) -> No
 
 
 def ulp(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The spacing of `dtype` at |values| (float64); the subnormal spacing below the normals."""
-    magnitude = _host(values).double().abs().clamp_min(torch.finfo(dtype).tiny)
-    exponent = torch.floor(torch.log2(magnitude)).clamp_min(MIN_NORMAL_EXPONENT[dtype])
-    return torch.exp2(exponent - MANTISSA_BITS[dtype])
+    """The spacing of `dtype` at |values| (float64); the subnormal spacing below the normals
+    (benchmarks/common/agreement.py's, which the GPU benchmark's checks share)."""
+    return agreement.ulp(_host(values), dtype)
 
 
 def assert_mixed_precision_bound(actual, reference_same_dtype, oracle, what: str = "",

@@ -8,6 +8,9 @@ from pathlib import Path
 # The Triton backend's tests run its kernels on the CPU through the interpreter; it must be set
 # before triton is first imported.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# benchmarks/ is the repository's, not the package's: importable from the checkout's root (the
+# tests share its bounds, benchmarks/common/agreement.py).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

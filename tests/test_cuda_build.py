@@ -17,8 +17,13 @@ from mgpp_kernels.backends.types import Prior, PruneEvent, UpdateGroup
 from mgpp_kernels.backends.scalars import step_scalars
 
 CUDA_EXPECTED = torch.version.cuda is not None and os.environ.get("MGPP_SKIP_CUDA") != "1"
-requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(),
-                                  reason="no CUDA device: the CUDA kernels are only compiled here")
+
+
+def requires_gpu(test):
+    """Marked gpu (the GPU run selects `-m gpu`), and skipped without a CUDA device."""
+    skip = pytest.mark.skipif(not torch.cuda.is_available(),
+                              reason="no CUDA device: the CUDA kernels are only compiled here")
+    return pytest.mark.gpu(skip(test))
 
 
 def tensor_ops() -> list[str]:

@@ -1,6 +1,6 @@
 """How the benchmarks time a call, on a CPU and on a CUDA device: one call, the median of several,
-steps taking turns, the copy bandwidth, thread counts, and the suite's platforms (which also
-measure each call's peak memory)."""
+calls issued back to back, steps taking turns, the copy and its bandwidth, thread counts, and the
+suite's platforms (which also measure each call's peak memory)."""
 from __future__ import annotations
 
 import statistics
@@ -41,6 +41,30 @@ def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1,
     return statistics.median(call_seconds(fn, device) for _ in range(repeats))
 
 
+def back_to_back_seconds(fn: Callable[[], object], calls: int, device: torch.device = CPU
+                         ) -> tuple[float, float]:
+    """(device seconds, host seconds) per call over `calls` calls of fn issued back to back. On a
+    GPU the device's come from CUDA events around all of them (the queue stays full, as in
+    training, instead of each sample starting from an idle GPU), the host's from the wall clock
+    until the last call returns (what the calls cost the Python thread); on a CPU both are the
+    wall clock."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        host_start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        host_seconds = time.perf_counter() - host_start
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / calls, host_seconds / calls
+    start_seconds = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    seconds = (time.perf_counter() - start_seconds) / calls
+    return seconds, seconds
+
+
 def interleaved_median_times(steps: dict, repeats: int, warmup: int = 1) -> dict:
     """The median time of each of `steps` (name: callable), the steps taking turns, one call each
     per round: a slow spell of a shared machine then falls on all of them alike, and their ratios
@@ -55,13 +79,18 @@ def interleaved_median_times(steps: dict, repeats: int, warmup: int = 1) -> dict
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def copy_call(elements: int, device: torch.device = CPU) -> tuple[Callable[[], object], int]:
+    """`target.copy_(source)` on float32 arrays of `elements` elements, and the bytes it moves."""
+    source = torch.ones(elements, device=device)
+    target = torch.empty(elements, device=device)
+    return (lambda: target.copy_(source)), COPY_BYTES_PER_ELEMENT[device.type] * elements
+
+
 def copy_bandwidth(repeats: int, elements: int = 1 << 26, device: torch.device = CPU) -> float:
     """GB/s of `target.copy_(source)` on float32 arrays far larger than the caches, the median of
     `repeats` calls."""
-    source = torch.ones(elements, device=device)
-    target = torch.empty(elements, device=device)
-    seconds = median_time(lambda: target.copy_(source), repeats, device=device)
-    return COPY_BYTES_PER_ELEMENT[device.type] * elements / seconds / 1e9
+    copy, copied_bytes = copy_call(elements, device)
+    return copied_bytes / median_time(copy, repeats, device=device) / 1e9
 
 
 @contextmanager
