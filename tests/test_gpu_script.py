@@ -27,8 +27,8 @@ LEASE_SECONDS = 8 * 60
 # A lease brings back at most 8 files; one is left for a session's own.
 MAX_FILES = 7
 FILES = {"summary.txt", "gpu_bench.json", "gpu_bench.md", "run.log", "logs.tar.gz"}
-BENCH_SECTIONS = ["smoke", "agreement", "threshold", "host_syncs", "graph_replay",
-                  "steps_bert_base", "steps_1b", "selection"]
+BENCH_SECTIONS = ["smoke", "agreement", "threshold", "nm_pools", "host_syncs", "graph_replay",
+                  "steps_bert_base", "steps_1b", "selection", "semi_structured"]
 
 
 def stage_limits() -> list[tuple[str, int]]:
@@ -154,6 +154,11 @@ def test_the_checks_run_every_backend_and_case_within_their_bounds(clean_run):
         (backend, case) for backend in ("cpu", "triton")
         for case in ("fp32", "fp32, GradScaler 1024", "bf16, fp32 state", "bf16", "fp16")}
     assert all(r["ok"] and r["tau"] == r["kthvalue"] for r in sections["threshold"]["rows"])
+    assert [(r["backend"], r["pools"], r["same_as_cpu"], r["nm_structure"])
+            for r in sections["nm_pools"]["rows"]] == [("cpu", 3, True, True),
+                                                        ("triton", 3, True, True)]
+    assert sections["semi_structured"]["rows"] == [
+        {"skipped": "torch.sparse.to_sparse_semi_structured runs on CUDA only"}]
     # The dry run's stand-in for the graph (eager calls) runs the bookkeeping through the freeze.
     for graph in sections["graph_replay"]["rows"]:
         assert graph["identical"] and graph["stats_equal"] and not graph["captured"]

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import os
 import statistics
@@ -339,6 +340,109 @@ def threshold_row(backend: str, tensors, k: int, expected: torch.Tensor) -> dict
     exact = bits_equal(tau.reshape(()).float(), expected)
     return dict(elements=sum(t.numel() for t in tensors), tau=float(tau), kthvalue=float(expected),
                 ok=exact)
+
+
+# ---- N:M pools: every backend against the cpu backend, bit for bit ----------------------------
+
+# (shape, dtype, param-group keys): a 2:4 pool, a 3:6 pool (a group size that does not divide a
+# mask byte) and an unstructured pool beside them.
+NM_CANDIDATES = (((96, 64), torch.float32, {"pattern": "2:4"}),
+                 ((33, 16), torch.bfloat16, {"pattern": "2:4"}),
+                 ((40, 18), torch.float16, {"pattern": "3:6"}),
+                 ((50, 20), torch.float32, {"final_sparsity": 0.6}))
+# Events at t_i = 1, 3 and the freeze at t_end = 5; lr 0 and no prior keep θ as it was, so every
+# backend ranks the same values and must zero the same ones.
+NM_SCHEDULE = dict(num_train_examples=NUM_TRAIN_EXAMPLES, initial_warmup_steps=1, total_steps=7,
+                   pruning_interval=2, final_warmup_steps=1)
+
+
+def nm_rows(run: Run) -> list[dict]:
+    return [attempt({"backend": backend}, lambda backend=backend: nm_run(run, backend))
+            for backend in run.backends]
+
+
+def nm_optimizer(backend: str, device: torch.device, capturable: bool):
+    generator = torch.Generator().manual_seed(21)
+    params = [torch.nn.Parameter((torch.randn(shape, generator=generator) * 0.05).to(device, dtype))
+              for shape, dtype, _ in NM_CANDIDATES]
+    groups = [{"params": [p], "prune": True, **keys}
+              for p, (_, _, keys) in zip(params, NM_CANDIDATES)]
+    return params, MGPP(groups, lr=0.0, weight_decay=0.0, use_prior=False, backend=backend,
+                        capturable=capturable, **NM_SCHEDULE)
+
+
+def nm_run(run: Run, backend: str) -> dict:
+    """The pools through the schedule on the backend (host and device schedules) and on the cpu
+    backend: every candidate, keep mask and pool τ bit for bit, and the N:M candidates N:M."""
+    if "cpu" not in mgpp_kernels.available_backends():
+        raise BackendUnavailableError("the cpu backend, the baseline, is not built")
+    baseline, baseline_optimizer = nm_optimizer("cpu", CPU, capturable=False)
+    runs = {capturable: nm_optimizer(backend, run.device, capturable)
+            for capturable in (False, True)}
+    for t in range(NM_SCHEDULE["total_steps"]):
+        generator = torch.Generator().manual_seed(100 + t)
+        grads = [torch.randn(p.shape, generator=generator) for p in baseline]
+        for params, optimizer in [(baseline, baseline_optimizer), *runs.values()]:
+            for p, g in zip(params, grads):
+                p.grad = g.to(p.device, p.dtype)
+            optimizer.step()
+    expected_taus = [pool["tau"] for pool in baseline_optimizer.stats()["pools"]]
+    same = True
+    for params, optimizer in runs.values():
+        same = same and all(bits_equal(p, q) for p, q in zip(params, baseline))
+        same = same and all(bits_equal(optimizer.state[p]["keep_mask"],
+                                       baseline_optimizer.state[q]["keep_mask"])
+                            for p, q in zip(params, baseline))
+        same = same and [pool["tau"] for pool in optimizer.stats()["pools"]] == expected_taus
+    structured = all(
+        int((p.detach().reshape(-1, m) != 0).sum(dim=1).max()) <= n
+        for p, (_, _, keys) in zip(runs[True][0], NM_CANDIDATES) if "pattern" in keys
+        for n, m in [map(int, keys["pattern"].split(":"))])
+    return dict(pools=len(expected_taus), same_as_cpu=same, nm_structure=structured,
+                ok=same and structured)
+
+
+# ---- a 2:4 Linear against the dense one ----------------------------------------------------------
+
+# (out features, in features, tokens) in float16: a BERT-base and a LLaMA-7B MLP projection.
+SEMI_STRUCTURED_SHAPES = ((3072, 768, 8192), (11008, 4096, 4096))
+
+
+def semi_structured_rows(run: Run) -> list[dict]:
+    if run.device.type != "cuda":
+        return [{"skipped": "torch.sparse.to_sparse_semi_structured runs on CUDA only"}]
+    return [attempt({"out": out, "in": inputs, "tokens": tokens},
+                    lambda shape=(out, inputs, tokens): semi_structured_row(run, *shape))
+            for out, inputs, tokens in SEMI_STRUCTURED_SHAPES]
+
+
+def semi_structured_row(run: Run, out: int, inputs: int, tokens: int) -> dict:
+    """The forward of a 2:4-pruned float16 Linear, dense and as exported by to_semi_structured
+    (mgpp_kernels.integrations.export), timed back to back; and their outputs' difference."""
+    from mgpp_kernels.integrations.export import to_semi_structured
+    generator = torch.Generator().manual_seed(31)
+    weight = torch.randn(out, inputs, generator=generator).to(run.device, torch.float16)
+    groups = weight.view(-1, 4)
+    smallest = groups.abs().argsort(dim=1)[:, :2]
+    groups.scatter_(1, smallest, 0.0)
+    dense = torch.nn.Sequential(torch.nn.Linear(inputs, out, bias=False)).to(run.device,
+                                                                           torch.float16)
+    with torch.no_grad():
+        dense[0].weight.copy_(weight)
+    sparse = copy.deepcopy(dense)
+    to_semi_structured(sparse, names=["0.weight"])
+    x = torch.randn(tokens, inputs, generator=generator).to(run.device, torch.float16)
+    with torch.no_grad():
+        difference = float((sparse(x) - dense(x)).abs().max())
+        scale = float(dense(x).abs().max())
+        times = {}
+        for name, module in (("dense", dense), ("2:4", sparse)):
+            for _ in range(3):
+                module(x)
+            times[name], _ = back_to_back_seconds(lambda module=module: module(x), 20, run.device)
+    return dict(dense_ms=times["dense"] * 1e3, sparse_ms=times["2:4"] * 1e3,
+                speedup=times["dense"] / times["2:4"], max_difference=difference,
+                ok=difference <= 1e-2 * scale)
 
 
 # ---- host syncs under a GradScaler ---------------------------------------------------------------
@@ -681,6 +785,8 @@ PARTS = {
         Section("agreement", "Each backend against the cpu backend from the same inputs "
                 "(fractions of the §4 bound across backends)", agreement_rows),
         Section("threshold", "τ against torch.kthvalue, bit for bit", threshold_rows),
+        Section("nm_pools", "N:M pools (2:4, 3:6) beside an unstructured one, against the cpu "
+                "backend, bit for bit", nm_rows),
         Section("host_syncs", "Synchronising calls in GradScaler.step(optimizer)", sync_rows),
         Section("graph_replay", "CUDA-graph replays of capturable=True against eager steps",
                 graph_rows),
@@ -688,6 +794,8 @@ PARTS = {
                 lambda run: step_rows(run, "bert-base candidates")),
         Section("steps_1b", "Steps on 1B elements", lambda run: step_rows(run, "1B elements")),
         Section("selection", "τ selection at 90% on the BERT-base candidates", selection_rows),
+        Section("semi_structured", "A 2:4 float16 Linear (to_sparse_semi_structured) against "
+                "the dense one, forward", semi_structured_rows),
     ],
 }
 SECTION_ORDER = [section.key for part in PARTS.values() for section in part]
