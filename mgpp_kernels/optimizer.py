@@ -182,8 +182,8 @@ class MGPP(Optimizer):
         pool = group_pool(param_group, self.config)
         if pool is not None and pool.pattern is not None:
             if self._backend is not None and not self._backend.ranks_nm_pools:
-                raise ValueError(f"the {self._backend.name} backend does not rank N:M pools yet "
-                                 f"(pattern={pool.pattern}): use backend='triton' or 'cpu'")
+                raise ValueError(f"the {self._backend.name} backend does not rank N:M pools "
+                                 f"(pattern={pool.pattern})")
             check_pattern_fits(pool.pattern, params, [local(p) for p in params])
         sharding = self._sharding.with_candidates(params) if prune else self._sharding
         if sharding.group is not None and not self._backend.ranks_across_processes:
@@ -350,8 +350,8 @@ class MGPP(Optimizer):
         last = [self._progress.last_event(i) for i in active]
         inclusive = [pools[i].pattern is not None for i in active]
         if not active:   # t still moves on the device, with the skip flag and the prior's row
-            tables, numels, last, inclusive = [device_schedule_rows(self.config,
-                                                                    lambda point: None)], [0], [None], [False]
+            tables = [device_schedule_rows(self.config, lambda point: None)]
+            numels, last, inclusive = [0], [None], [False]
         schedule.start(tables, numels, inclusive, self._progress.t,
                        [None if e is None else e.threshold for e in last], device)
         for p in (p for candidates in members for p in candidates):

@@ -271,3 +271,12 @@ def test_nm_events_rank_the_updated_values_of_each_group(row):
         for p, u, keep, mask in zip(event.params, updated, keeps, event.keep_masks):
             assert torch.equal(p.cpu().view(torch.uint8), u.masked_fill(~keep, 0).view(torch.uint8))
             assert torch.equal(mask.cpu(), pack_mask(keep))
+
+
+def test_a_backend_that_does_not_rank_nm_pools_refuses_them(monkeypatch):
+    from mgpp_kernels.backends import reference as reference_backend
+    monkeypatch.setattr(reference_backend.BACKEND, "ranks_nm_pools", False)
+    weight = torch.nn.Parameter(torch.randn(3, 8))
+    with pytest.raises(ValueError, match="does not rank N:M pools"):
+        MGPP([{"params": [weight], "prune": True, "pattern": "2:4"}], backend="reference",
+             **SCHEDULE)

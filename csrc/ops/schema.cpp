@@ -57,9 +57,9 @@ TORCH_LIBRARY(mgpp, m) {
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] state_steps, Tensor[] keep_masks, Tensor scalars, "
       "Tensor? grad_scale, Tensor(e!)? histogram, Tensor? current=None, "
       "int[] pattern=[]) -> ()");
-  // `pattern` (the event ops, and fused_step_'s histogram): [N, M] for an N:M pool, whose candidates are the M − N smallest
-  // |x| of each group of M along the last dimension and whose event zeroes those at τ too
-  // (csrc/core/selection.h); empty for an unstructured pool.
+  // `pattern` (the event ops, and fused_step_'s histogram): [N, M] for an N:M pool, whose
+  // candidates are the M − N smallest |x| of each group of M along the last dimension and whose
+  // event zeroes those at τ too (csrc/core/selection.h); empty for an unstructured pool.
   m.def(
       "abs_histogram_(Tensor[] tensors, Tensor(a!) histogram, Tensor selection, int level, "
       "Tensor? current=None, int[] pattern=[]) -> ()");

@@ -1,8 +1,8 @@
 """The schedule on the device (docs/spec.md §2) of one optimizer, for the backends that declare
 `schedules_on_device`: t and each pool's table, last selection state and τ live in device
-buffers, and the step's first kernels read t (and GradScaler's found_inf) there. So a step reads no device value
-on the host and launches the same kernels on the same memory at every t, which a CUDA graph can
-replay. Layout of `table` and `current`: mgpp_kernels.ops.layout.SCHEDULE_COLUMNS and CURRENT."""
+buffers, and the step's first kernels read t (and GradScaler's found_inf) there. So a step reads
+no device value on the host and launches the same kernels on the same memory at every t, which a
+CUDA graph can replay. Layout of `table` and `current`: mgpp_kernels.ops.layout.SCHEDULE_COLUMNS and CURRENT."""
 from __future__ import annotations
 
 from dataclasses import dataclass

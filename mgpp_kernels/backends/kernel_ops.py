@@ -52,9 +52,10 @@ class Selection:
     `state` is the int64 selection state [rank, key, below, equal]; the pool's level-0
     histogram already counts the first radix level of the `counted` tensors (the update pass
     did), the others are counted here. With an N:M `pattern`, only each group's candidates are
-    ranked and those at τ are zeroed too. With a process group, the tensors are this rank's shards and k ranks over every
-    rank's: each level's histogram (512 KB, then 256 KB) is summed over the group before its
-    selection, so every rank selects the same τ without sending a weight. `current`: the step's
+    ranked and those at τ are zeroed too. With a process group, the tensors are this rank's
+    shards and k ranks over every rank's: each level's histogram (512 KB, then 256 KB) is summed
+    over the group before its selection, so every rank selects the same τ without sending a
+    weight. `current`: the step's
     row of the device schedule (the ops do nothing when it does not prune), or None.
     """
 
@@ -231,8 +232,8 @@ class OpsBackend:
                 else:
                     selection.prune(event.keep_masks, counted[j])
                 if schedule is None:
-                    thresholds.append(Threshold(tau=tau_of(state),
-                                                pruned=pruned_count(state, event.pattern is not None)))
+                    pruned = pruned_count(state, at_tau=event.pattern is not None)
+                    thresholds.append(Threshold(tau=tau_of(state), pruned=pruned))
                 else:
                     schedule.pools[j].tau.copy_(tau_of(state))
         finally:
@@ -246,8 +247,8 @@ class OpsBackend:
                 shared_current: torch.Tensor | None) -> list[list[torch.Tensor]]:
         """fused_step_ over each group; a group of candidates of an event's pool adds the
         level-0 histogram of its updated values (N:M: of each group's candidates, where the
-        device's update ranks them) to that pool's. `shared_current`: the device schedule's row for the groups outside the events'
-        pools. Returns each event's tensors counted."""
+        device's update ranks them) to that pool's. `shared_current`: the device schedule's row
+        for the groups outside the events' pools. Returns each event's tensors counted."""
         counted: list[list[torch.Tensor]] = [[] for _ in events]
         for group, row in zip(groups, group_rows(scalars, len(groups))):
             event = group.event
