@@ -17,7 +17,7 @@ from transformers import (AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel,  # 
                           LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback,
                           TrainingArguments)
 
-from mgpp_kernels import DEFAULT_PATTERNS, candidate_names, param_groups  # noqa: E402
+from mgpp_kernels import MGPP, DEFAULT_PATTERNS, candidate_names, param_groups  # noqa: E402
 from mgpp_kernels.integrations.export import (load_compressed_pretrained,  # noqa: E402
                                               load_sparse, save_compressed_pretrained,
                                               save_sparse)
@@ -148,11 +148,12 @@ def test_default_patterns_cover_the_decoders():
     assert {"gpt2", "llama"} <= set(DEFAULT_PATTERNS)
 
 
-def test_llama_pruned_to_two_four_through_the_trainer_exports_and_reloads(tmp_path):
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_decoder_pruned_to_two_four_through_the_trainer_exports_and_reloads(tmp_path, family):
     """docs/spec.md §5: a 2:4 pool ends with at most 2 nonzeros in every group of 4 along each
-    candidate's input dimension, exactly half of the candidates zero, its mask frozen."""
-    from mgpp_kernels import MGPP
-    model = tiny_llama()
+    candidate's last dimension (a Linear's input dimension; GPT-2's Conv1D stores its output
+    dimension last), exactly half of the candidates zero, its mask frozen."""
+    model = BUILDERS[family]()
     names = candidate_names(model)
     params = dict(model.named_parameters())
     candidates = [params[name] for name in names]
@@ -183,7 +184,7 @@ def test_llama_pruned_to_two_four_through_the_trainer_exports_and_reloads(tmp_pa
 
     sparse_path = str(tmp_path / "model.mgpp-sparse.safetensors")
     save_sparse(model, sparse_path)
-    fresh = tiny_llama()
+    fresh = BUILDERS[family]()
     load_sparse(fresh, sparse_path)
     assert bit_equal(model, fresh)
     saved = save_compressed_pretrained(model, str(tmp_path / "sparse-bitmask"), names)
