@@ -85,32 +85,6 @@ std::vector<Chunk> make_chunks(int64_t count, GetNumel numel_of, int64_t length 
   return chunks;
 }
 
-template <int M>
-void keep_candidates_of_groups(uint32_t* __restrict keys, int64_t n, int prunable) {
-#pragma omp simd
-  for (int64_t g = 0; g < n / M; ++g) keep_candidate_keys(keys + g * M, M, prunable);
-}
-
-// The ranking keys of a block of n elements (a whole number of groups of an N:M pattern): |x|'s
-// key, or kNotCandidateKey for the elements an N:M event does not rank. The usual group sizes
-// get the ranking compiled for their M.
-template <typename P>
-void block_keys(const typename P::T* __restrict data, int64_t n, Pattern pattern,
-                uint32_t* __restrict keys) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) keys[i] = abs_key(P::load(data[i]));
-  const int prunable = pattern.m - pattern.n;
-  switch (pattern.m) {
-    case 0: return;
-    case 2: return keep_candidates_of_groups<2>(keys, n, prunable);
-    case 4: return keep_candidates_of_groups<4>(keys, n, prunable);
-    case 8: return keep_candidates_of_groups<8>(keys, n, prunable);
-    case 16: return keep_candidates_of_groups<16>(keys, n, prunable);
-    default:
-      for (int64_t g = 0; g < n; g += pattern.m) keep_candidate_keys(keys + g, pattern.m, prunable);
-  }
-}
-
 // Each thread counts into kCopies copies of a histogram (copy c of `bins` counters at c·bins):
 // count_bins adds element i of a run to copy i % kCopies, so that two increments of one counter
 // in flight together are rare (each is a chain through memory, and a load issued ahead of an
@@ -246,6 +220,35 @@ float* float32_block(typename F::T* data, float* buffer, int64_t n) {
 template <typename F>
 const float* float32_block(const typename F::T* data, float* buffer, int64_t n) {
   return float32_block<F>(const_cast<typename F::T*>(data), buffer, n);
+}
+
+template <int M>
+void keep_candidates_of_groups(uint32_t* __restrict keys, int64_t n, int prunable) {
+#pragma omp simd
+  for (int64_t g = 0; g < n / M; ++g) keep_candidate_keys(keys + g * M, M, prunable);
+}
+
+// The ranking keys of a block of n <= kBlock elements (a whole number of groups of an N:M
+// pattern): |x|'s key, 16-bit formats widened as float32_block does, or kNotCandidateKey for
+// the elements an N:M event does not rank. The usual group sizes get the ranking compiled for
+// their M.
+template <typename P>
+void block_keys(const typename P::T* __restrict data, int64_t n, Pattern pattern,
+                uint32_t* __restrict keys) {
+  alignas(64) float buffer[kBlock];
+  const float* __restrict x = float32_block<P>(data, buffer, n);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) keys[i] = abs_key(x[i]);
+  const int prunable = pattern.m - pattern.n;
+  switch (pattern.m) {
+    case 0: return;
+    case 2: return keep_candidates_of_groups<2>(keys, n, prunable);
+    case 4: return keep_candidates_of_groups<4>(keys, n, prunable);
+    case 8: return keep_candidates_of_groups<8>(keys, n, prunable);
+    case 16: return keep_candidates_of_groups<16>(keys, n, prunable);
+    default:
+      for (int64_t g = 0; g < n; g += pattern.m) keep_candidate_keys(keys + g, pattern.m, prunable);
+  }
 }
 
 // The update loop converts bfloat16 and float32 itself: bfloat16's recipe is a shift and a
