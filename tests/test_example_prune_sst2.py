@@ -115,6 +115,20 @@ def test_prune_sst2_runs_end_to_end(tmp_path):
     assert (output / "accuracy_vs_sparsity.png").stat().st_size > 0
 
 
+def test_prune_sst2_prunes_to_two_four(tmp_path):
+    output = tmp_path / "out"
+    completed = run_example(tmp_path, "--quick", "--output-dir", str(output), "--steps", "8",
+                            "--batch-size", "8", "--sparsities", "0.5", "--pattern", "2:4",
+                            "--runs", "gmp", "--pruning-interval", "2", "--skip-timing")
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    results = json.loads((output / "results.json").read_text())
+    run, = results["runs"]
+    assert (run["run"], run["pattern"], run["target_sparsity"]) == ("gmp_50_2of4", "2:4", 0.5)
+    assert abs(run["sparsity"] - 0.5) < 1e-3
+    export, = [e for e in results["exports"] if e["folder"].endswith("gmp_50_2of4")]
+    assert export["structure"] == "2:4" and export["mgpp_sparse_bit_exact"]
+
+
 def test_distilled_runs_with_the_medium_preset(tmp_path):
     output = tmp_path / "out"
     completed = run_example(tmp_path, "--medium", "--output-dir", str(output), "--steps", "12",
