@@ -280,3 +280,21 @@ def test_a_backend_that_does_not_rank_nm_pools_refuses_them(monkeypatch):
     with pytest.raises(ValueError, match="does not rank N:M pools"):
         MGPP([{"params": [weight], "prune": True, "pattern": "2:4"}], backend="reference",
              **SCHEDULE)
+
+
+def test_a_state_dict_saved_before_pools_loads_into_its_one_pool():
+    """The "mgpp" entry of a state_dict saved before pools held the last event at its top level
+    (last_tau, last_below, ...): it loads as the one pool's last event."""
+    weight = torch.nn.Parameter(torch.randn(6, 8))
+    optimizer = MGPP([{"params": [weight], "prune": True}], backend="reference", **SCHEDULE)
+    weight.grad = torch.ones_like(weight)
+    for _ in range(3):
+        optimizer.step()
+    saved = optimizer.state_dict()
+    pool, = saved["mgpp"].pop("pools")
+    saved["mgpp"].update(last_target=pool["last_target"], last_tau=pool["last_tau"],
+                         last_below=pool["last_pruned"], last_numel=pool["last_numel"])
+    loaded = MGPP([{"params": [weight], "prune": True}], backend="reference", **SCHEDULE)
+    loaded.load_state_dict(saved)
+    assert loaded.stats() == optimizer.stats()
+    assert loaded.stats()["tau"] is not None
