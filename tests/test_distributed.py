@@ -165,11 +165,9 @@ def sharded_scenarios():
                    for p in ranking_rows(requires=("schedules_on_device",))]
 
 
-@pytest.mark.parametrize("backend,capturable", sharded_scenarios())
-def test_sharded_candidates_with_process_group_equal_single_process(ranks, backend, capturable):
-    """Each rank's shards equal the single process's (host schedule) bit for bit, masks too."""
-    results = ranks(f"shards_{backend}{'_capturable' if capturable else ''}")
-    held, other, optimizer = worker.shards_run(None, backend)
+def assert_shards_reassemble(results, held, optimizer) -> None:
+    """The ranks' shards of every candidate, and of its keep mask, put back together in rank
+    order equal the single process's bit for bit."""
     keep = dict(zip(held, unpacked_masks(optimizer)))
     for i, p in held.items():
         pieces = [r["held"][i] for r in results if i in r["held"]]
@@ -177,6 +175,14 @@ def test_sharded_candidates_with_process_group_equal_single_process(ranks, backe
         mask_pieces = [masks.unpack_mask(r["masks"][i], r["held"][i])
                        for r in results if i in r["held"]]
         assert torch.equal(torch.cat(mask_pieces), keep[i]), f"keep mask {i}"
+
+
+@pytest.mark.parametrize("backend,capturable", sharded_scenarios())
+def test_sharded_candidates_with_process_group_equal_single_process(ranks, backend, capturable):
+    """Each rank's shards equal the single process's (host schedule) bit for bit, masks too."""
+    results = ranks(f"shards_{backend}{'_capturable' if capturable else ''}")
+    held, other, optimizer = worker.shards_run(None, backend)
+    assert_shards_reassemble(results, held, optimizer)
     stats = optimizer.stats()
     for rank, result in enumerate(results):
         assert_bitwise_equal(result["other"], other.detach(), f"rank {rank}: non-candidate")
@@ -194,13 +200,7 @@ def test_pools_with_nm_over_process_group_equal_single_process(ranks, backend):
     pruned count and N, and every candidate and mask, equal a single process bit for bit."""
     results = ranks(f"pools_{backend}")
     held, other, optimizer = worker.shards_run(None, backend, pools=True)
-    keep = dict(zip(held, unpacked_masks(optimizer)))
-    for i, p in held.items():
-        pieces = [r["held"][i] for r in results if i in r["held"]]
-        assert_bitwise_equal(torch.cat(pieces), p.detach(), f"candidate {i}")
-        mask_pieces = [masks.unpack_mask(r["masks"][i], r["held"][i])
-                       for r in results if i in r["held"]]
-        assert torch.equal(torch.cat(mask_pieces), keep[i]), f"keep mask {i}"
+    assert_shards_reassemble(results, held, optimizer)
     expected = optimizer.stats()["pools"]
     assert [pool["pattern"] for pool in expected] == ["2:4", "unstructured", "unstructured"]
     for rank, result in enumerate(results):
