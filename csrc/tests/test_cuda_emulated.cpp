@@ -400,12 +400,14 @@ void test_threshold(DType dtype, const GridConfig& grid) {
 }
 
 // N:M pools: the emulated histogram (both levels) and threshold (with masks) against the CPU
-// kernels with the same pattern, on group sizes that divide a mask byte, that span several bytes
-// and that do not align with them, and tensors of one group, a few groups and several chunks.
+// kernels with the same pattern, on group sizes that divide a mask byte (with two and three
+// candidates of four, and one of two, as well), that span several bytes and that do not align
+// with them, and tensors of one group, a few groups and several chunks.
 template <class P>
 void test_nm_events(DType dtype) {
   std::mt19937 rng(static_cast<unsigned>(static_cast<int>(dtype) + 77));
-  for (const Pattern pattern : {Pattern{2, 4}, Pattern{3, 6}, Pattern{1, 16}, Pattern{2, 3}}) {
+  for (const Pattern pattern :
+       {Pattern{2, 4}, Pattern{1, 4}, Pattern{1, 2}, Pattern{3, 6}, Pattern{1, 16}, Pattern{2, 3}}) {
     const int unit = nm_unit(pattern.m);
     std::vector<Buffer> buffers, expected;
     for (size_t groups : {size_t{1}, size_t{5}, static_cast<size_t>(3 * 4096 / pattern.m + 7)}) {
