@@ -110,7 +110,7 @@ def _regrowth():
     # The regrowth regime of consecutive events: the weights the last event pruned regrow to almost
     # the same |θ|, so 35% of the elements share one high bin (distinct low bits, some ties),
     # below the others: k = N/3 and N/2 fall in or just above that crowded bin. Several CPU chunks
-    # and blocks, so that the crowded counting runs on every thread.
+    # and blocks, so that every thread counts many increments of one counter.
     generator = torch.Generator().manual_seed(23)
 
     def tensor(n, dtype):
