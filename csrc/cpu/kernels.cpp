@@ -93,7 +93,7 @@ constexpr int kCopies = 4;
 
 // The distance between two copies of a histogram of `bins` counters: a cache line more than
 // `bins`, so that one counter's copies do not lie a multiple of 4 KB apart, which the cores take
-// for the same address when they order loads after stores (measured 5-15% slower counting).
+// for the same address when they order loads after stores (measured 10-25% slower counting).
 constexpr uint32_t copy_stride(uint32_t bins) { return bins + 16; }
 
 // Runs body(chunk, local_histogram) over all chunks in parallel; each thread counts into its own
@@ -130,9 +130,9 @@ void parallel_chunks(const std::vector<Chunk>& chunks, int num_threads, uint32_t
 
 // Adds bins[0, n) to kCopies copies of a histogram, copy c at c·stride, element i to copy
 // i % kCopies. Plain scalar increments: sampling the crowded bins of a block (the regrowth regime
-// of an event) to count them with vector code, and compacting the others, measured 1.1-1.9x
-// slower than these increments on every distribution tried, a block all in one bin included
-// (Intel Xeon, AVX-512 and AVX2 builds), as the compaction costs about what an increment does.
+// of an event) to count them with vector code, and compacting the others, measured 1.2-2.0x
+// slower than these increments on every mix of bins tried and within 10% on a block all in one
+// bin (Intel Xeon, AVX-512 and AVX2 builds): the compaction costs about what an increment does.
 void count_bins(const uint32_t* __restrict bins, int64_t n, uint32_t* __restrict histogram,
                 uint32_t stride) {
   uint32_t* __restrict h0 = histogram;

@@ -400,9 +400,9 @@ void test_threshold(DType dtype, const GridConfig& grid) {
 }
 
 // N:M pools: the emulated histogram (both levels) and threshold (with masks) against the CPU
-// kernels with the same pattern, on group sizes that divide a mask byte (with two and three
-// candidates of four, and one of two, as well), that span several bytes and that do not align
-// with them, and tensors of one group, a few groups and several chunks.
+// kernels with the same pattern, on group sizes that divide a mask byte (two or three candidates
+// of four, one of two), that span several bytes and that do not align with them, and tensors of
+// one group, a few groups and several chunks.
 template <class P>
 void test_nm_events(DType dtype) {
   std::mt19937 rng(static_cast<unsigned>(static_cast<int>(dtype) + 77));
