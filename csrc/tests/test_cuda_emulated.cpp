@@ -316,6 +316,19 @@ std::vector<ValueTensor> views_of(std::vector<Buffer>& buffers) {
   return views;
 }
 
+// A packed keep mask per buffer, every byte `fill` (a value the kernels would not write, so that a
+// byte left unwritten shows), and their data pointers, as the kernels take them.
+struct KeepMasks {
+  std::vector<std::vector<uint8_t>> bytes;
+  std::vector<uint8_t*> pointers;
+  KeepMasks(const std::vector<Buffer>& buffers, uint8_t fill) {
+    for (const auto& b : buffers) bytes.emplace_back((b.size() + 7) / 8, fill);
+    for (auto& mask : bytes) pointers.push_back(mask.data());
+  }
+  KeepMasks(const KeepMasks&) = delete;
+  KeepMasks& operator=(const KeepMasks&) = delete;
+};
+
 template <class P>
 void test_histogram(DType dtype, const GridConfig& grid) {
   std::mt19937 rng(static_cast<unsigned>(grid.chunk_size + grid.threads));
@@ -364,25 +377,21 @@ void test_threshold(DType dtype, const GridConfig& grid) {
       // τ among ties, τ = 0 (nothing is below), τ = NaN (comparisons are false: nothing zeroed).
       const uint32_t tau_key = which == 0 ? abs_key(buffers[2].get(7)) : which == 1 ? 0u : nan_key;
       const int64_t selection[kNumSelectionSlots] = {0, static_cast<int64_t>(tau_key), 0, 0};
-      std::vector<std::vector<uint8_t>> masks, cpu_masks;
-      std::vector<uint8_t*> mask_ptrs, cpu_mask_ptrs;
-      for (auto& b : buffers) {
-        masks.emplace_back((b.size() + 7) / 8, 0xAB);
-        cpu_masks.emplace_back((b.size() + 7) / 8, 0xCD);
-      }
-      for (size_t t = 0; t < buffers.size(); ++t) {
-        mask_ptrs.push_back(masks[t].data());
-        cpu_mask_ptrs.push_back(cpu_masks[t].data());
-      }
+      KeepMasks emulated_masks(buffers, 0xAB), cpu_keep_masks(buffers, 0xCD);
+      auto& masks = emulated_masks.bytes;
+      auto& cpu_masks = cpu_keep_masks.bytes;
       const auto views = views_of(buffers);
       const auto cpu_views = views_of(expected);
       const int64_t count = static_cast<int64_t>(views.size());
       AccessStats stats;
       emulate_all<cuda::ThresholdKernel<P>>(
-          cuda::plan_threshold(views.data(), with_masks ? mask_ptrs.data() : nullptr, count, selection,
-                               nullptr, grid.chunk_size, std::min(grid.max_tensors, cuda::ThresholdArgs::kMaxTensors)),
+          cuda::plan_threshold(views.data(),
+                               with_masks ? emulated_masks.pointers.data() : nullptr, count,
+                               selection, nullptr, grid.chunk_size,
+                               std::min(grid.max_tensors, cuda::ThresholdArgs::kMaxTensors)),
           grid.threads, 0, stats);
-      cpu::apply_threshold(cpu_views.data(), cpu_mask_ptrs.data(), count, dtype, tau_key, kCpuThreads);
+      cpu::apply_threshold(cpu_views.data(), cpu_keep_masks.pointers.data(), count, dtype, tau_key,
+                           kCpuThreads);
       for (size_t t = 0; t < buffers.size(); ++t) {
         CHECK(buffers[t].content() == expected[t].content(), "emulated threshold values differ (%s, "
               "tensor %zu, tau case %d)", name(dtype), t, which);
@@ -446,24 +455,17 @@ void test_nm_events(DType dtype) {
         tau_key = static_cast<uint32_t>(selected[kSelKey]);
       }
     }
-    std::vector<std::vector<uint8_t>> masks, cpu_masks;
-    std::vector<uint8_t*> mask_ptrs, cpu_mask_ptrs;
-    for (auto& b : buffers) {
-      masks.emplace_back((b.size() + 7) / 8, 0xAB);
-      cpu_masks.emplace_back((b.size() + 7) / 8, 0xCD);
-    }
-    for (size_t t = 0; t < buffers.size(); ++t) {
-      mask_ptrs.push_back(masks[t].data());
-      cpu_mask_ptrs.push_back(cpu_masks[t].data());
-    }
+    KeepMasks emulated_masks(buffers, 0xAB), cpu_keep_masks(buffers, 0xCD);
+    auto& masks = emulated_masks.bytes;
+    auto& cpu_masks = cpu_keep_masks.bytes;
     const int64_t selection[kNumSelectionSlots] = {0, static_cast<int64_t>(tau_key), 0, 0};
     AccessStats stats;
     emulate_all<cuda::ThresholdKernel<P>>(
-        cuda::plan_threshold(views.data(), mask_ptrs.data(), count, selection, nullptr, chunk_size,
-                             cuda::ThresholdArgs::kMaxTensors, pattern),
+        cuda::plan_threshold(views.data(), emulated_masks.pointers.data(), count, selection,
+                             nullptr, chunk_size, cuda::ThresholdArgs::kMaxTensors, pattern),
         32, 0, stats);
-    cpu::apply_threshold(cpu_views.data(), cpu_mask_ptrs.data(), count, dtype, tau_key, kCpuThreads,
-                         pattern);
+    cpu::apply_threshold(cpu_views.data(), cpu_keep_masks.pointers.data(), count, dtype, tau_key,
+                         kCpuThreads, pattern);
     bool zeroed = false;
     for (size_t t = 0; t < buffers.size(); ++t) {
       CHECK(buffers[t].content() == expected[t].content(), "%d:%d threshold values differ (%s, "
@@ -676,16 +678,9 @@ void test_scheduled_events() {
     const auto views = views_of(buffers);
     const auto expected_views = views_of(expected);
     const int64_t count = static_cast<int64_t>(views.size());
-    std::vector<std::vector<uint8_t>> masks, expected_masks;
-    std::vector<uint8_t*> mask_ptrs, expected_mask_ptrs;
-    for (auto& b : buffers) {
-      masks.emplace_back((b.size() + 7) / 8, 0xFF);
-      expected_masks.emplace_back((b.size() + 7) / 8, 0xFF);
-    }
-    for (size_t t = 0; t < buffers.size(); ++t) {
-      mask_ptrs.push_back(masks[t].data());
-      expected_mask_ptrs.push_back(expected_masks[t].data());
-    }
+    KeepMasks scheduled_masks(buffers, 0xFF), host_masks(buffers, 0xFF);
+    auto& masks = scheduled_masks.bytes;
+    auto& expected_masks = host_masks.bytes;
     int64_t selection[kNumSelectionSlots] = {40, 0, 0, 0};
     int64_t host_selection[kNumSelectionSlots] = {40, 0, 0, 0};
     AccessStats stats;
@@ -711,11 +706,13 @@ void test_scheduled_events() {
     CHECK(std::equal(selection, selection + kNumSelectionSlots, prunes ? host_selection : untouched),
           "selection at k = %g", row[kScheduleK]);
     emulate_all<cuda::ThresholdKernel<F32>>(
-        cuda::plan_threshold(views.data(), mask_ptrs.data(), count, selection, row.data(), 64), 16, 0,
-        stats);
+        cuda::plan_threshold(views.data(), scheduled_masks.pointers.data(), count, selection,
+                             row.data(), 64),
+        16, 0, stats);
     emulate_all<cuda::ThresholdKernel<F32>>(
-        cuda::plan_threshold(expected_views.data(), freezes ? expected_mask_ptrs.data() : nullptr, count,
-                             host_selection, nullptr, 64), 16, 0, stats);
+        cuda::plan_threshold(expected_views.data(), freezes ? host_masks.pointers.data() : nullptr,
+                             count, host_selection, nullptr, 64),
+        16, 0, stats);
     for (size_t t = 0; t < buffers.size(); ++t) {
       CHECK(buffers[t].content() == (prunes ? expected[t] : original[t]).content(),
             "scheduled threshold values, tensor %zu (k %g)", t, row[kScheduleK]);
