@@ -15,6 +15,7 @@
 
 #include <omp.h>
 
+#include "compact.h"
 #include "convert.h"
 
 // The -march value this file is compiled for, which build_info reports; setup.py and
@@ -416,42 +417,17 @@ void high_histogram_chunk(const ValueTensor& t, const Chunk& chunk, Pattern patt
   }
 }
 
-// Usually few elements fall in the selected high bin: each group of elements is keyed and tested
-// with vector code, and only the groups that hold a match are compacted; in the regrowth regime
-// most groups do.
 template <typename P>
 void low_histogram_chunk(const ValueTensor& t, const Chunk& chunk, uint32_t high_bin,
                          Pattern pattern, uint32_t* histogram) {
-  constexpr int64_t kGroup = 64;
   const auto* __restrict data = static_cast<const typename P::T*>(t.data);
   const int64_t block_size = block_length(pattern);
   uint32_t keys[kBlock];
   uint32_t lows[kBlock];
-  uint32_t group_lows[kGroup];
-  uint8_t group_matches[kGroup];
   for (int64_t block = chunk.begin; block < chunk.end; block += block_size) {
     const int64_t n = std::min(block + block_size, chunk.end) - block;
     block_keys<P>(data + block, n, pattern, keys);
-    int64_t m = 0;
-    for (int64_t group = 0; group < n; group += kGroup) {
-      const int64_t length = std::min(kGroup, n - group);
-      int matches = 0;
-#pragma omp simd reduction(+ : matches)
-      for (int64_t i = 0; i < length; ++i) {
-        const uint32_t key = keys[group + i];
-        const bool match = key_high_bin(key) == high_bin;
-        group_lows[i] = key_low_bin(key);
-        group_matches[i] = match;
-        matches += match;
-      }
-      if (matches == 0) continue;
-      // Branch-free: when most elements match (say τ falls among many exact zeros), a branch per
-      // element would be mispredicted half the time.
-      for (int64_t i = 0; i < length; ++i) {
-        lows[m] = group_lows[i];
-        m += group_matches[i];
-      }
-    }
+    const int64_t m = collect_bin<false>(keys, n, high_bin, 0, lows, nullptr);
     count_bins(lows, m, histogram, copy_stride(kHistLowBins));
   }
 }
@@ -510,7 +486,6 @@ template <typename P>
 void partition_chunk(const ValueTensor& t, int64_t flat_offset, uint8_t* keep_mask,
                      const Chunk& chunk, uint32_t high_bin, Pattern pattern,
                      Collection& collection, uint32_t* low_histogram) {
-  constexpr int64_t kGroup = 64;
   auto* data = static_cast<typename P::T*>(t.data);
   const int64_t length = block_length(pattern);
   uint32_t keys[kBlock];
@@ -528,21 +503,9 @@ void partition_chunk(const ValueTensor& t, int64_t flat_offset, uint8_t* keep_ma
       if (below && !is_positive_zero<P>(data[block + i])) data[block + i] = P::store(0.0f);
     }
     if (keep_mask != nullptr) write_mask_bytes(kept, block, block + n, keep_mask);
-    // The bin's elements are few: find the groups that hold one with vector code first.
-    int64_t n_found = 0;
-    for (int64_t group = 0; group < n; group += kGroup) {
-      const int64_t end = std::min(group + kGroup, n);
-      int matches = 0;
-#pragma omp simd reduction(+ : matches)
-      for (int64_t i = group; i < end; ++i) matches += key_high_bin(keys[i]) == high_bin;
-      if (matches == 0) continue;
-      // Branch-free, as in low_histogram_chunk.
-      for (int64_t i = group; i < end; ++i) {
-        found[n_found] = static_cast<uint32_t>(flat_offset + block + i);
-        lows[n_found] = key_low_bin(keys[i]);
-        n_found += key_high_bin(keys[i]) == high_bin;
-      }
-    }
+    const int64_t n_found = collect_bin<true>(keys, n, high_bin,
+                                              static_cast<uint32_t>(flat_offset + block), lows,
+                                              found);
     count_bins(lows, n_found, low_histogram, copy_stride(kHistLowBins));
     if (n_found == 0) continue;
     const int64_t at = collection.collected.fetch_add(n_found, std::memory_order_relaxed);
@@ -673,7 +636,8 @@ std::string build_info() {
   isa += " F16C";
 #endif
   return std::string("cpu kernels: -march=") + MGPP_EXPAND_AND_STRINGIFY(MGPP_CPU_ARCH) + " (" +
-         isa + "; conversions " + kConversionPaths + "), OpenMP " + std::to_string(_OPENMP) + ", compiler " + __VERSION__;
+         isa + "; conversions " + kConversionPaths + "; bin collection " + MGPP_COLLECT_PATH +
+         "), OpenMP " + std::to_string(_OPENMP) + ", compiler " + __VERSION__;
 }
 
 }  // namespace cpu

@@ -1,0 +1,116 @@
+// Collecting the elements of one high bin from a block of keys (the level-1 histogram and the
+// one-pass event of csrc/cpu/kernels.cpp): each match's low bin, and its position, appended in
+// order. In the regrowth regime most of a block matches, so the collection must cost little per
+// element: the AVX-512 path compresses 16 lanes at a time (vpcompressd), the AVX2 path permutes 8
+// (vpermd, by a table indexed by the match bits), and the portable path tests groups with vector
+// code and appends branch-free only in the groups that hold a match. csrc/tests/
+// test_cpu_dispatch.cpp runs the event passes of every path against the others.
+#pragma once
+
+#include <stdint.h>
+
+#include "../core/selection.h"
+#include "isa.h"
+
+namespace MGPP_NAMESPACE {
+namespace cpu {
+
+#if defined(MGPP_CPU_AVX512)
+#define MGPP_COLLECT_PATH "AVX-512F vpcompressd"
+#elif defined(__AVX2__)
+#define MGPP_COLLECT_PATH "AVX2 vpermd"
+#else
+#define MGPP_COLLECT_PATH "portable"
+#endif
+
+#if defined(__AVX2__) && !defined(MGPP_CPU_AVX512)
+// For each 8-bit match mask, the lanes that match, lowest first, as vpermd indices.
+struct MatchPermutations {
+  alignas(32) uint32_t lanes[256][8];
+  constexpr MatchPermutations() : lanes() {
+    for (int mask = 0; mask < 256; ++mask) {
+      int next = 0;
+      for (int lane = 0; lane < 8; ++lane) {
+        if ((mask >> lane) & 1) lanes[mask][next++] = static_cast<uint32_t>(lane);
+      }
+    }
+  }
+};
+inline constexpr MatchPermutations kMatchPermutations{};
+#endif
+
+// For each i in [0, n) whose key_high_bin(keys[i]) is high_bin, in order: key_low_bin(keys[i])
+// appended to lows and, with kPositions, first + i to positions. Returns how many. lows and
+// positions have room for n elements (the vector paths store whole vectors at the end).
+template <bool kPositions>
+inline int64_t collect_bin(const uint32_t* __restrict keys, int64_t n, uint32_t high_bin,
+                           uint32_t first, uint32_t* __restrict lows,
+                           uint32_t* __restrict positions) {
+  int64_t m = 0;
+  int64_t i = 0;
+#if defined(MGPP_CPU_AVX512)
+  const __m512i target = _mm512_set1_epi32(static_cast<int>(high_bin));
+  const __m512i low_mask = _mm512_set1_epi32(static_cast<int>(kHistLowBins - 1));
+  __m512i position = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(first)),
+                                      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
+                                                        13, 14, 15));
+  for (; i + 16 <= n; i += 16) {
+    const __m512i key = _mm512_loadu_si512(keys + i);
+    const __mmask16 match =
+        _mm512_cmpeq_epi32_mask(_mm512_srli_epi32(key, kHistLowBits), target);
+    _mm512_storeu_si512(lows + m,
+                        _mm512_maskz_compress_epi32(match, _mm512_and_si512(key, low_mask)));
+    if constexpr (kPositions) {
+      _mm512_storeu_si512(positions + m, _mm512_maskz_compress_epi32(match, position));
+      position = _mm512_add_epi32(position, _mm512_set1_epi32(16));
+    }
+    m += __builtin_popcount(match);
+  }
+#elif defined(__AVX2__)
+  const __m256i target = _mm256_set1_epi32(static_cast<int>(high_bin));
+  const __m256i low_mask = _mm256_set1_epi32(static_cast<int>(kHistLowBins - 1));
+  __m256i position = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(first)),
+                                      _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  for (; i + 8 <= n; i += 8) {
+    const __m256i key = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + i));
+    const __m256i match = _mm256_cmpeq_epi32(_mm256_srli_epi32(key, kHistLowBits), target);
+    const int bits = _mm256_movemask_ps(_mm256_castsi256_ps(match));
+    const __m256i lanes =
+        _mm256_load_si256(reinterpret_cast<const __m256i*>(kMatchPermutations.lanes[bits]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(lows + m),
+                        _mm256_permutevar8x32_epi32(_mm256_and_si256(key, low_mask), lanes));
+    if constexpr (kPositions) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(positions + m),
+                          _mm256_permutevar8x32_epi32(position, lanes));
+      position = _mm256_add_epi32(position, _mm256_set1_epi32(8));
+    }
+    m += __builtin_popcount(static_cast<unsigned>(bits));
+  }
+#else
+  // Usually few elements fall in the bin: each group is tested with vector code first, and
+  // only the groups that hold a match are appended.
+  constexpr int64_t kGroup = 64;
+  for (; i + kGroup <= n; i += kGroup) {
+    int matches = 0;
+#pragma omp simd reduction(+ : matches)
+    for (int64_t j = i; j < i + kGroup; ++j) matches += key_high_bin(keys[j]) == high_bin;
+    if (matches == 0) continue;
+    // Branch-free: when most elements match (say τ falls among many exact zeros), a branch per
+    // element would be mispredicted half the time.
+    for (int64_t j = i; j < i + kGroup; ++j) {
+      lows[m] = key_low_bin(keys[j]);
+      if constexpr (kPositions) positions[m] = first + static_cast<uint32_t>(j);
+      m += key_high_bin(keys[j]) == high_bin;
+    }
+  }
+#endif
+  for (; i < n; ++i) {
+    lows[m] = key_low_bin(keys[i]);
+    if constexpr (kPositions) positions[m] = first + static_cast<uint32_t>(i);
+    m += key_high_bin(keys[i]) == high_bin;
+  }
+  return m;
+}
+
+}  // namespace cpu
+}  // namespace MGPP_NAMESPACE
