@@ -31,7 +31,7 @@ def main() -> None:
         for state_dtype in ("fp32", "param"):
             test_step_bounds.test_one_step_16bit_against_float64_oracle(
                 cpu, dtype, state_dtype, "first_event")
-    for case in test_threshold.EVENT_CASES:
+    for case in test_threshold.EVENT_CASES + ["negative_zeros"]:
         test_threshold.test_pruning_event_without_update_matches_reference(cpu, case)
     test_threshold.test_consecutive_events_after_an_event_prune_at_the_exact_threshold(
         cpu, "one", None)

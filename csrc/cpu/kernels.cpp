@@ -432,14 +432,25 @@ void low_histogram_chunk(const ValueTensor& t, const Chunk& chunk, uint32_t high
   }
 }
 
-// The raw storage bits of +0 in a format (all zero in every format).
+// x = +0 where `below`. The AVX-512 builds store only where x changes, as masked stores, so that
+// the cache lines of weights pruned before stay clean. Elsewhere the others are stored back
+// unchanged, as GCC vectorises a conditional store there only for 32-bit elements (vpmaskmovd):
+// the AVX2 threshold pass then measured 1.3-1.5x faster, float32 included (at an event nearly
+// every cache line holds an element that is zeroed).
 template <typename P>
-bool is_positive_zero(typename P::T x) {
+void zero_below(typename P::T& x, bool below) {
+#if defined(MGPP_CPU_AVX512)
+  // -0 becomes +0 too: the bits, not the value, are compared with +0's (all zero in every format).
+  bool positive_zero;
   if constexpr (std::is_same_v<P, F32>) {
-    return float_to_bits(x) == 0u;
+    positive_zero = float_to_bits(x) == 0u;
   } else {
-    return x == 0u;
+    positive_zero = x == 0u;
   }
+  if (below && !positive_zero) x = P::store(0.0f);
+#else
+  x = below ? P::store(0.0f) : x;
+#endif
 }
 
 // Writes the packed keep bits of elements [begin, end) of a chunk (begin a multiple of 8) from
@@ -469,7 +480,7 @@ void threshold_chunk(const ValueTensor& t, uint8_t* keep_mask, const Chunk& chun
     for (int64_t i = 0; i < n; ++i) {
       const bool below = below_threshold(keys[i], tau_key, at_tau);
       kept[i] = !below;
-      if (below && !is_positive_zero<P>(data[block + i])) data[block + i] = P::store(0.0f);
+      zero_below<P>(data[block + i], below);
     }
     if (keep_mask != nullptr) write_mask_bytes(kept, block, block + n, keep_mask);
   }
@@ -500,7 +511,7 @@ void partition_chunk(const ValueTensor& t, int64_t flat_offset, uint8_t* keep_ma
     for (int64_t i = 0; i < n; ++i) {
       const bool below = key_high_bin(keys[i]) < high_bin;
       kept[i] = !below;
-      if (below && !is_positive_zero<P>(data[block + i])) data[block + i] = P::store(0.0f);
+      zero_below<P>(data[block + i], below);
     }
     if (keep_mask != nullptr) write_mask_bytes(kept, block, block + n, keep_mask);
     const int64_t n_found = collect_bin<true>(keys, n, high_bin,
