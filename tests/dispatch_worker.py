@@ -1,9 +1,10 @@
 """Run by tests/test_cpu_dispatch.py in a fresh process with MGPP_CPU_CAPABILITY set: prints
 build_info, then checks the cpu backend on the path it names against the reference within
-docs/spec.md §4 (one fp32 step at every stage of the schedule, 16-bit storage at an event, with
-2 threads; events on crowded and sparse bins, whose passes collect the bin with the path's
-instructions, at the exact τ) and bit-identical to itself at 1 and 2 threads through a schedule
-of events, the freeze and the frozen mask. Prints OK at the end."""
+docs/spec.md §4 (one fp32 step at every stage of the schedule; 16-bit storage at an event and in
+a step whose blocks mix weights near the spike with others; events on crowded and sparse bins,
+whose passes collect the bin with the path's instructions, at the exact τ; 2 threads) and
+bit-identical to itself at 1 and 2 threads through a schedule of events, the freeze and the
+frozen mask. Prints OK at the end."""
 from __future__ import annotations
 
 import torch
@@ -31,6 +32,8 @@ def main() -> None:
         for state_dtype in ("fp32", "param"):
             test_step_bounds.test_one_step_16bit_against_float64_oracle(
                 cpu, dtype, state_dtype, "first_event")
+        for state_dtype in (torch.float32, dtype):
+            test_step_bounds.test_backend_step_16bit_storage_bound(cpu, dtype, state_dtype)
     for case in test_threshold.EVENT_CASES + ["negative_zeros"]:
         test_threshold.test_pruning_event_without_update_matches_reference(cpu, case)
     test_threshold.test_consecutive_events_after_an_event_prune_at_the_exact_threshold(

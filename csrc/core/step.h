@@ -102,15 +102,21 @@ struct PriorConstants {
 namespace MGPP_NAMESPACE {
 using mgpp_abi::PriorConstants;
 
-// Gradient of −log prior / n at θ: (θ/n)·(ρ0/σ0² + (1 − ρ0)/σ1²), ρ0 the spike's posterior weight.
-MGPP_HD float prior_gradient(float theta, const PriorConstants& prior) {
+// The factor of θ/n in the gradient of −log prior / n at θ: ρ0/σ0² + (1 − ρ0)/σ1², ρ0 the spike's
+// posterior weight.
+MGPP_HD float prior_weight(float theta, const PriorConstants& prior) {
   // (c2·θ)·θ in the reference's order: z reaches ~90, where one rounding moves ρ0 by ~1e-5.
   const float denom = 1.0f + exp_for_logistic(mul_add(prior.c2 * theta, theta, prior.c1));
   // ρ0 = 1/denom, flushed to 0 where it is at most 2^-125 (an absolute error under 3e-38):
   // exactly 0 where exp overflows, as the spec requires. NaN stays NaN.
   const float rho0 = denom >= 0x1p125f ? 0.0f : reciprocal_from_one(denom);
-  // ρ0/σ0² + (1 − ρ0)/σ1², rearranged to one multiply-add.
-  const float weight = mul_add(rho0, prior.inv_sigma0_sq - prior.inv_sigma1_sq, prior.inv_sigma1_sq);
+  // Rearranged to one multiply-add.
+  return mul_add(rho0, prior.inv_sigma0_sq - prior.inv_sigma1_sq, prior.inv_sigma1_sq);
+}
+
+// Gradient of −log prior / n at θ: (θ/n)·prior_weight(θ).
+MGPP_HD float prior_gradient(float theta, const PriorConstants& prior) {
+  const float weight = prior_weight(theta, prior);
   return (theta * prior.inv_n) * weight;
 }
 
@@ -167,6 +173,13 @@ MGPP_HD void adamw_update(float& theta, float& exp_avg, float& exp_avg_sq, float
 // The prior term step_element adds: none (the prior is off), the spike-and-slab gradient, or the
 // slab's alone (equal to it where prior_uses_spike is false: the CPU kernel's fast path).
 enum class PriorTerm { kNone, kSpikeAndSlab, kSlab };
+
+// step_gradient's spike-and-slab term with prior_weight(θ) computed before (the CPU kernel
+// computes it only for the weights where prior_uses_spike is true, and 1/σ1² for the others).
+MGPP_HD float weighted_step_gradient(float theta, float grad, float inv_grad_scale, float weight,
+                                     const PriorConstants& prior) {
+  return mul_add(grad, inv_grad_scale, (theta * prior.inv_n) * weight);
+}
 
 // The first half of a fused step: the gradient AdamW sees, unscaled with the prior term added.
 template <PriorTerm kPrior>

@@ -1,10 +1,12 @@
-// Collecting the elements of one high bin from a block of keys (the level-1 histogram and the
-// one-pass event of csrc/cpu/kernels.cpp): each match's low bin, and its position, appended in
-// order. In the regrowth regime most of a block matches, so the collection must cost little per
-// element: the AVX-512 path compresses 16 lanes at a time (vpcompressd), the AVX2 path permutes 8
-// (vpermd, by a table indexed by the match bits), and the portable path tests groups with vector
-// code and appends branch-free only in the groups that hold a match. csrc/tests/
-// test_cpu_dispatch.cpp runs the event passes of every path against the others.
+// Compressing and expanding blocks by a per-element test, for csrc/cpu/kernels.cpp: the elements
+// of one high bin (the level-1 histogram and the one-pass event: each match's low bin and
+// position, in order), and the weights whose prior gradient needs the spike (their θ compressed,
+// their prior weights expanded back). In the regrowth regime most of a block falls in the bin, and
+// 10-30% of a pruned model's weights sit near zero at random places, so these must cost little per
+// element: the AVX-512 paths compress and expand 16 lanes at a time (vpcompressd, vexpandps), the
+// AVX2 paths permute 8 (vpermd, by tables indexed by the test's bits), and the portable paths
+// append branch-free. tests/dispatch_worker.py runs the kernels on every path against the
+// reference.
 #pragma once
 
 #include <stdint.h>
@@ -24,7 +26,7 @@ namespace cpu {
 #endif
 
 #if defined(__AVX2__) && !defined(MGPP_CPU_AVX512)
-// For each 8-bit match mask, the lanes that match, lowest first, as vpermd indices.
+// For each 8-bit mask, the lanes whose bit is set, lowest first, as vpermd indices.
 struct MatchPermutations {
   alignas(32) uint32_t lanes[256][8];
   constexpr MatchPermutations() : lanes() {
@@ -110,6 +112,88 @@ inline int64_t collect_bin(const uint32_t* __restrict keys, int64_t n, uint32_t 
     m += key_high_bin(keys[i]) == high_bin;
   }
   return m;
+}
+
+#if defined(__AVX2__) && !defined(MGPP_CPU_AVX512)
+// For each 8-bit mask, where each lane's element comes from in a compressed vector: the count of
+// set bits below the lane.
+struct ExpandPermutations {
+  alignas(32) uint32_t sources[256][8];
+  constexpr ExpandPermutations() : sources() {
+    for (int mask = 0; mask < 256; ++mask) {
+      uint32_t next = 0;
+      for (int lane = 0; lane < 8; ++lane) {
+        sources[mask][lane] = next;
+        next += (mask >> lane) & 1;
+      }
+    }
+  }
+};
+inline constexpr ExpandPermutations kExpandPermutations{};
+#endif
+
+// out = the x[i] whose flags[i] is set (flags are 0 or -1), in order. out has room for n
+// elements.
+inline void compress_flagged(const float* __restrict x, const int32_t* __restrict flags,
+                             int64_t n, float* __restrict out) {
+  int64_t m = 0;
+  int64_t i = 0;
+#if defined(MGPP_CPU_AVX512)
+  for (; i + 16 <= n; i += 16) {
+    const __m512i flag = _mm512_loadu_si512(flags + i);
+    const __mmask16 set = _mm512_test_epi32_mask(flag, flag);
+    _mm512_storeu_ps(out + m, _mm512_maskz_compress_ps(set, _mm512_loadu_ps(x + i)));
+    m += __builtin_popcount(set);
+  }
+#elif defined(__AVX2__)
+  for (; i + 8 <= n; i += 8) {
+    const int set = _mm256_movemask_ps(
+        _mm256_castsi256_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(flags + i))));
+    const __m256i lanes =
+        _mm256_load_si256(reinterpret_cast<const __m256i*>(kMatchPermutations.lanes[set]));
+    _mm256_storeu_ps(out + m, _mm256_permutevar8x32_ps(_mm256_loadu_ps(x + i), lanes));
+    m += __builtin_popcount(static_cast<unsigned>(set));
+  }
+#endif
+  for (; i < n; ++i) {
+    out[m] = x[i];
+    m += static_cast<uint32_t>(flags[i]) & 1u;
+  }
+}
+
+// The inverse: out[i] = the next element of in where flags[i] is set, else fill.
+inline void expand_flagged(const float* __restrict in, const int32_t* __restrict flags, int64_t n,
+                           float fill, float* __restrict out) {
+  int64_t m = 0;
+  int64_t i = 0;
+#if defined(MGPP_CPU_AVX512)
+  const __m512 filled = _mm512_set1_ps(fill);
+  for (; i + 16 <= n; i += 16) {
+    const __m512i flag = _mm512_loadu_si512(flags + i);
+    const __mmask16 set = _mm512_test_epi32_mask(flag, flag);
+    _mm512_storeu_ps(out + i, _mm512_mask_expand_ps(filled, set, _mm512_loadu_ps(in + m)));
+    m += __builtin_popcount(set);
+  }
+#elif defined(__AVX2__)
+  const __m256 filled = _mm256_set1_ps(fill);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 flag = _mm256_castsi256_ps(
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(flags + i)));
+    const int set = _mm256_movemask_ps(flag);
+    const __m256i sources =
+        _mm256_load_si256(reinterpret_cast<const __m256i*>(kExpandPermutations.sources[set]));
+    const __m256 expanded = _mm256_permutevar8x32_ps(_mm256_loadu_ps(in + m), sources);
+    _mm256_storeu_ps(out + i, _mm256_blendv_ps(filled, expanded, flag));
+    m += __builtin_popcount(static_cast<unsigned>(set));
+  }
+#endif
+  // Branch-free, selecting bits by the flag (GCC branches on a float select on SSE2, which weights
+  // near zero at random places mispredict often); in[m] is always a valid read (m <= i < n).
+  for (; i < n; ++i) {
+    const uint32_t flag = static_cast<uint32_t>(flags[i]);
+    out[i] = bits_to_float((float_to_bits(in[m]) & flag) | (float_to_bits(fill) & ~flag));
+    m += flag & 1u;
+  }
 }
 
 }  // namespace cpu
