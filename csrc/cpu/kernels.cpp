@@ -253,13 +253,13 @@ template <typename P, typename S>
 constexpr bool kSplitSpikePath = std::is_same_v<P, BF16> && std::is_same_v<S, BF16>;
 
 // 16-bit parameters compute the spike's prior weight only for the weights that need it: their θ
-// compressed, the weights computed, expanded back (csrc/cpu/compact.h). With 10-30% of the
+// compressed, the weights computed, expanded back (csrc/cpu/compact.h). With 10-40% of the
 // weights near zero at random places, every span of kSpikeSpan holds one, so the span route
-// computes the spike for all. One step, ns per element, side by side (Intel Xeon, AVX-512):
-// 10-30% near zero, one thread, tensors in L3: bf16 0.88-0.91x, bf16 + float32 state
-// 0.78-0.82x, fp16 0.86-0.89x; 2 threads, tensors in DRAM: 0.87-0.93x. float32 parameters keep
-// the span route: 0.83-0.87x in L3 but 1.00-1.10x in DRAM, where the step waits on memory and the
-// block's extra passes delay its loads.
+// computes the spike for all. One step, side by side in one process (Intel Xeon, AVX-512): one
+// thread, tensors in L3: bf16 0.88-0.91x, bf16 + float32 state 0.78-0.82x, fp16 0.86-0.89x;
+// 2 threads, 16M elements: bf16 0.84-0.94x, fp16 0.83-0.88x (0.95x at 50%). float32 parameters
+// keep the span route: 0.83-0.87x in L3 but 1.00-1.10x from DRAM, where the step waits on memory
+// and the block's extra passes delay its loads.
 template <typename P>
 constexpr bool kCompactSpike = !std::is_same_v<P, F32>;
 
