@@ -71,7 +71,8 @@ def test_build_info_names_the_cpu_target():
     info = torch.ops.mgpp.build_info()
     assert re.match(r"cpu kernels: path \S+ \([\w ]+; built: [^)]+\)(, [^)]+\))*\), "
                     r"-march=\S+ \([\w -]+; conversions bf16->f32 [\w -]+, "
-                    r"f32->bf16 in-loop recipe, f16<->f32 [\w /-]+; bin collection [\w -]+\), OpenMP \d+, compiler ", info), info
+                    r"f32->bf16 in-loop recipe, f16<->f32 [\w /-]+; compress/expand [\w /-]+\), "
+                    r"OpenMP \d+, compiler ", info), info
 
 
 @pytest.mark.skipif(not CUDA_EXPECTED, reason="torch without CUDA, or MGPP_SKIP_CUDA=1")

@@ -17,12 +17,13 @@
 namespace MGPP_NAMESPACE {
 namespace cpu {
 
+// The instruction-set path of this build's compression and expansion, as build_info reports it.
 #if defined(MGPP_CPU_AVX512)
-#define MGPP_COLLECT_PATH "AVX-512F vpcompressd"
+#define MGPP_COMPRESS_PATH "AVX-512F vpcompress/vexpand"
 #elif defined(__AVX2__)
-#define MGPP_COLLECT_PATH "AVX2 vpermd"
+#define MGPP_COMPRESS_PATH "AVX2 vperm by tables"
 #else
-#define MGPP_COLLECT_PATH "portable"
+#define MGPP_COMPRESS_PATH "portable"
 #endif
 
 #if defined(__AVX2__) && !defined(MGPP_CPU_AVX512)

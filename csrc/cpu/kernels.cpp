@@ -701,7 +701,7 @@ std::string build_info() {
   isa += " F16C";
 #endif
   return std::string("cpu kernels: -march=") + MGPP_EXPAND_AND_STRINGIFY(MGPP_CPU_ARCH) + " (" +
-         isa + "; conversions " + kConversionPaths + "; bin collection " + MGPP_COLLECT_PATH +
+         isa + "; conversions " + kConversionPaths + "; compress/expand " + MGPP_COMPRESS_PATH +
          "), OpenMP " + std::to_string(_OPENMP) + ", compiler " + __VERSION__;
 }
 
