@@ -283,8 +283,8 @@ void update_chunk(const StepTensor& t, const Chunk& chunk, const StepOptions& op
   // Per element, from before the update loop: the gradients of the split spike path
   // (kSplitSpikePath), or the prior weights of the compressed one (kCompactSpike).
   alignas(64) float prior_buffer[kBlock];
-  // The compressed spike path: θ as float32, which weights need the spike, and their θ, then
-  // their prior weights, compressed.
+  // The compressed spike path: θ as float32 (bfloat16, which the loop reads as stored), which
+  // weights need the spike, and their θ, then their prior weights, compressed.
   alignas(64) float theta_f32[kBlock], spike_weights[kBlock];
   alignas(64) int32_t spike_flags[kBlock];
   uint32_t bins[kBlock];
@@ -365,7 +365,7 @@ void update_chunk(const StepTensor& t, const Chunk& chunk, const StepOptions& op
       for (int64_t i = 0; i < n; ++i) {
         const float x = PL::load(theta[i]);
         const bool spike = prior_uses_spike(x, prior);
-        theta_f32[i] = x;
+        if constexpr (!std::is_same_v<PL, F32>) theta_f32[i] = x;
         spike_flags[i] = spike ? -1 : 0;
         spike_count += spike;
       }
@@ -374,7 +374,14 @@ void update_chunk(const StepTensor& t, const Chunk& chunk, const StepOptions& op
       } else if (2 * spike_count > n) {
         update(0, n, Term<kFullTerm>{});
       } else {
-        compress_flagged(theta_f32, spike_flags, n, spike_weights);
+        // float16 is staged: θ is already a float32 buffer.
+        const float* theta_values;
+        if constexpr (std::is_same_v<PL, F32>) {
+          theta_values = theta;
+        } else {
+          theta_values = theta_f32;
+        }
+        compress_flagged(theta_values, spike_flags, n, spike_weights);
 #pragma omp simd
         for (int64_t k = 0; k < spike_count; ++k) {
           spike_weights[k] = prior_weight(spike_weights[k], prior);
