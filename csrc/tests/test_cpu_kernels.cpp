@@ -79,10 +79,15 @@ void test_fused_step(DType param_dtype, DType state_dtype, bool prior_on, bool w
            Buffer(state_dtype, std::vector<float>(n, 1e-6f)), {}};
     for (size_t i = 0; i < n; ++i) c.exp_avg_sq.set(i, std::fabs(c.exp_avg_sq.get(i) + 1e-6f * (i % 5)));
     // Zeros of both signs, and weights near zero (where the spike matters) in every fifth run of
-    // 64, so that the kernel's spans take both the full and the slab-only prior.
+    // 64, so that the kernel's spans take both the full and the slab-only prior; and in every
+    // third block of 1024, every fifth weight but those of one span, so that the float32 kernel
+    // takes such a block whole, that span included.
     for (size_t i = 0; i < n; ++i) {
       if (i % 11 == 0) c.param.set(i, i % 22 == 0 ? 0.0f : -0.0f);
-      if ((i / 64) % 5 == 0 && i % 7 == 0) c.param.set(i, c.param.get(i) * 1e-3f);
+      const bool crowded_block = (i / 1024) % 3 == 1 && i % 5 == 0 && (i % 1024) / 32 != 20;
+      if (((i / 64) % 5 == 0 && i % 7 == 0) || crowded_block) {
+        c.param.set(i, c.param.get(i) * 1e-3f);
+      }
     }
     c.mask.resize((n + 7) / 8);
     for (auto& b : c.mask) b = static_cast<uint8_t>(rng());
