@@ -290,7 +290,8 @@ class MGPP(Optimizer):
         groups = self._update_groups(point, local_of,
                                      [event_of_pool.get(index) for index in pool_of_group])
         events = [self._prune_event(pools[i], None if plans is None else plans[i], members[i],
-                                    local_of, on_device=schedule.on) for i in event_pools]
+                                    local_of, on_device=schedule.on,
+                                    previous=self._progress.last_event(i)) for i in event_pools]
         thresholds = self._backend.step(groups, events, grad_scale,
                                         schedule if schedule.on else None)
         if point is not None:
@@ -313,10 +314,12 @@ class MGPP(Optimizer):
         return pool.plan(point, self._sharding.global_numel(local_candidates))
 
     def _prune_event(self, pool: Pool, plan: EventPlan | None, candidates: list[torch.Tensor],
-                     local_of: dict[int, torch.Tensor], on_device: bool) -> PruneEvent:
+                     local_of: dict[int, torch.Tensor], on_device: bool,
+                     previous: PoolEvent | None) -> PruneEvent:
         """A pool's pruning event: on the host schedule, the one `plan` says (fresh keep masks
-        at the freeze); on the device schedule, one at every step, with the candidates' keep
-        masks, whose k the device reads."""
+        at the freeze), with the pool's `previous` event's τ as its predicted τ; on the device
+        schedule, one at every step, with the candidates' keep masks, whose k the device
+        reads."""
         local_candidates = [local_of[id(p)] for p in candidates]
         if on_device:
             keep_masks = [self.state[p]["keep_mask"] for p in candidates]
@@ -325,9 +328,10 @@ class MGPP(Optimizer):
                                       device=p.device) for p in local_candidates]
         else:
             keep_masks = []
+        predicted_tau = None if on_device or previous is None else previous.threshold.tau
         return PruneEvent(params=local_candidates, k=None if on_device else plan.k,
                           keep_masks=keep_masks, process_group=self._sharding.group,
-                          pattern=pool.pattern)
+                          pattern=pool.pattern, predicted_tau=predicted_tau)
 
     def _start_device_schedule(self, pools: list[Pool], members: list[list[torch.Tensor]],
                                local_of: dict[int, torch.Tensor]) -> None:

@@ -38,6 +38,10 @@ def main() -> None:
         test_threshold.test_pruning_event_without_update_matches_reference(cpu, case)
     test_threshold.test_consecutive_events_after_an_event_prune_at_the_exact_threshold(
         cpu, "one", None)
+    test_threshold.test_update_counts_the_histogram_in_a_window("one", None)
+    for prediction in test_threshold.PREDICTIONS:
+        test_threshold.test_event_step_prunes_at_the_exact_threshold_of_the_updated_values(
+            cpu, prediction)
     single = test_cpu_threads.run(1)
     assert single[1].stats()["stage"] == "frozen"
     test_cpu_threads.assert_identical(test_cpu_threads.run(2), single)

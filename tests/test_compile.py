@@ -55,6 +55,10 @@ def test_fake_implementations_check_what_they_can():
         with pytest.raises(ValueError, match="one per tensor"):
             torch.ops.mgpp.apply_threshold_(params, [torch.zeros(5, dtype=torch.uint8)],
                                             torch.zeros(NUM_SELECTION_SLOTS, dtype=torch.int64))
+        with pytest.raises(ValueError, match="window must be"):
+            torch.ops.mgpp.fused_step_(params, grads, *rest, None, [], [5, 5])
+        with pytest.raises(ValueError, match="window must be"):
+            torch.ops.mgpp.fused_step_(params, grads, *rest[:-1], None, None, [], [0, 5])
         with pytest.raises(ValueError, match="current must be a float64 tensor of 5"):
             torch.ops.mgpp.fused_step_(params, grads, *rest, torch.zeros(4, dtype=torch.float64))
         with pytest.raises(ValueError, match="current must be"):
@@ -84,6 +88,7 @@ def test_opcheck():
     cases = {
         "fused_step_": step_inputs(),
         "fused_step_ on the device schedule": (*step_inputs(), current),
+        "fused_step_ in a window": (*step_inputs(), None, [], [1000, 16000]),
         "schedule_step_": (table, torch.tensor(1), torch.zeros(5, dtype=torch.float64),
                            torch.tensor(0.0)),
         "abs_histogram_": (params, torch.zeros(HIGH_BINS, dtype=torch.int64), selection, 0),

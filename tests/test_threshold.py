@@ -1,10 +1,14 @@
 """The exact global threshold (docs/spec.md §2-4) on every backend: τ bit-identical to torch.kthvalue
 over torch.cat of |θ|, and identical masks, on the cases that break radix selection; through
 Backend.global_threshold, Backend.step with a PruneEvent, and the optimizer."""
+import dataclasses
+
 import pytest
 import torch
 
-from mgpp_kernels import MGPP, masks, reference
+from mgpp_kernels import MGPP, masks, ops, reference
+from mgpp_kernels.backends.scalars import all_step_scalar_values
+from mgpp_kernels.ops.layout import HIGH_BINS, LOW_BITS
 from mgpp_kernels.ops.layout import KERNEL_DTYPES
 
 from compare import assert_bitwise_equal, bits
@@ -289,24 +293,41 @@ def _event_step_inputs(device):
     return groups, fp32.params + half.params + no_grad, no_grad, others.params
 
 
-def test_event_step_prunes_at_the_exact_threshold_of_the_updated_values(kernel_backend):
+# A predicted τ (the pool's previous one) as a function of the exact τ: the cpu update counts the
+# level-0 bins around it (inside: τ/1.1; outside: the others, and then a pass counts every bin).
+PREDICTIONS = {
+    "none": lambda tau: None,
+    "inside": lambda tau: tau / 1.1,
+    "far below": lambda tau: tau / 4,
+    "far above": lambda tau: tau * 4,
+    "zero": lambda tau: torch.zeros_like(tau),
+    "inf": lambda tau: torch.full_like(tau, float("inf")),
+}
+
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+def test_event_step_prunes_at_the_exact_threshold_of_the_updated_values(kernel_backend,
+                                                                        prediction):
     device = kernel_backend.device
     backend = kernel_backend.load()
-    groups, candidates, no_grad, others = _event_step_inputs(device)
-    numel = sum(p.numel() for p in candidates)
-    keep_masks = [torch.empty((p.numel() + 7) // 8, dtype=torch.uint8, device=device)
-                  for p in candidates]
-    event = prune_event(candidates, int(numel * 0.6), keep_masks)
-    threshold, = backend.step(groups, [event], None)
-
     # The same update without an event gives θ_new before pruning (the update does not depend
-    # on the counting): τ must be its k-th smallest |θ_new|, bit for bit.
+    # on the counting): τ must be its k-th smallest |θ_new|, bit for bit, whatever was predicted.
     groups_u, candidates_u, _, others_u = _event_step_inputs(device)
     for group in groups_u:
         group.event = None
     backend.step(groups_u, [], None)
     candidates_u = [p.cpu() for p in candidates_u]
-    tau = reference.global_threshold(candidates_u, event.k)
+    numel = sum(p.numel() for p in candidates_u)
+    k = int(numel * 0.6)
+    tau = reference.global_threshold(candidates_u, k)
+
+    groups, candidates, no_grad, others = _event_step_inputs(device)
+    keep_masks = [torch.empty((p.numel() + 7) // 8, dtype=torch.uint8, device=device)
+                  for p in candidates]
+    predicted = PREDICTIONS[prediction](tau)
+    event = dataclasses.replace(prune_event(candidates, k, keep_masks), predicted_tau=(
+        None if predicted is None else predicted.to(device)))
+    threshold, = backend.step(groups, [event], None)
     assert_bitwise_equal(threshold.tau, tau, "tau")
     below = 0
     for i, (pruned, updated, mask) in enumerate(zip(candidates, candidates_u, keep_masks)):
@@ -317,6 +338,54 @@ def test_event_step_prunes_at_the_exact_threshold_of_the_updated_values(kernel_b
     assert threshold.pruned.item() == below
     for i, (a, b) in enumerate(zip(others, others_u)):
         assert_bitwise_equal(a, b, f"non-candidate {i}")
+
+
+@pytest.mark.parametrize("threads", ["one", "all"])
+def test_update_counts_the_histogram_in_a_window(threads, request):
+    """cpu fused_step_ with a window: the bins inside counted one by one, those below in
+    begin - 1 and those above in end; the update itself unchanged."""
+    if backends.BY_NAME["cpu"].unavailable is not None:
+        pytest.skip(backends.BY_NAME["cpu"].unavailable)
+    if threads == "all":
+        request.getfixturevalue("all_threads")
+    tensors = StepTensors.make([(4097,), (1,), (7,), (0,), (40000,)], torch.float32,
+                               torch.float32, seed=30)
+    half = StepTensors.make([(33, 17)], torch.bfloat16, torch.bfloat16, seed=31)
+
+    def step(window):
+        step_tensors = [tensors.clone(), half.clone()]
+        histogram = torch.zeros(HIGH_BINS, dtype=torch.int64)
+        for t in step_tensors:
+            scalars = torch.tensor(all_step_scalar_values([t.group()]), dtype=torch.float64)
+            ops.fused_step_(t.params, t.grads, t.exp_avgs, t.exp_avg_sqs, t.steps, [], scalars,
+                            histogram=histogram, window=window)
+        return step_tensors, histogram
+
+    every_bin_tensors, every_bin = step(None)
+    median_bin = int((every_bin.cumsum(0) >= every_bin.sum() // 2).nonzero()[0])
+    lowest_bin = int(every_bin[1:].nonzero()[0]) + 1
+    # Around the median, and from bin 1 (bin 0 below it) to just above the smallest values.
+    for begin, end in ((median_bin - 100, median_bin + 30), (1, lowest_bin + 3)):
+        step_tensors, histogram = step((begin, end))
+        for expected, actual in zip(every_bin_tensors, step_tensors):
+            expected.assert_equal(actual, f"the update with window {begin, end}")
+        expected = every_bin.clone()
+        expected[:begin - 1] = 0
+        expected[begin - 1] = every_bin[:begin].sum()
+        expected[end] = every_bin[end:].sum()
+        expected[end + 1:] = 0
+        assert torch.equal(histogram, expected), f"window {begin, end}"
+        assert expected[begin:end].sum() > 0 and expected[begin - 1] + expected[end] > 0
+    # A window out of range, or without a histogram, is refused before anything moves.
+    t = tensors.clone()
+    scalars = torch.tensor(all_step_scalar_values([t.group()]), dtype=torch.float64)
+    for window, histogram in (((0, 5), torch.zeros(HIGH_BINS, dtype=torch.int64)),
+                              ((5, HIGH_BINS), torch.zeros(HIGH_BINS, dtype=torch.int64)),
+                              ((5, 6), None)):
+        with pytest.raises(ValueError, match="window must be"):
+            ops.fused_step_(t.params, t.grads, t.exp_avgs, t.exp_avg_sqs, t.steps, [], scalars,
+                            histogram=histogram, window=window)
+    tensors.assert_equal(t, "after a refused window")
 
 
 @pytest.mark.parametrize("threads", ["one", "all"])
@@ -344,6 +413,7 @@ def test_consecutive_events_after_an_event_prune_at_the_exact_threshold(kernel_b
     candidates = tensors.params + half.params
     numel = sum(p.numel() for p in candidates)
     crowded_events = 0
+    previous_tau = None   # predicted, as the optimizer does: the update counts around it
     for step, sparsity in enumerate((0.5, 0.3, 0.35, 0.3)):
         updated_tensors, updated_half = tensors.clone(), half.clone()
         backend.step([updated_tensors.group(weight_decay=0.0),
@@ -352,9 +422,11 @@ def test_consecutive_events_after_an_event_prune_at_the_exact_threshold(kernel_b
         keep_masks = [torch.full(((p.numel() + 7) // 8,), 0x5A, dtype=torch.uint8, device=device)
                       for p in candidates]
         k = int(numel * sparsity)
+        event = dataclasses.replace(prune_event(candidates, k, keep_masks),
+                                    predicted_tau=previous_tau)
         threshold, = backend.step([tensors.group(event=0, weight_decay=0.0),
-                                   half.group(event=0, weight_decay=0.0)],
-                                  [prune_event(candidates, k, keep_masks)], None)
+                                   half.group(event=0, weight_decay=0.0)], [event], None)
+        previous_tau = threshold.tau
         tau = reference.global_threshold(updated, k)
         assert_bitwise_equal(threshold.tau, tau, f"step {step}: tau")
         keys = torch.cat([u.abs().float().flatten() for u in updated]).view(torch.int32)

@@ -133,17 +133,24 @@ struct ExpandPermutations {
 inline constexpr ExpandPermutations kExpandPermutations{};
 #endif
 
-// out = the x[i] whose flags[i] is set (flags are 0 or -1), in order. out has room for n
-// elements.
-inline void compress_flagged(const float* __restrict x, const int32_t* __restrict flags,
-                             int64_t n, float* __restrict out) {
+// out = the x[i] whose flags[i] is set (flags are 0 or -1), in order, for 32-bit elements (float
+// values, uint32 bins). out has room for n elements.
+template <typename T>
+inline void compress_flagged(const T* __restrict x, const int32_t* __restrict flags, int64_t n,
+                             T* __restrict out) {
+  static_assert(sizeof(T) == 4, "compress_flagged moves 32-bit elements");
   int64_t m = 0;
   int64_t i = 0;
+#if defined(MGPP_CPU_AVX512) || defined(__AVX2__)
+  // The vector paths move the elements' bits as float lanes.
+  const float* __restrict lanes_in = reinterpret_cast<const float*>(x);
+  float* __restrict lanes_out = reinterpret_cast<float*>(out);
+#endif
 #if defined(MGPP_CPU_AVX512)
   for (; i + 16 <= n; i += 16) {
     const __m512i flag = _mm512_loadu_si512(flags + i);
     const __mmask16 set = _mm512_test_epi32_mask(flag, flag);
-    _mm512_storeu_ps(out + m, _mm512_maskz_compress_ps(set, _mm512_loadu_ps(x + i)));
+    _mm512_storeu_ps(lanes_out + m, _mm512_maskz_compress_ps(set, _mm512_loadu_ps(lanes_in + i)));
     m += __builtin_popcount(set);
   }
 #elif defined(__AVX2__)
@@ -152,7 +159,8 @@ inline void compress_flagged(const float* __restrict x, const int32_t* __restric
         _mm256_castsi256_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(flags + i))));
     const __m256i lanes =
         _mm256_load_si256(reinterpret_cast<const __m256i*>(kMatchPermutations.lanes[set]));
-    _mm256_storeu_ps(out + m, _mm256_permutevar8x32_ps(_mm256_loadu_ps(x + i), lanes));
+    _mm256_storeu_ps(lanes_out + m,
+                     _mm256_permutevar8x32_ps(_mm256_loadu_ps(lanes_in + i), lanes));
     m += __builtin_popcount(static_cast<unsigned>(set));
   }
 #endif

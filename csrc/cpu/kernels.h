@@ -28,6 +28,15 @@ struct StepTensor {
   AdamWScalars adamw;
 };
 
+// The level-0 bins a fused step counts one by one. Empty (end == 0, the default): every bin.
+// Else 1 <= begin < end < kHistHighBins: the elements below `begin` are counted in bin
+// begin − 1 and those at or above `end` in bin `end`, so that a selection from the histogram is
+// exact wherever τ's high bin falls inside [begin, end).
+struct HighBinWindow {
+  uint32_t begin;
+  uint32_t end;
+};
+
 struct StepOptions {
   DType param_dtype;
   DType state_dtype;  // float32 or param_dtype
@@ -36,6 +45,7 @@ struct StepOptions {
   float inv_grad_scale;  // gradients are multiplied by this before use (1 without a GradScaler)
   int num_threads;
   Pattern pattern;       // the pool whose level-0 histogram the step counts ({} unstructured)
+  HighBinWindow window;  // the bins that histogram counts one by one
 };
 
 }  // namespace cpu
@@ -44,13 +54,15 @@ struct StepOptions {
 namespace MGPP_NAMESPACE {
 namespace cpu {
 
+using mgpp_abi::cpu::HighBinWindow;
 using mgpp_abi::cpu::StepOptions;
 using mgpp_abi::cpu::StepTensor;
 
 // Prior gradient + AdamW + frozen mask for every tensor, in one pass over each element. When
 // `high_histogram` (kHistHighBins counters) is not null, it also adds the count of every
 // key_high_bin(|θ_new|), each group's non-candidates as kNotCandidateKey under an N:M
-// options.pattern: the first level of the radix selection of τ. Throws
+// options.pattern, those outside a non-empty options.window in its edge bins: the first level
+// of the radix selection of τ. Throws
 // std::invalid_argument on an unknown dtype or a state dtype the kernels do not take.
 void fused_step(const StepTensor* tensors, int64_t count, const StepOptions& options,
                 int64_t* high_histogram);

@@ -43,10 +43,16 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                     at::TensorList keep_masks, const Tensor& scalars,
                     const std::optional<Tensor>& grad_scale,
                     const std::optional<Tensor>& histogram,
-                    const std::optional<Tensor>& current, at::IntArrayRef pattern) {
+                    const std::optional<Tensor>& current, at::IntArrayRef pattern,
+                    at::IntArrayRef window) {
   const size_t n = params.size();
   op_checks::check_step_lists(params, grads, exp_avgs, exp_avg_sqs, state_steps, keep_masks, kCpu);
   const Pattern histogram_pattern = op_checks::to_pattern(pattern, params);
+  TORCH_CHECK_VALUE(window.empty() || (window.size() == 2 && histogram.has_value() &&
+                                       1 <= window[0] && window[0] < window[1] &&
+                                       window[1] < static_cast<int64_t>(kHistHighBins)),
+                    "mgpp: window must be empty or [begin, end) with 1 <= begin < end < ",
+                    kHistHighBins, ", with a histogram, got ", window);
   for (size_t i = 0; i < n; ++i) {
     TORCH_CHECK_VALUE(state_steps[i].device().is_cpu() && state_steps[i].is_floating_point(),
                 "mgpp: state_steps[", i, "] must be a floating CPU tensor");
@@ -73,6 +79,9 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
       grad_scale.has_value() ? 1.0f / grad_scale->to(at::kFloat).item<float>() : 1.0f;
   options.num_threads = at::get_num_threads();
   options.pattern = histogram_pattern;
+  if (!window.empty()) {
+    options.window = {static_cast<uint32_t>(window[0]), static_cast<uint32_t>(window[1])};
+  }
 
   // The kernels take one (parameter dtype, state dtype) pair per call.
   std::map<std::pair<DType, DType>, std::vector<cpu::StepTensor>> by_dtype;

@@ -64,8 +64,10 @@ void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                      at::TensorList keep_masks, const Tensor& scalars,
                      const std::optional<Tensor>& grad_scale,
                      const std::optional<Tensor>& histogram,
-                     const std::optional<Tensor>& current, at::IntArrayRef pattern) {
+                     const std::optional<Tensor>& current, at::IntArrayRef pattern,
+                     at::IntArrayRef window) {
   check_unstructured(pattern);
+  TORCH_CHECK_VALUE(window.empty(), "mgpp: the CUDA fused_step_ counts every bin (no window)");
   const size_t n = params.size();
   TORCH_CHECK_VALUE(scalars.is_cuda() && scalars.scalar_type() == at::kDouble && scalars.is_contiguous() &&
                   scalars.numel() == kNumStepScalars,

@@ -56,10 +56,13 @@ TORCH_LIBRARY(mgpp, m) {
       "fused_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] state_steps, Tensor[] keep_masks, Tensor scalars, "
       "Tensor? grad_scale, Tensor(e!)? histogram, Tensor? current=None, "
-      "int[] pattern=[]) -> ()");
+      "int[] pattern=[], int[] window=[]) -> ()");
   // `pattern` (the event ops, and fused_step_'s histogram): [N, M] for an N:M pool, whose
   // candidates are the M − N smallest |x| of each group of M along the last dimension and whose
   // event zeroes those at τ too (csrc/core/selection.h); empty for an unstructured pool.
+  // fused_step_'s `window` (cpu only): [begin, end), the high bins its histogram counts one by
+  // one, the elements below in bin begin − 1 and those above in bin end (csrc/cpu/kernels.h's
+  // HighBinWindow); empty: every bin.
   m.def(
       "abs_histogram_(Tensor[] tensors, Tensor(a!) histogram, Tensor selection, int level, "
       "Tensor? current=None, int[] pattern=[]) -> ()");

@@ -70,7 +70,8 @@ ScheduleResult run(const ScheduleRun& in) {
                          adamw_scalars(s, static_cast<double>(t + 1))});
     }
     const cpu::StepOptions options{param_dtype, state_dtype, s[kPriorOn] != 0.0,
-                                   prior_constants(s), 1.0f, in.threads, Pattern{}};
+                                   prior_constants(s), 1.0f, in.threads, Pattern{},
+                                   cpu::HighBinWindow{}};
     const bool event = in.prune_k[t] > 0;
     std::vector<int64_t> high(kHistHighBins, 0), low(kHistLowBins, 0);
     cpu::fused_step(tensors.data(), static_cast<int64_t>(count), options,

@@ -151,7 +151,7 @@ void test_every_runnable_build_steps() {
     cpu::StepTensor t{param.data(), grad.data(), m.data(), v.data(), nullptr, 100,
                       AdamWScalars{1.0f, 0.1f, 0.999f, 0.001f, 0.01f, 1.0f, 1e-8f}};
     cpu::StepOptions options{DType::Float32, DType::Float32, false, PriorConstants{}, 1.0f, 2,
-                             Pattern{}};
+                             Pattern{}, cpu::HighBinWindow{}};
     build->fused_step(&t, 1, options, nullptr);
     CHECK(param[99] < 0.5f && m[0] > 0.0f, "%s: no step (θ = %g)", build->capability, param[99]);
   }

@@ -96,7 +96,8 @@ void test_fused_step(DType param_dtype, DType state_dtype, bool prior_on, bool w
   std::vector<Case> expected = cases;
 
   const PriorConstants prior{-3.0f, 5e9f, 1.0f / 67349.0f, 1e10f, 20.0f};
-  cpu::StepOptions options{param_dtype, state_dtype, prior_on, prior, 0.5f, threads, Pattern{}};
+  cpu::StepOptions options{param_dtype, state_dtype, prior_on, prior, 0.5f, threads, Pattern{},
+                           cpu::HighBinWindow{}};
   std::vector<cpu::StepTensor> tensors;
   for (size_t t = 0; t < cases.size(); ++t) {
     const AdamWScalars adamw{0.99999f, 0.1f, 0.999f, 0.001f, 1e-3f / (1.0f - 0.9f * t / 10.0f),
@@ -313,7 +314,8 @@ void test_unknown_dtypes_are_errors() {
   for (const auto& [param, state] :
        {std::pair{unknown, DType::Float32}, std::pair{unknown, unknown},
         std::pair{DType::BFloat16, DType::Float16}, std::pair{DType::Float32, DType::BFloat16}}) {
-    const cpu::StepOptions options{param, state, true, prior, 1.0f, 1, Pattern{}};
+    const cpu::StepOptions options{param, state, true, prior, 1.0f, 1, Pattern{},
+                                   cpu::HighBinWindow{}};
     CHECK(throws_invalid_argument([&] { cpu::fused_step(&t, 1, options, nullptr); }),
           "fused_step with dtypes %d/%d must throw", static_cast<int>(param),
           static_cast<int>(state));

@@ -263,7 +263,8 @@ void test_fused_step(DType param_dtype, DType state_dtype, const GridConfig& gri
                                              counter_bytes(grid.histogram_mode, kHistHighBins), stats);
 
     const cpu::StepOptions options{param_dtype, state_dtype, prior_on, prior_constants(scalars),
-                                   scaled ? 1.0f / grad_scale : 1.0f, kCpuThreads, Pattern{}};
+                                   scaled ? 1.0f / grad_scale : 1.0f, kCpuThreads, Pattern{},
+                                   cpu::HighBinWindow{}};
     cpu::fused_step(cpu_tensors.data(), static_cast<int64_t>(cpu_tensors.size()), options,
                     cpu_histogram.data());
 

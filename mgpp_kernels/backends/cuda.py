@@ -16,4 +16,5 @@ if not torch.cuda.is_available():
     raise ImportError("no CUDA device is available")
 
 BACKEND = OpsBackend("cuda", "cuda", steps_on_device=True, ranks_across_processes=True,
-                     one_pass_events=False, ranks_nm_in_update=False)
+                     one_pass_events=False, ranks_nm_in_update=False,
+                     counts_in_window=False)

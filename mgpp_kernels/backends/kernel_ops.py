@@ -26,6 +26,20 @@ _INF_HIGH_BIN = 0x7F800000 >> LOW_BITS
 # 4-byte positions of at most 1/128 of them stay far below the size of a parameter of a large
 # model (τ's bin holds about 1/400 of normally distributed weights). Past it, two passes.
 _MAX_COLLECTED_FRACTION = 1 / 128
+# The high bins each side of a predicted τ's (the pool's previous τ) that the cpu update counts
+# one by one at an event: a quarter of an octave of |θ| (256 high bins to an octave), where the
+# next τ usually falls. Where it does not, a pass of its own counts every bin.
+_WINDOW_HALF_WIDTH = 64
+
+
+def _window(predicted_tau: torch.Tensor | None) -> tuple[int, int] | None:
+    """fused_step_'s window around a predicted τ, None (every bin) without one."""
+    if predicted_tau is None:
+        return None
+    high_bin = (int(predicted_tau.view(torch.int32)) & 0x7FFFFFFF) >> LOW_BITS
+    begin = max(high_bin - _WINDOW_HALF_WIDTH, 1)
+    end = min(high_bin + _WINDOW_HALF_WIDTH + 1, HIGH_BINS - 1)
+    return (begin, end) if begin < end else None
 
 
 class _Workspace:
@@ -62,7 +76,7 @@ class Selection:
     def __init__(self, tensors: list[torch.Tensor], state: torch.Tensor,
                  high_histogram: torch.Tensor, low_histogram: torch.Tensor,
                  process_group=None, current: torch.Tensor | None = None,
-                 pattern: NMPattern | None = None):
+                 pattern: NMPattern | None = None, window: tuple[int, int] | None = None):
         self.tensors = tensors
         self.state = state
         self.high_histogram = high_histogram
@@ -70,16 +84,35 @@ class Selection:
         self.process_group = process_group
         self.current = current
         self.pattern = pattern
+        # The high bins that the update counted one by one (fused_step_'s window), None: every
+        # bin.
+        self.window = window
 
     def first_level(self, counted: list[torch.Tensor]) -> torch.Tensor:
         """Level 0: counts the tensors not in `counted`, sums the histogram over the process
-        group and selects τ's high bin. Returns this rank's own level-0 histogram (before the
-        sum: a copy with a process group, else the histogram itself)."""
-        high_histogram = self.high_histogram
+        group and selects τ's high bin; where that bin is outside the window the update counted
+        (the same on every rank), counts every bin of every tensor and selects again. Returns
+        this rank's own level-0 histogram (before the sum: a copy with a process group, else the
+        histogram itself)."""
         counted_ids = {id(t) for t in counted}
         uncounted = [t for t in self.tensors if id(t) not in counted_ids]
-        if uncounted:
-            ops.abs_histogram_(uncounted, high_histogram, self.state, level=0,
+        if self.window is None:
+            return self._select_high_bin(uncounted)
+        state_before = self.state.clone()
+        local_histogram = self._select_high_bin(uncounted)
+        begin, end = self.window
+        if begin <= int(self.state[_KEY]) >> LOW_BITS < end:
+            return local_histogram
+        self.high_histogram.zero_()
+        self.state.copy_(state_before)
+        return self._select_high_bin(self.tensors)
+
+    def _select_high_bin(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """Adds the level-0 histogram of `tensors`, sums it over the process group and selects
+        τ's high bin; returns this rank's histogram."""
+        high_histogram = self.high_histogram
+        if tensors:
+            ops.abs_histogram_(tensors, high_histogram, self.state, level=0,
                                current=self.current, pattern=self.pattern)
         local_histogram = high_histogram
         if self.process_group is not None:
@@ -164,7 +197,8 @@ class OpsBackend:
     ranks_nm_pools = True   # the event ops take a pattern
 
     def __init__(self, name: str, device_type: str, *, steps_on_device: bool,
-                 ranks_across_processes: bool, one_pass_events: bool, ranks_nm_in_update: bool):
+                 ranks_across_processes: bool, one_pass_events: bool, ranks_nm_in_update: bool,
+                 counts_in_window: bool):
         self.name = name
         self.device_type = device_type
         self.steps_on_device = steps_on_device
@@ -174,6 +208,9 @@ class OpsBackend:
         self.ranks_nm_in_update = ranks_nm_in_update
         # Whether the device has partition_at_bin_ and prune_collected_ (prune_in_one_pass).
         self.one_pass_events = one_pass_events
+        # Whether fused_step_ takes a window: on the host schedule, an event with a predicted τ
+        # then counts its bins around it first (Selection.first_level).
+        self.counts_in_window = counts_in_window
         self._workspaces: dict[torch.device, _Workspace] = {}
 
     def check_params(self, params: list[torch.Tensor]) -> None:
@@ -213,9 +250,11 @@ class OpsBackend:
             currents = [pool.current for pool in schedule.pools[:len(events)]]
             scalars = schedule.stage_scalars(groups, device)
         workspace = self._workspace(device, len(events))
+        windows = [_window(e.predicted_tau) if schedule is None and self.counts_in_window
+                   else None for e in events]
         thresholds = []
         try:
-            counted = self._update(groups, scalars, grad_scale, workspace, events,
+            counted = self._update(groups, scalars, grad_scale, workspace, events, windows,
                                    currents, None if schedule is None else schedule.current)
             for j, event in enumerate(events):
                 if schedule is None:
@@ -226,7 +265,7 @@ class OpsBackend:
                     state[_RANK].copy_(currents[j][_CURRENT_K])
                 selection = Selection(event.params, state, workspace.high_histograms[j],
                                       workspace.low_histograms[j], event.process_group,
-                                      currents[j], event.pattern)
+                                      currents[j], event.pattern, windows[j])
                 if schedule is None and self.one_pass_events:
                     selection.prune_in_one_pass(event.keep_masks, counted[j])
                 else:
@@ -243,12 +282,14 @@ class OpsBackend:
 
     def _update(self, groups: list[UpdateGroup], scalars: torch.Tensor,
                 grad_scale: torch.Tensor | None, workspace: _Workspace,
-                events: list[PruneEvent], currents: list[torch.Tensor | None],
+                events: list[PruneEvent], windows: list[tuple[int, int] | None],
+                currents: list[torch.Tensor | None],
                 shared_current: torch.Tensor | None) -> list[list[torch.Tensor]]:
         """fused_step_ over each group; a group of candidates of an event's pool adds the
         level-0 histogram of its updated values (N:M: of each group's candidates, where the
-        device's update ranks them) to that pool's. `shared_current`: the device schedule's row
-        for the groups outside the events' pools. Returns each event's tensors counted."""
+        device's update ranks them) to that pool's, in the pool's window where it has one.
+        `shared_current`: the device schedule's row for the groups outside the events' pools.
+        Returns each event's tensors counted."""
         counted: list[list[torch.Tensor]] = [[] for _ in events]
         for group, row in zip(groups, group_rows(scalars, len(groups))):
             event = group.event
@@ -259,7 +300,8 @@ class OpsBackend:
                 group.keep_masks, row, grad_scale=grad_scale,
                 histogram=workspace.high_histograms[event] if counts else None,
                 current=shared_current if event is None else currents[event],
-                pattern=events[event].pattern if counts else None)
+                pattern=events[event].pattern if counts else None,
+                window=windows[event] if counts else None)
             if counts:
                 counted[event].extend(group.params)
         return counted

@@ -79,7 +79,8 @@ def fused_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
                 state_steps: Sequence[torch.Tensor], keep_masks: Sequence[torch.Tensor],
                 scalars: torch.Tensor, *, grad_scale: torch.Tensor | None = None,
                 histogram: torch.Tensor | None = None,
-                current: torch.Tensor | None = None, pattern: NMPattern | None = None) -> None:
+                current: torch.Tensor | None = None, pattern: NMPattern | None = None,
+                window: tuple[int, int] | None = None) -> None:
     """One MGPP step (prior gradient, AdamW, frozen mask) over every tensor of one update group.
 
     Adds 1 to each `state_steps` entry, then updates params, exp_avgs and exp_avg_sqs in place.
@@ -87,10 +88,14 @@ def fused_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
     is empty or one packed mask per parameter (mgpp_kernels.masks); gradients are divided by
     `grad_scale` when given. With `histogram` (int64, layout.HIGH_BINS counters), the level-0
     radix histogram of the updated |θ| is added to it (on the device schedule, at events only),
-    ranking the candidates of each group under an N:M `pattern` (cpu only).
+    ranking the candidates of each group under an N:M `pattern` (cpu only). With `window`
+    (begin, end) (cpu only, 1 <= begin < end < HIGH_BINS), it counts the bins in [begin, end)
+    one by one, the values below in bin begin - 1 and those above in bin end: a selection from
+    it is exact where τ's high bin falls inside.
     """
     torch.ops.mgpp.fused_step_(params, grads, exp_avgs, exp_avg_sqs, state_steps, keep_masks,
-                               scalars, grad_scale, histogram, current, _pattern(pattern))
+                               scalars, grad_scale, histogram, current, _pattern(pattern),
+                               [] if window is None else list(window))
 
 
 def abs_histogram_(tensors: Sequence[torch.Tensor], histogram: torch.Tensor,
@@ -160,9 +165,13 @@ def _check_current(current):
 
 
 def _fused_step_fake(params, grads, exp_avgs, exp_avg_sqs, state_steps, keep_masks, scalars,
-                     grad_scale, histogram, current=None, pattern=()):
+                     grad_scale, histogram, current=None, pattern=(), window=()):
     _check_current(current)
     _check_pattern(pattern)
+    if window and (len(window) != 2 or histogram is None
+                   or not 1 <= window[0] < window[1] < layout.HIGH_BINS):
+        raise ValueError(f"mgpp: window must be empty or [begin, end) with 1 <= begin < end < "
+                         f"{layout.HIGH_BINS}, with a histogram")
     if params:
         check_step_lists(params, grads, exp_avgs, exp_avg_sqs, state_steps, keep_masks,
                          params[0].device)
