@@ -18,11 +18,13 @@ KEY = "mgpp"
 @dataclass(frozen=True)
 class PoolEvent:
     """A pool's last event: its target sparsity, its threshold and N (the pool's elements it
-    ranked, over every rank)."""
+    ranked, over every rank), and the τ of the pool's event before it, None where unknown (not
+    saved: it only sizes the next event's predicted window, see PruneEvent.recent_taus)."""
 
     target: float
     threshold: Threshold
     numel: int | None
+    tau_before: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

@@ -297,8 +297,10 @@ class MGPP(Optimizer):
         if point is not None:
             last_events = [self._progress.last_event(i) for i in range(len(pools))]
             for i, event, threshold in zip(event_pools, events, thresholds):
+                previous = last_events[i]
                 last_events[i] = PoolEvent(target=plans[i].sparsity, threshold=threshold,
-                                           numel=plans[i].numel)
+                                           numel=plans[i].numel, tau_before=None
+                                           if previous is None else previous.threshold.tau)
                 for p, mask in zip(members[i], event.keep_masks):
                     self.state[p]["keep_mask"] = mask
             self._progress = replace(self._progress, t=point.t + 1, lambda_t=point.lambda_t,
@@ -317,9 +319,9 @@ class MGPP(Optimizer):
                      local_of: dict[int, torch.Tensor], on_device: bool,
                      previous: PoolEvent | None) -> PruneEvent:
         """A pool's pruning event: on the host schedule, the one `plan` says (fresh keep masks
-        at the freeze), with the pool's `previous` event's τ as its predicted τ; on the device
-        schedule, one at every step, with the candidates' keep masks, whose k the device
-        reads."""
+        at the freeze), with the τs of the pool's `previous` event and of the one before it; on
+        the device schedule, one at every step, with the candidates' keep masks, whose k the
+        device reads."""
         local_candidates = [local_of[id(p)] for p in candidates]
         if on_device:
             keep_masks = [self.state[p]["keep_mask"] for p in candidates]
@@ -328,10 +330,11 @@ class MGPP(Optimizer):
                                       device=p.device) for p in local_candidates]
         else:
             keep_masks = []
-        predicted_tau = None if on_device or previous is None else previous.threshold.tau
+        recent_taus = () if on_device or previous is None else tuple(
+            tau for tau in (previous.threshold.tau, previous.tau_before) if tau is not None)
         return PruneEvent(params=local_candidates, k=None if on_device else plan.k,
                           keep_masks=keep_masks, process_group=self._sharding.group,
-                          pattern=pool.pattern, predicted_tau=predicted_tau)
+                          pattern=pool.pattern, recent_taus=recent_taus)
 
     def _start_device_schedule(self, pools: list[Pool], members: list[list[torch.Tensor]],
                                local_of: dict[int, torch.Tensor]) -> None:

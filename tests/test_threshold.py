@@ -293,15 +293,18 @@ def _event_step_inputs(device):
     return groups, fp32.params + half.params + no_grad, no_grad, others.params
 
 
-# A predicted τ (the pool's previous one) as a function of the exact τ: the cpu update counts the
-# level-0 bins around it (inside: τ/1.1; outside: the others, and then a pass counts every bin).
+# The pool's recent τs (PruneEvent.recent_taus, the latest first) as a function of the exact τ:
+# the cpu update counts the level-0 bins around the latest (τ inside the window: "near", and
+# "moving", whose window the move between the two widens; outside: the others, and then a pass
+# counts every bin).
 PREDICTIONS = {
-    "none": lambda tau: None,
-    "inside": lambda tau: tau / 1.1,
-    "far below": lambda tau: tau / 4,
-    "far above": lambda tau: tau * 4,
-    "zero": lambda tau: torch.zeros_like(tau),
-    "inf": lambda tau: torch.full_like(tau, float("inf")),
+    "none": lambda tau: (),
+    "near": lambda tau: (tau / 1.1,),
+    "moving": lambda tau: (tau * 1.25, tau * 1.17),
+    "far below": lambda tau: (tau / 4, tau / 4.2),
+    "far above": lambda tau: (tau * 4,),
+    "zero": lambda tau: (torch.zeros_like(tau),),
+    "inf": lambda tau: (torch.full_like(tau, float("inf")),),
 }
 
 
@@ -324,9 +327,8 @@ def test_event_step_prunes_at_the_exact_threshold_of_the_updated_values(kernel_b
     groups, candidates, no_grad, others = _event_step_inputs(device)
     keep_masks = [torch.empty((p.numel() + 7) // 8, dtype=torch.uint8, device=device)
                   for p in candidates]
-    predicted = PREDICTIONS[prediction](tau)
-    event = dataclasses.replace(prune_event(candidates, k, keep_masks), predicted_tau=(
-        None if predicted is None else predicted.to(device)))
+    recent_taus = tuple(t.to(device) for t in PREDICTIONS[prediction](tau))
+    event = dataclasses.replace(prune_event(candidates, k, keep_masks), recent_taus=recent_taus)
     threshold, = backend.step(groups, [event], None)
     assert_bitwise_equal(threshold.tau, tau, "tau")
     below = 0
@@ -338,6 +340,27 @@ def test_event_step_prunes_at_the_exact_threshold_of_the_updated_values(kernel_b
     assert threshold.pruned.item() == below
     for i, (a, b) in enumerate(zip(others, others_u)):
         assert_bitwise_equal(a, b, f"non-candidate {i}")
+
+
+def test_window_around_the_recent_taus():
+    """The cpu update's window: 64 high bins each side of the last τ's at least, four times as far
+    as τ moved between the last two events, within [1, HIGH_BINS - 1); none (every bin) past 256
+    each side."""
+    if backends.BY_NAME["cpu"].unavailable is not None:
+        pytest.skip(backends.BY_NAME["cpu"].unavailable)
+    from mgpp_kernels.backends.kernel_ops import _window
+
+    def tau(high_bin):
+        return torch.tensor(high_bin << LOW_BITS, dtype=torch.int32).view(torch.float32)
+
+    assert _window(()) is None
+    assert _window((tau(30000),)) == (30000 - 64, 30000 + 65)
+    assert _window((tau(30000), tau(30010))) == (30000 - 64, 30000 + 65)
+    assert _window((tau(30000), tau(29950))) == (30000 - 200, 30000 + 201)
+    assert _window((tau(30000), tau(30064), tau(10))) == (30000 - 256, 30000 + 257)
+    assert _window((tau(30000), tau(30065))) is None
+    assert _window((-tau(20), tau(40))) == (1, 20 + 81)
+    assert _window((tau(HIGH_BINS - 10),)) == (HIGH_BINS - 74, HIGH_BINS - 1)
 
 
 @pytest.mark.parametrize("threads", ["one", "all"])
@@ -413,7 +436,7 @@ def test_consecutive_events_after_an_event_prune_at_the_exact_threshold(kernel_b
     candidates = tensors.params + half.params
     numel = sum(p.numel() for p in candidates)
     crowded_events = 0
-    previous_tau = None   # predicted, as the optimizer does: the update counts around it
+    recent_taus = ()   # as the optimizer gives them: the update counts around them
     for step, sparsity in enumerate((0.5, 0.3, 0.35, 0.3)):
         updated_tensors, updated_half = tensors.clone(), half.clone()
         backend.step([updated_tensors.group(weight_decay=0.0),
@@ -423,10 +446,10 @@ def test_consecutive_events_after_an_event_prune_at_the_exact_threshold(kernel_b
                       for p in candidates]
         k = int(numel * sparsity)
         event = dataclasses.replace(prune_event(candidates, k, keep_masks),
-                                    predicted_tau=previous_tau)
+                                    recent_taus=recent_taus)
         threshold, = backend.step([tensors.group(event=0, weight_decay=0.0),
                                    half.group(event=0, weight_decay=0.0)], [event], None)
-        previous_tau = threshold.tau
+        recent_taus = (threshold.tau,) + recent_taus[:1]
         tau = reference.global_threshold(updated, k)
         assert_bitwise_equal(threshold.tau, tau, f"step {step}: tau")
         keys = torch.cat([u.abs().float().flatten() for u in updated]).view(torch.int32)

@@ -54,9 +54,10 @@ class PruneEvent:
     # (ties: the lower index first), and those with |θ| <= τ are zeroed. None: every element is
     # a candidate, and those with |θ| < τ are zeroed.
     pattern: NMPattern | None = None
-    # The pool's previous τ (0-dim float32, on the parameters' device), None before its first
-    # event: a backend may count the histogram around it first, the same τ either way.
-    predicted_tau: torch.Tensor | None = None
+    # The pool's last τs, the latest first (0-dim float32, on the parameters' device; none
+    # before its first event): a backend may count the histogram around them first, the same τ
+    # either way.
+    recent_taus: tuple[torch.Tensor, ...] = ()
 
 
 @dataclass(frozen=True)
