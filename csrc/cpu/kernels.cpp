@@ -48,9 +48,9 @@ constexpr int64_t kSpikeSpan = 32;
 // (1% near zero) 1.12x / 1.13x -> 1.09x / 1.09x; tensors in L3, one thread: the spike path
 // 1.24-1.26 -> 1.12 ns per element, the slab-only 0.79-0.80 -> 0.76-0.78. bfloat16 parameters
 // take such a block whole too, in place of the compressed spike path, whose flag loop reads θ in
-// a pass of its own: that regime, 2 threads / 1, bf16 + fp32 state 81.6 / 153.1 -> 73.6 / 133.3
-// ms, bf16 + bf16 state 74.1 / 142.7 -> 71.0 / 139.1; a dense model within 1%. (float16 is
-// staged: its flag loop reads θ from L1, and the compressed path stays 7% faster.)
+// a pass of its own: that regime, 2 threads / 1, bf16 + fp32 state 80-82 / 153 -> 73-74 /
+// 133-137 ms, bf16 + bf16 state 74-76 / 140-143 -> 71-73 / 137-139 ms; a dense model within 1%.
+// (float16 is staged: its flag loop reads θ from L1, and the compressed path stays 7% faster.)
 constexpr int64_t kSpanGroup = 4;
 constexpr int64_t kGroupElements = kSpanGroup * kSpikeSpan;
 // Thread-local counters are uint32; they are flushed to the shared int64 histogram well before
@@ -308,10 +308,11 @@ constexpr bool kCompactSpike = !std::is_same_v<P, F32>;
 
 // Which of the spans [first, end) of a block's θ (in the update loop's format) hold a weight
 // where the spike matters, into uses_spike; true if every one does. A constant trip count per
-// span, so that each check is a few full vectors.
+// span, so that each check is a few full vectors. The constants by value: through a reference GCC
+// left the loop scalar, branching on each θ == 0 (an event step 3x slower).
 template <typename PL>
 bool check_spans(const typename PL::T* __restrict theta, int64_t first, int64_t end,
-                 const PriorConstants& prior, bool* uses_spike) {
+                 const PriorConstants prior, bool* __restrict uses_spike) {
   bool every_span = true;
   for (int64_t span = first; span < end; ++span) {
     int spike_lanes = 0;
