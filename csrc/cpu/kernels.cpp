@@ -420,10 +420,12 @@ void update_chunk(const StepTensor& t, const Chunk& chunk, const StepOptions& op
         memcpy(&keep[8 * byte], &kMaskByteExpansion.bytes[keep_mask[block / 8 + byte]], 8);
       }
     }
-    if (kPrior && slab_path_exact && kCompactSpike<P> && !kStaged<P> && n >= kGroupElements &&
-        check_spans<PL>(theta, 0, kSpanGroup, prior, uses_spike)) {
-      // bfloat16, whose θ the flag loop below would read from DRAM in a pass of its own: a block
-      // whose first group of spans needs the spike in every span is taken whole (kSpanGroup).
+    // float32 and bfloat16, whose θ a check of the whole block would read from DRAM in a pass of
+    // its own: a block whose first group of spans needs the spike in every span is taken whole
+    // (kSpanGroup). The first group's checks stay in uses_spike.
+    const bool first_group_checked = kPrior && slab_path_exact && !kStaged<P> &&
+                                     n >= kGroupElements;
+    if (first_group_checked && check_spans<PL>(theta, 0, kSpanGroup, prior, uses_spike)) {
       update(0, n, Term<kFullTerm>{});
     } else if (kPrior && slab_path_exact && kCompactSpike<P>) {
       // Which weights need the spike; none: the slab's term; most: the whole term in the loop;
@@ -459,15 +461,12 @@ void update_chunk(const StepTensor& t, const Chunk& chunk, const StepOptions& op
       }
     } else if (kPrior && slab_path_exact) {
       // float32 parameters, in groups of kSpanGroup spans: which spans of the group have a
-      // weight where the spike matters, then one update call per run of spans of one kind. A
-      // block whose first group needs the spike in every span is taken whole (see kSpanGroup).
+      // weight where the spike matters, then one update call per run of spans of one kind.
       const int64_t spans = n / kSpikeSpan;
       for (int64_t group = 0; group < spans; group += kSpanGroup) {
         const int64_t group_end = std::min(group + kSpanGroup, spans);
-        const bool every_span = check_spans<PL>(theta, group, group_end, prior, uses_spike);
-        if (group == 0 && group_end == kSpanGroup && every_span) {
-          update(0, spans * kSpikeSpan, Term<kFullTerm>{});
-          break;
+        if (group != 0 || !first_group_checked) {
+          check_spans<PL>(theta, group, group_end, prior, uses_spike);
         }
         for (int64_t run = group; run < group_end;) {
           int64_t run_end = run + 1;

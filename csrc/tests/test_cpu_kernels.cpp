@@ -70,7 +70,7 @@ struct Case {
 void test_fused_step(DType param_dtype, DType state_dtype, bool prior_on, bool with_mask,
                      int threads) {
   std::mt19937 rng(7);
-  const std::vector<size_t> sizes = {0, 1, 7, 1023, 1025, 40000, 70001};
+  const std::vector<size_t> sizes = {0, 1, 7, 100, 1023, 1025, 40000, 70001};
   std::vector<Case> cases;
   for (size_t n : sizes) {
     Case c{Buffer(param_dtype, random_values(n, 0.05f, rng)),
