@@ -385,6 +385,9 @@ def test_update_counts_the_histogram_in_a_window(threads, request):
         return step_tensors, histogram
 
     every_bin_tensors, every_bin = step(None)
+    updated = torch.cat([p.float().abs().flatten() for t in every_bin_tensors for p in t.params])
+    direct = torch.bincount(updated.view(torch.int32) >> LOW_BITS, minlength=HIGH_BINS)
+    assert torch.equal(every_bin, direct), "every bin: not the updated values' direct count"
     median_bin = int((every_bin.cumsum(0) >= every_bin.sum() // 2).nonzero()[0])
     lowest_bin = int(every_bin[1:].nonzero()[0]) + 1
     # Around the median, and from bin 1 (bin 0 below it) to just above the smallest values.
