@@ -87,6 +87,10 @@ def test_16bit_rounding_and_exp_match_torch_and_float64():
         assert_bitwise_equal(ours[~nan], x[~nan].to(ours.dtype), name)
         assert ours[nan].isnan().all(), name
     assert (bf16_bits[nan] == 0x7FC0).all()  # csrc/core/formats.h's canonical NaN
+    # float16 NaN: quieted, sign and the payload's high bits kept (formats.h, as vcvtps2ph).
+    w = x[nan].view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    expected = ((w >> 16) & 0x8000) | 0x7E00 | ((w >> 13) & 0x3FF)
+    assert torch.equal(f16_bits[nan].to(torch.int64), expected)
     # exp_for_logistic: within 2.5 ulp of exp (docs/spec.md §4: 2.3 without FMA, as the
     # interpreter rounds tl.fma) for inputs in [-86, ln(FLT_MAX)], +inf above, NaN kept,
     # exp(-86) below.

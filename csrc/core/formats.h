@@ -48,7 +48,10 @@ MGPP_HD uint16_t float_to_f16_bits(float x) {
   base = bits_to_float((bias >> 1) + 0x07800000u) + base;
   const uint32_t bits = float_to_bits(base);
   const uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
-  const uint32_t out = (sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign);
+  // NaN: quieted, its payload's high bits kept, as the conversion instructions do (x86
+  // vcvtps2ph), so that a vector loop and its scalar remainder give the same bits.
+  const uint32_t nan = 0x7E00u | ((w >> 13) & 0x03FFu);
+  const uint32_t out = (sign >> 16) | (shl1_w > 0xFF000000u ? nan : nonsign);
   return static_cast<uint16_t>(out);
 }
 

@@ -122,7 +122,8 @@ void check_known_values() {
   CHECK(float_to_f16_bits(65519.0f) == 0x7BFF, "f16 largest finite");
   CHECK(float_to_f16_bits(from_bits(0x33000000u)) == 0x0000, "f16 tie at half its denormal");
   CHECK(float_to_f16_bits(from_bits(0x33000001u)) == 0x0001, "f16 smallest denormal");
-  CHECK(float_to_f16_bits(from_bits(0xFFC12345u)) == 0xFE00, "f16 NaN keeps its sign");
+  CHECK(float_to_f16_bits(from_bits(0xFFC12345u)) == 0xFE09, "f16 NaN keeps its sign and payload");
+  CHECK(float_to_f16_bits(from_bits(0x7F812345u)) == 0x7E09, "f16 signaling NaN is quieted");
 }
 
 }  // namespace

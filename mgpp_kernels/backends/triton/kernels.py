@@ -169,7 +169,8 @@ def _f32_to_f16_bits(x):
     base = ((bias >> 1) + 0x07800000).to(tl.float32, bitcast=True) + base
     bits = base.to(tl.uint32, bitcast=True)
     nonsign = ((bits >> 13) & 0x00007C00) + (bits & 0x00000FFF)
-    return ((sign >> 16) | tl.where(shl1_w > 0xFF000000, 0x7E00, nonsign)).to(tl.uint16)
+    nan = 0x7E00 | ((w >> 13) & 0x03FF)  # quieted, the payload's high bits kept
+    return ((sign >> 16) | tl.where(shl1_w > 0xFF000000, nan, nonsign)).to(tl.uint16)
 
 
 @device_function
