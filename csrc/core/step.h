@@ -154,7 +154,10 @@ using mgpp_abi::AdamWScalars;
 
 // torch.optim.AdamW's update (amsgrad=False, maximize=False), in its order of operations except
 // that the bias correction of √v is a multiplication by a host-computed reciprocal: a division
-// less per element, a difference of at most one rounding.
+// less per element, a difference of at most one rounding. The square root and the division stay
+// IEEE: estimates from the exponent bits with Newton steps in their place measured slower (this
+// loop alone in L1, Intel Xeon: 0.47 -> 0.68 ns per element on AVX-512, 0.50 -> 1.1 on AVX2;
+// they add about 20 dependent operations to each element's chain).
 MGPP_HD void adamw_update(float& theta, float& exp_avg, float& exp_avg_sq, float grad,
                           const AdamWScalars& s) {
   theta = theta * s.decay;
