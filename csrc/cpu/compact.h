@@ -1,12 +1,12 @@
 // Compressing and expanding blocks by a per-element test, for csrc/cpu/kernels.cpp: the elements
 // of one high bin (the level-1 histogram and the one-pass event: each match's low bin and
-// position, in order), and the weights whose prior gradient needs the spike (their θ compressed,
-// their prior weights expanded back). In the regrowth regime most of a block falls in the bin, and
-// 10-30% of a pruned model's weights sit near zero at random places, so these must cost little per
-// element: the AVX-512 paths compress and expand 16 lanes at a time (vpcompressd, vexpandps), the
-// AVX2 paths permute 8 (vpermd, by tables indexed by the test's bits), and the portable paths
-// append branch-free. tests/dispatch_worker.py runs the kernels on every path against the
-// reference.
+// position, in order), the bins inside an event's window, and the weights whose prior gradient
+// needs the spike (their θ compressed, their prior weights expanded back). In the regrowth regime
+// most of a block falls in the bin, and 10-30% of a pruned model's weights sit near zero at
+// random places, so these must cost little per element: the AVX-512 paths compress and expand
+// 16 lanes at a time (vpcompressd, vexpandps), the AVX2 paths permute 8 (vpermd, by tables
+// indexed by the test's bits), and the portable paths append branch-free. tests/dispatch_worker.py
+// runs the kernels on every path against the reference.
 #pragma once
 
 #include <stdint.h>
@@ -115,6 +115,56 @@ inline int64_t collect_bin(const uint32_t* __restrict keys, int64_t n, uint32_t 
   return m;
 }
 
+// The bins in [begin, end) of bins[0, n), in order, appended to inside, and how many lie below
+// begin, in one pass (an event's level-0 histogram under a window: the caller counts the inside
+// ones one by one and the rest by these counts). Bins are below 2^31. inside has room for n
+// elements (the vector paths store whole vectors at the end).
+struct WindowCollection {
+  int64_t inside;
+  int64_t below;
+};
+inline WindowCollection collect_window(const uint32_t* __restrict bins, int64_t n, uint32_t begin,
+                                       uint32_t end, uint32_t* __restrict inside) {
+  const uint32_t width = end - begin;
+  int64_t m = 0;
+  int64_t below = 0;
+  int64_t i = 0;
+#if defined(MGPP_CPU_AVX512)
+  const __m512i first = _mm512_set1_epi32(static_cast<int>(begin));
+  const __m512i widths = _mm512_set1_epi32(static_cast<int>(width));
+  for (; i + 16 <= n; i += 16) {
+    const __m512i bin = _mm512_loadu_si512(bins + i);
+    const __mmask16 in = _mm512_cmplt_epu32_mask(_mm512_sub_epi32(bin, first), widths);
+    below += __builtin_popcount(_mm512_cmplt_epu32_mask(bin, first));
+    _mm512_storeu_si512(inside + m, _mm512_maskz_compress_epi32(in, bin));
+    m += __builtin_popcount(in);
+  }
+#elif defined(__AVX2__)
+  // Signed compares: every bin is below 2^31.
+  const __m256i first = _mm256_set1_epi32(static_cast<int>(begin));
+  const __m256i last = _mm256_set1_epi32(static_cast<int>(end - 1));
+  for (; i + 8 <= n; i += 8) {
+    const __m256i bin = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bins + i));
+    const __m256i under = _mm256_cmpgt_epi32(first, bin);
+    const __m256i outside = _mm256_or_si256(under, _mm256_cmpgt_epi32(bin, last));
+    const int in = ~_mm256_movemask_ps(_mm256_castsi256_ps(outside)) & 0xFF;
+    const int under_bits = _mm256_movemask_ps(_mm256_castsi256_ps(under));
+    below += __builtin_popcount(static_cast<unsigned>(under_bits));
+    const __m256i lanes =
+        _mm256_load_si256(reinterpret_cast<const __m256i*>(kMatchPermutations.lanes[in]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(inside + m),
+                        _mm256_permutevar8x32_epi32(bin, lanes));
+    m += __builtin_popcount(static_cast<unsigned>(in));
+  }
+#endif
+  for (; i < n; ++i) {
+    inside[m] = bins[i];
+    m += bins[i] - begin < width;
+    below += bins[i] < begin;
+  }
+  return {m, below};
+}
+
 #if defined(__AVX2__) && !defined(MGPP_CPU_AVX512)
 // For each 8-bit mask, where each lane's element comes from in a compressed vector: the count of
 // set bits below the lane.
@@ -133,24 +183,17 @@ struct ExpandPermutations {
 inline constexpr ExpandPermutations kExpandPermutations{};
 #endif
 
-// out = the x[i] whose flags[i] is set (flags are 0 or -1), in order, for 32-bit elements (float
-// values, uint32 bins). out has room for n elements.
-template <typename T>
-inline void compress_flagged(const T* __restrict x, const int32_t* __restrict flags, int64_t n,
-                             T* __restrict out) {
-  static_assert(sizeof(T) == 4, "compress_flagged moves 32-bit elements");
+// out = the x[i] whose flags[i] is set (flags are 0 or -1), in order. out has room for n
+// elements.
+inline void compress_flagged(const float* __restrict x, const int32_t* __restrict flags,
+                             int64_t n, float* __restrict out) {
   int64_t m = 0;
   int64_t i = 0;
-#if defined(MGPP_CPU_AVX512) || defined(__AVX2__)
-  // The vector paths move the elements' bits as float lanes.
-  const float* __restrict lanes_in = reinterpret_cast<const float*>(x);
-  float* __restrict lanes_out = reinterpret_cast<float*>(out);
-#endif
 #if defined(MGPP_CPU_AVX512)
   for (; i + 16 <= n; i += 16) {
     const __m512i flag = _mm512_loadu_si512(flags + i);
     const __mmask16 set = _mm512_test_epi32_mask(flag, flag);
-    _mm512_storeu_ps(lanes_out + m, _mm512_maskz_compress_ps(set, _mm512_loadu_ps(lanes_in + i)));
+    _mm512_storeu_ps(out + m, _mm512_maskz_compress_ps(set, _mm512_loadu_ps(x + i)));
     m += __builtin_popcount(set);
   }
 #elif defined(__AVX2__)
@@ -159,8 +202,7 @@ inline void compress_flagged(const T* __restrict x, const int32_t* __restrict fl
         _mm256_castsi256_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(flags + i))));
     const __m256i lanes =
         _mm256_load_si256(reinterpret_cast<const __m256i*>(kMatchPermutations.lanes[set]));
-    _mm256_storeu_ps(lanes_out + m,
-                     _mm256_permutevar8x32_ps(_mm256_loadu_ps(lanes_in + i), lanes));
+    _mm256_storeu_ps(out + m, _mm256_permutevar8x32_ps(_mm256_loadu_ps(x + i), lanes));
     m += __builtin_popcount(static_cast<unsigned>(set));
   }
 #endif
