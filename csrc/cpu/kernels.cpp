@@ -175,13 +175,13 @@ void count_bins(const uint32_t* __restrict bins, int64_t n, uint32_t* __restrict
 
 // count_bins of a block's level-0 bins (n <= kBlock) under a window (HighBinWindow): only the
 // elements inside are counted one by one, collected first. Around the previous event's τ they
-// are a few percent of a model's. An event step against a plain one, BERT-base lists, Intel Xeon,
-// side by side in one process, 1 and 2 threads, every bin -> 64 bins each side of the previous
-// τ's: fp32 1.55-1.57x -> 1.43-1.44x, bf16 1.27-1.31x -> 1.15-1.20x (32 bins each side measured
-// about the same, 256 saved a third as much). They are collected in the pass that tests the
-// window, not from flags written by a pass before it: an event step against a plain one, builds
-// in turns, fp32 2 threads / 1 1.40-1.46x / 1.39-1.43x -> 1.36-1.37x / 1.33-1.36x, bf16 2
-// threads 1.23-1.26x -> 1.16-1.22x.
+// are about a tenth of a model's (64 bins each side of τ, BERT-base lists at 30% sparsity). An
+// event step against a plain one, BERT-base lists, Intel Xeon, side by side in one process, 1 and
+// 2 threads, every bin -> 64 bins each side of the previous τ's: fp32 1.55-1.57x -> 1.43-1.44x,
+// bf16 1.27-1.31x -> 1.15-1.20x (32 bins each side measured about the same, 256 saved a third as
+// much). They are collected in the pass that tests the window, not from flags written by a pass
+// before it: an event step against a plain one, builds in turns, fp32 2 threads / 1 1.40-1.46x /
+// 1.39-1.43x -> 1.36-1.37x / 1.33-1.36x, bf16 2 threads 1.23-1.26x -> 1.16-1.22x.
 void count_high_bins(const uint32_t* __restrict bins, int64_t n, HighBinWindow window,
                      uint32_t* __restrict histogram) {
   const uint32_t stride = copy_stride(kHistHighBins);
