@@ -55,7 +55,12 @@ constexpr int64_t kSpikeSpan = 32;
 // take such a block whole too, in place of the compressed spike path, whose flag loop reads θ in
 // a pass of its own: that regime, 2 threads / 1, bf16 + fp32 state 80-82 / 153 -> 73-74 /
 // 133-137 ms, bf16 + bf16 state 74-76 / 140-143 -> 71-73 / 137-139 ms; a dense model within 1%.
-// (float16 is staged: its flag loop reads θ from L1, and the compressed path stays 7% faster.)
+// That holds on the AVX-512 path only (kWholeSpikeBlocks): with 8 lanes or 4 the spike for every
+// weight costs more than the flag loop's pass. The avx2 path, against fused AdamW in bf16 on
+// ATen's avx2 path, side by side in one process: bf16 1 thread / 2 1.89x / 1.89x -> 1.76-1.79x /
+// 1.77-1.79x, bf16 + fp32 state 1 thread 1.85x -> 1.57x; the portable path, bf16 one thread,
+// 524 -> 502 ms. (float16 is staged: its flag loop reads θ from L1, and the compressed path stays
+// 7% faster.)
 constexpr int64_t kSpanGroup = 4;
 constexpr int64_t kGroupElements = kSpanGroup * kSpikeSpan;
 // Thread-local counters are uint32; they are flushed to the shared int64 histogram well before
@@ -319,6 +324,16 @@ constexpr bool kSplitSpikePath = std::is_same_v<P, BF16> && std::is_same_v<S, BF
 template <typename P>
 constexpr bool kCompactSpike = !std::is_same_v<P, F32>;
 
+// Which parameter formats take a block whose first group of spans all needs the spike whole
+// (kSpanGroup): float32, and bfloat16 on the AVX-512 path.
+#if defined(MGPP_CPU_AVX512)
+template <typename P>
+constexpr bool kWholeSpikeBlocks = std::is_same_v<P, F32> || std::is_same_v<P, BF16>;
+#else
+template <typename P>
+constexpr bool kWholeSpikeBlocks = std::is_same_v<P, F32>;
+#endif
+
 // Which of the spans [first, end) of a block's θ (in the update loop's format) hold a weight
 // where the spike matters, into uses_spike; true if every one does. A constant trip count per
 // span, so that each check is a few full vectors. The constants by value: through a reference GCC
@@ -451,10 +466,10 @@ void update_chunk(const StepTensor& t, const Chunk& chunk, const StepOptions& op
         memcpy(&keep[8 * byte], &kMaskByteExpansion.bytes[keep_mask[block / 8 + byte]], 8);
       }
     }
-    // float32 and bfloat16, whose θ a check of the whole block would read from DRAM in a pass of
-    // its own: a block whose first group of spans needs the spike in every span is taken whole
-    // (kSpanGroup). The first group's checks stay in uses_spike.
-    const bool first_group_checked = kPrior && slab_path_exact && !kStaged<P> &&
+    // float32 and, on the AVX-512 path, bfloat16, whose θ a check of the whole block would read
+    // from DRAM in a pass of its own: a block whose first group of spans needs the spike in every
+    // span is taken whole (kSpanGroup). The first group's checks stay in uses_spike.
+    const bool first_group_checked = kPrior && slab_path_exact && kWholeSpikeBlocks<P> &&
                                      n >= kGroupElements;
     if (first_group_checked && check_spans<PL>(theta, 0, kSpanGroup, prior, uses_spike)) {
       update(0, n, Term<kFullTerm>{});
