@@ -57,8 +57,8 @@ constexpr int64_t kSpikeSpan = 32;
 // 133-137 ms, bf16 + bf16 state 74-76 / 140-143 -> 71-73 / 137-139 ms; a dense model within 1%.
 // That holds on the AVX-512 path only (kWholeSpikeBlocks): with 8 lanes or 4 the spike for every
 // weight costs more than the flag loop's pass. The avx2 path, against fused AdamW in bf16 on
-// ATen's avx2 path, side by side in one process: bf16 1 thread / 2 1.89x / 1.89x -> 1.76-1.79x /
-// 1.77-1.79x, bf16 + fp32 state 1 thread 1.85x -> 1.57x; the portable path, bf16 one thread,
+// ATen's avx2 path, side by side: bf16 1 thread / 2 1.89-1.94x / 1.89-1.90x -> 1.75-1.79x /
+// 1.77-1.82x, bf16 + fp32 state 1 thread 1.85x -> 1.57x; the portable path, bf16 one thread,
 // 524 -> 502 ms. (float16 is staged: its flag loop reads θ from L1, and the compressed path stays
 // 7% faster.)
 constexpr int64_t kSpanGroup = 4;
