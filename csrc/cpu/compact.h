@@ -46,9 +46,9 @@ inline constexpr MatchPermutations kMatchPermutations{};
 // appended to lows and, with kPositions, first + i to positions. Returns how many. lows and
 // positions have room for n elements (the vector paths store whole vectors at the end). The
 // vector paths skip a vector without a match: outside the regrowth regime τ's bin holds well
-// under 1% of the elements, and an fp32 event step against a plain one, BERT-base lists, Intel
-// Xeon, 2 threads, side by side in one process, measured 1.37x -> 1.33x with it (AVX2 path
-// 1.15-1.16x -> 1.12-1.13x, the passes over θ prefetched).
+// under 1% of the elements. An fp32 event step against a plain one, BERT-base lists, Intel Xeon,
+// the passes over θ prefetched, side by side in one process, 2 threads / 1: 1.37x / 1.34x ->
+// 1.30x / 1.30x with it (the AVX2 path, 2 threads: 1.15-1.16x -> 1.12-1.13x).
 template <bool kPositions>
 inline int64_t collect_bin(const uint32_t* __restrict keys, int64_t n, uint32_t high_bin,
                            uint32_t first, uint32_t* __restrict lows,

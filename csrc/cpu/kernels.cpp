@@ -102,9 +102,9 @@ int64_t chunk_length(Pattern pattern) {
 // Asks for the block after [block, block + length) of a chunk's array in L1. An event's passes
 // over θ read it as their one stream, which the hardware prefetcher alone keeps too few loads of
 // in flight: an fp32 event step against a plain one, BERT-base lists, Intel Xeon, 2 threads,
-// side by side in one process, 1.39x -> 1.32x with the partition pass prefetched; the regrowth
-// regime's events 1.81x -> 1.71x with every pass over θ prefetched (bf16 1.53x -> 1.48x). Two
-// blocks ahead measured slower than one.
+// side by side in one process, 1.37-1.39x -> 1.32-1.34x with the partition pass prefetched; the
+// regrowth regime's events 1.81-1.86x -> 1.70-1.73x with every pass over θ prefetched (bf16
+// 1.53x -> 1.48x). Two blocks ahead measured slower than one, into L2 no faster.
 template <typename T>
 void prefetch_next_block(const T* data, int64_t block, int64_t length, int64_t chunk_end) {
   constexpr int64_t kLineElements = 64 / sizeof(T);
