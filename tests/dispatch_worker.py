@@ -1,10 +1,10 @@
 """Run by tests/test_cpu_dispatch.py in a fresh process with MGPP_CPU_CAPABILITY set: prints
 build_info, then checks the cpu backend on the path it names against the reference within
-docs/spec.md §4 (one fp32 step at every stage of the schedule; 16-bit storage at an event and in
-a step whose blocks mix weights near the spike with others; events on crowded and sparse bins,
-whose passes collect the bin with the path's instructions, at the exact τ; 2 threads) and
-bit-identical to itself at 1 and 2 threads through a schedule of events, the freeze and the
-frozen mask. Prints OK at the end."""
+docs/spec.md §4 (one fp32 step at every stage of the schedule; fp32 and 16-bit storage in a step
+whose blocks mix weights near the spike with others, 16-bit also at an event; events on crowded
+and sparse bins, whose passes collect the bin with the path's instructions, at the exact τ;
+2 threads) and bit-identical to itself at 1 and 2 threads through a schedule of events, the
+freeze and the frozen mask. Prints OK at the end."""
 from __future__ import annotations
 
 import torch
@@ -28,6 +28,7 @@ def main() -> None:
         before, runs = test_step_bounds.one_step(shapes, prune, cpu, t, kernel_threads=2,
                                                  weight_decay=0.01)
         test_step_bounds.assert_one_step_bounds(before, runs, cpu, prune, t)
+    test_step_bounds.test_backend_step_fp32_within_bound(cpu, "prior")
     for dtype in (torch.bfloat16, torch.float16):
         for state_dtype in ("fp32", "param"):
             test_step_bounds.test_one_step_16bit_against_float64_oracle(

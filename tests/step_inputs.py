@@ -31,7 +31,8 @@ class StepTensors:
     keep_masks: list[torch.Tensor]
 
     @staticmethod
-    def make(shapes, dtype, state_dtype, seed=0, step=3.0, masked=False, device="cpu"):
+    def make(shapes, dtype, state_dtype, seed=0, step=3.0, masked=False, device="cpu",
+             spike_runs=False):
         generator = torch.Generator().manual_seed(seed)
 
         def randn(shape, scale):
@@ -41,8 +42,16 @@ class StepTensors:
         for shape in shapes:
             theta = randn(shape, 0.02)
             # Every fourth value tiny, so the spike weight ρ0 takes values between 0 and 1 (for
-            # the others exp overflows and ρ0 = 0), and some exact zeros.
-            theta.view(-1)[::4] *= 1e-4
+            # the others exp overflows and ρ0 = 0), and some exact zeros. With spike_runs, in
+            # each 1024 elements the second quarter all tiny and the third none, so that the cpu
+            # kernels' runs take each route: the spike for every weight, for none, and for the
+            # tiny ones compressed.
+            position = torch.arange(theta.numel()) % 1024
+            tiny = position % 4 == 0
+            if spike_runs:
+                tiny = (tiny | ((position >= 256) & (position < 512))) & ~(
+                    (position >= 512) & (position < 768))
+            theta.view(-1)[tiny] *= 1e-4
             theta.view(-1)[::11] = 0.0
             params.append(theta.to(dtype))
         tensors = StepTensors(

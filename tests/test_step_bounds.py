@@ -154,7 +154,7 @@ def test_backend_step_fp32_within_bound(kernel_backend, case):
     a frozen mask (whose pruned positions stay zero)."""
     device = kernel_backend.device
     before = StepTensors.make(STEP_SHAPES, torch.float32, torch.float32, seed=1,
-                              masked=case == "frozen_mask")
+                              masked=case == "frozen_mask", spike_runs=True)
     prior = PRIOR if case == "prior" else None
     scale_value = 4.0 if case == "prior" else 1.0
     if case == "prior":
@@ -175,7 +175,7 @@ def test_backend_step_fp32_within_bound(kernel_backend, case):
     (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
     (torch.float16, torch.float32), (torch.float16, torch.float16)])
 def test_backend_step_16bit_storage_bound(kernel_backend, dtype, state_dtype):
-    before = StepTensors.make(STEP_SHAPES, dtype, state_dtype, seed=2)
+    before = StepTensors.make(STEP_SHAPES, dtype, state_dtype, seed=2, spike_runs=True)
     ours, same_dtype = before.clone(device=kernel_backend.device), before.clone()
     oracle = before.clone(torch.float64, torch.float64)
     kernel_backend.load().step([ours.group()], [], None)

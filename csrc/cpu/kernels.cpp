@@ -40,27 +40,39 @@ constexpr int64_t kBlock = 1024;
 // block, then narrowed, 1.85-1.94x / 1.88-1.99x; pieces of 128 1.57-1.62x / 1.57-1.61x (side by
 // side in one process: 64 1.66-1.68x / 1.73x, 256 1.64x / 1.70x, 512 or more 1.9-2.1x).
 constexpr int64_t kPiece = 128;
+// float32 parameters (and state) update kStreamPiece elements at a time, each piece first asking
+// for the lines kStreamAhead elements further on in θ, g, m and v (kStreamedLoop): with the spike
+// path's arithmetic between its loads, the hardware prefetchers alone kept too few of the four
+// streams in flight. BERT-base lists against fused AdamW, Intel Xeon, the AVX-512 path, builds in
+// turns, 2 threads / 1: 1.13-1.14x / 1.07-1.09x -> 0.98-1.04x / 0.99-1.00x; a dense model (1% near
+// zero), 2 threads, 1.09x -> 0.97x. Side by side in one process: pieces of 64 without the
+// prefetch 1.23x where the step was 1.14x; pieces of 32 or 128 slower (1.03x, 1.02-1.05x against
+// 1.00-1.01x), of 256 1.17-1.20x; 128 to 1024 elements ahead within the noise of 256. bfloat16
+// and float16 measured no faster with it (bf16 1.15-1.24x against 1.18x, fp16 1.46-1.55x against
+// 1.48x), so they keep one loop per route.
+constexpr int64_t kStreamPiece = 64;
+constexpr int64_t kStreamAhead = 256;
 // Weights checked together for the spike: long enough for a few vectors, short enough that a
 // span of a dense model usually has no weight near zero.
 constexpr int64_t kSpikeSpan = 32;
-// float32 parameters check kSpanGroup spans for the spike, then update them, group after group:
-// checking all of a block's spans first reads θ from DRAM in a pass of its own, which stalls
-// (computing the checks into a byte per weight in one vector pass was no faster). A block whose
-// first group needs the spike in every span is taken whole without checking the rest: with
-// 10-40% of the weights near zero at random places (the benchmark's regime, and training between
-// events) every span needs it. BERT-base lists, Intel Xeon, side by side in one process, the step
-// against fused AdamW, 2 threads / 1: that regime 1.22x / 1.19x -> 1.10x / 1.07x, a dense model
-// (1% near zero) 1.12x / 1.13x -> 1.09x / 1.09x; tensors in L3, one thread: the spike path
-// 1.24-1.26 -> 1.12 ns per element, the slab-only 0.79-0.80 -> 0.76-0.78. bfloat16 parameters
-// take such a block whole too, in place of the compressed spike path, whose flag loop reads θ in
-// a pass of its own: that regime, 2 threads / 1, bf16 + fp32 state 80-82 / 153 -> 73-74 /
-// 133-137 ms, bf16 + bf16 state 74-76 / 140-143 -> 71-73 / 137-139 ms; a dense model within 1%.
-// That holds on the AVX-512 path only (kWholeSpikeBlocks): with 8 lanes or 4 the spike for every
-// weight costs more than the flag loop's pass. The avx2 path, against fused AdamW in bf16 on
-// ATen's avx2 path, side by side: bf16 1 thread / 2 1.89-1.94x / 1.89-1.90x -> 1.75-1.79x /
-// 1.77-1.82x, bf16 + fp32 state 1 thread 1.85x -> 1.57x; the portable path, bf16 one thread,
-// 524 -> 502 ms. (float16 is staged: its flag loop reads θ from L1, and the compressed path stays
-// 7% faster.)
+// On the AVX-512 path, float32 parameters check kSpanGroup spans for the spike, then update them,
+// group after group: checking all of a block's spans first reads θ from DRAM in a pass of its own,
+// which stalls (computing the checks into a byte per weight in one vector pass was no faster). A
+// block whose first group needs the spike in every span is taken whole without checking the rest:
+// with 10-40% of the weights near zero at random places (the benchmark's regime, and training
+// between events) every span needs it. BERT-base lists, Intel Xeon, side by side in one process,
+// the step against fused AdamW, 2 threads / 1: that regime 1.22x / 1.19x -> 1.10x / 1.07x, a dense
+// model (1% near zero) 1.12x / 1.13x -> 1.09x / 1.09x; tensors in L3, one thread: the spike path
+// 1.24-1.26 -> 1.12 ns per element, the slab-only 0.79-0.80 -> 0.76-0.78. bfloat16 parameters take
+// such a block whole too, in place of the compressed spike path, whose flag loop reads θ in a pass
+// of its own: that regime, 2 threads / 1, bf16 + fp32 state 80-82 / 153 -> 73-74 / 133-137 ms, bf16
+// + bf16 state 74-76 / 140-143 -> 71-73 / 137-139 ms; a dense model within 1%. That holds on the
+// AVX-512 path only (kWholeSpikeBlocks): with 8 lanes or 4 the spike for every weight costs more
+// than the flag loop's pass (float32 there: kCompactSpike). The avx2 path, against fused AdamW in
+// bf16 on ATen's avx2 path, side by side: bf16 1 thread / 2 1.89-1.94x / 1.89-1.90x -> 1.75-1.79x /
+// 1.77-1.82x, bf16 + fp32 state 1 thread 1.85x -> 1.57x; the portable path, bf16 one thread, 524 ->
+// 502 ms. (float16 is staged: its flag loop reads θ from L1, and the compressed path stays 7%
+// faster.)
 constexpr int64_t kSpanGroup = 4;
 constexpr int64_t kGroupElements = kSpanGroup * kSpikeSpan;
 // Thread-local counters are uint32; they are flushed to the shared int64 histogram well before
@@ -99,6 +111,13 @@ int64_t chunk_length(Pattern pattern) {
   return kChunk - kChunk % block;
 }
 
+// Asks for the cache lines of elements [begin, end) of an array in L1.
+template <typename T>
+void prefetch_lines(const T* data, int64_t begin, int64_t end) {
+  constexpr int64_t kLineElements = 64 / sizeof(T);
+  for (int64_t e = begin; e < end; e += kLineElements) __builtin_prefetch(data + e, 0, 3);
+}
+
 // Asks for the block after [block, block + length) of a chunk's array in L1. An event's passes
 // over θ read it as their one stream, which the hardware prefetcher alone keeps too few loads of
 // in flight: an fp32 event step against a plain one, BERT-base lists, Intel Xeon, 2 threads,
@@ -107,11 +126,7 @@ int64_t chunk_length(Pattern pattern) {
 // 1.53x -> 1.48x). Two blocks ahead measured slower than one, into L2 no faster.
 template <typename T>
 void prefetch_next_block(const T* data, int64_t block, int64_t length, int64_t chunk_end) {
-  constexpr int64_t kLineElements = 64 / sizeof(T);
-  const int64_t next_end = std::min(block + 2 * length, chunk_end);
-  for (int64_t e = block + length; e < next_end; e += kLineElements) {
-    __builtin_prefetch(data + e, 0, 3);
-  }
+  prefetch_lines(data, block + length, std::min(block + 2 * length, chunk_end));
 }
 
 template <typename GetNumel>
@@ -313,25 +328,48 @@ void stage_out(const float* buffer, typename F::T* data, int64_t n) {
 template <typename P, typename S>
 constexpr bool kSplitSpikePath = std::is_same_v<P, BF16> && std::is_same_v<S, BF16>;
 
+// Which storage updates in pieces with the streams prefetched ahead (kStreamPiece).
+template <typename P, typename S>
+constexpr bool kStreamedLoop = std::is_same_v<P, F32> && std::is_same_v<S, F32>;
+
 // 16-bit parameters compute the spike's prior weight only for the weights that need it: their θ
 // compressed, the weights computed, expanded back (csrc/cpu/compact.h). With 10-40% of the
 // weights near zero at random places, every span of kSpikeSpan holds one, so the span route
 // computes the spike for all. One step, side by side in one process (Intel Xeon, AVX-512): one
 // thread, tensors in L3: bf16 0.88-0.91x, bf16 + float32 state 0.78-0.82x, fp16 0.86-0.89x;
 // 2 threads, 16M elements: bf16 0.84-0.94x, fp16 0.83-0.88x (0.95x at 50%). float32 parameters
-// keep the span route: 0.83-0.87x in L3 but 1.00-1.10x from DRAM, where the step waits on memory
-// and the block's extra passes delay its loads.
+// keep the span route on the AVX-512 path: 0.83-0.87x in L3 but 1.00-1.10x from DRAM, where the
+// step waits on memory and the block's extra passes delay its loads. With 8 lanes or 4 the spike
+// for every weight costs more than those passes: float32 takes the compressed route there too,
+// kCompactLength elements at a time, its streams prefetched (kStreamedLoop). BERT-base lists
+// against fused AdamW on ATen's path of the same instruction set, Intel Xeon, builds in turns:
+// the avx2 path, 2 threads / 1, 1.38x / 1.34-1.36x -> 1.14-1.16x / 1.14-1.17x (a dense model,
+// 2 threads, 1.15x -> 0.95x); the portable path, 6 layers, one thread, 1.57x -> 1.02x.
+#if defined(MGPP_CPU_AVX512)
 template <typename P>
 constexpr bool kCompactSpike = !std::is_same_v<P, F32>;
+#else
+template <typename P>
+constexpr bool kCompactSpike = true;
+#endif
+
+// The elements of a block the compressed route checks, compresses and updates at a time: float32
+// reads θ from DRAM in its check, and a short run keeps that read inside the reach of the update
+// loop's prefetches (kStreamAhead). The avx2 path against fused AdamW, side by side in one
+// process, 2 threads / 1: a whole block 1.37x / 1.37x, runs of 256 1.24x / 1.23x, of 128 1.17x /
+// 1.16x, of 64 1.34x / 1.34x. bfloat16 measured slower in runs of 128 (avx2 path, 2 threads:
+// 1.80x -> 2.09x), so 16-bit formats take the whole block.
+template <typename P>
+constexpr int64_t kCompactLength = std::is_same_v<P, F32> ? 128 : kBlock;
 
 // Which parameter formats take a block whose first group of spans all needs the spike whole
-// (kSpanGroup): float32, and bfloat16 on the AVX-512 path.
+// (kSpanGroup): float32 and bfloat16 on the AVX-512 path.
 #if defined(MGPP_CPU_AVX512)
 template <typename P>
 constexpr bool kWholeSpikeBlocks = std::is_same_v<P, F32> || std::is_same_v<P, BF16>;
 #else
 template <typename P>
-constexpr bool kWholeSpikeBlocks = std::is_same_v<P, F32>;
+constexpr bool kWholeSpikeBlocks = false;
 #endif
 
 // Which of the spans [first, end) of a block's θ (in the update loop's format) hold a weight
@@ -443,10 +481,22 @@ void update_chunk(const StepTensor& t, const Chunk& chunk, const StepOptions& op
         v[i] = SL::store(v_i);
       }
     };
-    // update_views with the staged arrays widened and narrowed around it, piece by piece (kPiece).
-    // Each route below updates every element of the block once, so each is narrowed once.
+    // update_views piece by piece with the streams prefetched ahead (kStreamedLoop), or with the
+    // staged arrays widened and narrowed around it (kPiece). Each route below updates every element
+    // of the block once, so each is narrowed once.
     auto update = [&](int64_t begin, int64_t end, auto prior_term) {
-      if constexpr (!kStaged<P> && !kStaged<S>) {
+      if constexpr (kStreamedLoop<P, S>) {
+        for (int64_t piece = begin; piece < end; piece += kStreamPiece) {
+          const int64_t piece_end = std::min(piece + kStreamPiece, end);
+          const int64_t ahead_begin = block + piece + kStreamAhead;
+          const int64_t ahead_end = std::min(block + piece_end + kStreamAhead, chunk.end);
+          prefetch_lines(param, ahead_begin, ahead_end);
+          prefetch_lines(grad, ahead_begin, ahead_end);
+          prefetch_lines(exp_avg, ahead_begin, ahead_end);
+          prefetch_lines(exp_avg_sq, ahead_begin, ahead_end);
+          update_views(piece, piece_end, prior_term);
+        }
+      } else if constexpr (!kStaged<P> && !kStaged<S>) {
         update_views(begin, end, prior_term);
       } else {
         for (int64_t piece = begin; piece < end; piece += kPiece) {
@@ -474,36 +524,41 @@ void update_chunk(const StepTensor& t, const Chunk& chunk, const StepOptions& op
     if (first_group_checked && check_spans<PL>(theta, 0, kSpanGroup, prior, uses_spike)) {
       update(0, n, Term<kFullTerm>{});
     } else if (kPrior && slab_path_exact && kCompactSpike<P>) {
-      // Which weights need the spike; none: the slab's term; most: the whole term in the loop;
-      // else their prior weights, computed compressed and expanded into prior_buffer.
-      int spike_count = 0;
+      // kCompactLength elements at a time: which weights need the spike; none: the slab's term;
+      // most: the whole term in the loop; else their prior weights, computed compressed and
+      // expanded into prior_buffer.
+      for (int64_t run = 0; run < n; run += kCompactLength<P>) {
+        const int64_t run_end = std::min(run + kCompactLength<P>, n);
+        int spike_count = 0;
 #pragma omp simd reduction(+ : spike_count)
-      for (int64_t i = 0; i < n; ++i) {
-        const float x = PL::load(theta[i]);
-        const bool spike = prior_uses_spike(x, prior);
-        if constexpr (!std::is_same_v<PL, F32>) theta_f32[i] = x;
-        spike_flags[i] = spike ? -1 : 0;
-        spike_count += spike;
-      }
-      if (spike_count == 0) {
-        update(0, n, Term<PriorTerm::kSlab>{});
-      } else if (2 * spike_count > n) {
-        update(0, n, Term<kFullTerm>{});
-      } else {
-        // float16 is staged: θ is already a float32 buffer.
-        const float* theta_values;
-        if constexpr (std::is_same_v<PL, F32>) {
-          theta_values = theta;
+        for (int64_t i = run; i < run_end; ++i) {
+          const float x = PL::load(theta[i]);
+          const bool spike = prior_uses_spike(x, prior);
+          if constexpr (!std::is_same_v<PL, F32>) theta_f32[i] = x;
+          spike_flags[i] = spike ? -1 : 0;
+          spike_count += spike;
+        }
+        if (spike_count == 0) {
+          update(run, run_end, Term<PriorTerm::kSlab>{});
+        } else if (2 * spike_count > run_end - run) {
+          update(run, run_end, Term<kFullTerm>{});
         } else {
-          theta_values = theta_f32;
-        }
-        compress_flagged(theta_values, spike_flags, n, spike_weights);
+          // float32 and staged float16 θ are read as they are.
+          const float* theta_values;
+          if constexpr (std::is_same_v<PL, F32>) {
+            theta_values = theta;
+          } else {
+            theta_values = theta_f32;
+          }
+          compress_flagged(theta_values + run, spike_flags + run, run_end - run, spike_weights);
 #pragma omp simd
-        for (int64_t k = 0; k < spike_count; ++k) {
-          spike_weights[k] = prior_weight(spike_weights[k], prior);
+          for (int64_t k = 0; k < spike_count; ++k) {
+            spike_weights[k] = prior_weight(spike_weights[k], prior);
+          }
+          expand_flagged(spike_weights, spike_flags + run, run_end - run, prior.inv_sigma1_sq,
+                         prior_buffer + run);
+          update(run, run_end, WeightedTerm{});
         }
-        expand_flagged(spike_weights, spike_flags, n, prior.inv_sigma1_sq, prior_buffer);
-        update(0, n, WeightedTerm{});
       }
     } else if (kPrior && slab_path_exact) {
       // float32 parameters, in groups of kSpanGroup spans: which spans of the group have a
