@@ -65,15 +65,13 @@ inline int64_t collect_bin(const uint32_t* __restrict keys, int64_t n, uint32_t 
     const __m512i key = _mm512_loadu_si512(keys + i);
     const __mmask16 match =
         _mm512_cmpeq_epi32_mask(_mm512_srli_epi32(key, kHistLowBits), target);
-    if (match == 0) {
-      if constexpr (kPositions) position = _mm512_add_epi32(position, _mm512_set1_epi32(16));
-      continue;
-    }
+    const __m512i lane_positions = position;
+    position = _mm512_add_epi32(position, _mm512_set1_epi32(16));
+    if (match == 0) continue;
     _mm512_storeu_si512(lows + m,
                         _mm512_maskz_compress_epi32(match, _mm512_and_si512(key, low_mask)));
     if constexpr (kPositions) {
-      _mm512_storeu_si512(positions + m, _mm512_maskz_compress_epi32(match, position));
-      position = _mm512_add_epi32(position, _mm512_set1_epi32(16));
+      _mm512_storeu_si512(positions + m, _mm512_maskz_compress_epi32(match, lane_positions));
     }
     m += __builtin_popcount(match);
   }
@@ -86,18 +84,16 @@ inline int64_t collect_bin(const uint32_t* __restrict keys, int64_t n, uint32_t 
     const __m256i key = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + i));
     const __m256i match = _mm256_cmpeq_epi32(_mm256_srli_epi32(key, kHistLowBits), target);
     const int bits = _mm256_movemask_ps(_mm256_castsi256_ps(match));
-    if (bits == 0) {
-      if constexpr (kPositions) position = _mm256_add_epi32(position, _mm256_set1_epi32(8));
-      continue;
-    }
+    const __m256i lane_positions = position;
+    position = _mm256_add_epi32(position, _mm256_set1_epi32(8));
+    if (bits == 0) continue;
     const __m256i lanes =
         _mm256_load_si256(reinterpret_cast<const __m256i*>(kMatchPermutations.lanes[bits]));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(lows + m),
                         _mm256_permutevar8x32_epi32(_mm256_and_si256(key, low_mask), lanes));
     if constexpr (kPositions) {
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(positions + m),
-                          _mm256_permutevar8x32_epi32(position, lanes));
-      position = _mm256_add_epi32(position, _mm256_set1_epi32(8));
+                          _mm256_permutevar8x32_epi32(lane_positions, lanes));
     }
     m += __builtin_popcount(static_cast<unsigned>(bits));
   }
