@@ -39,6 +39,13 @@ constexpr int64_t kBlock = 1024;
 // lists against fused AdamW in fp16, Intel Xeon, 1 thread / 2: every array widened for the whole
 // block, then narrowed, 1.85-1.94x / 1.88-1.99x; pieces of 128 1.57-1.62x / 1.57-1.61x (side by
 // side in one process: 64 1.66-1.68x / 1.73x, 256 1.64x / 1.70x, 512 or more 1.9-2.1x).
+// g, m and v are staged in buffers of one piece, and each piece asks for its share of the next
+// block's θ lines in L1: with buffers of a whole block, and the next block's θ asked for at once
+// (which had measured 1.55-1.65x / 1.53-1.57x -> 1.42-1.45x / 1.40-1.42x against none), the
+// block's data crowded L1 and the widening of θ waited on its loads (a third of the step's
+// samples). Builds in turns, 1 thread / 2: the AVX-512 path 1.39-1.45x / 1.40-1.46x -> 1.27-1.33x
+// / 1.29-1.34x, the AVX2 path 1.87-1.91x / 1.83-1.89x -> 1.70x / 1.67-1.69x; also asking for g, m
+// and v 256 elements ahead measured the same.
 constexpr int64_t kPiece = 128;
 // float32 parameters (and state) update kStreamPiece elements at a time, each piece first asking
 // for the lines kStreamAhead elements further on in θ, g, m and v (kStreamedLoop): with the spike
@@ -407,8 +414,8 @@ void update_chunk(const StepTensor& t, const Chunk& chunk, const StepOptions& op
   const bool slab_path_exact = std::isfinite(prior.inv_sigma0_sq - prior.inv_sigma1_sq);
   using PL = LoopFormat<P>;
   using SL = LoopFormat<S>;
-  // The L1-resident buffers of staged arrays (kStaged).
-  alignas(64) float theta_buffer[kBlock], grad_buffer[kBlock], m_buffer[kBlock], v_buffer[kBlock];
+  // The L1-resident buffers of staged arrays (kStaged): θ for the block, g, m and v for a piece.
+  alignas(64) float theta_buffer[kBlock], grad_piece[kPiece], m_piece[kPiece], v_piece[kPiece];
   // Per element, from before the update loop: the gradients of the split spike path
   // (kSplitSpikePath), or the prior weights of the compressed one (kCompactSpike).
   alignas(64) float prior_buffer[kBlock];
@@ -425,26 +432,18 @@ void update_chunk(const StepTensor& t, const Chunk& chunk, const StepOptions& op
   for (int64_t block = chunk.begin; block < chunk.end; block += length) {
     const int64_t n = std::min(block + length, chunk.end) - block;
     stage_in<P>(param + block, theta_buffer, n);
-    if constexpr (kStaged<P>) {
-      // The next block's θ into L1: its whole-block widening above comes before any math that
-      // could hide its DRAM loads. fp16 BERT-base lists against fused AdamW in fp16, Intel Xeon,
-      // side by side in one process, 1 thread / 2: 1.55-1.65x / 1.53-1.57x -> 1.42-1.45x /
-      // 1.40-1.42x (into L2 the same or slower). float32 and bfloat16 θ, read by the update loop
-      // itself, measured slower with it (fp32 1.06x -> 1.13x, bf16 1.10x -> 1.15x).
-      prefetch_next_block(param, block, length, chunk.end);
-    }
     auto* __restrict theta = loop_view<P>(param + block, theta_buffer);
-    const auto* __restrict g = loop_view<P>(grad + block, grad_buffer);
-    auto* __restrict m = loop_view<S>(exp_avg + block, m_buffer);
-    auto* __restrict v = loop_view<S>(exp_avg_sq + block, v_buffer);
-    // Updates [begin, end) of the block's views (a staged array's buffer) with the given prior
-    // term. Never inlined: GCC vectorises the outlined loop, but left some inlined copies scalar
-    // (bf16 parameters with float32 state). Everything by value: float stores through theta, m
-    // and v could otherwise alias captured references and reload the scalars every iteration.
+    // Updates [begin, end) of the block's θ view with the given prior term, g, m and v read from
+    // their views at `begin` (a staged array's piece buffer). Never inlined: GCC vectorises the
+    // outlined loop, but left some inlined copies scalar (bf16 parameters with float32 state).
+    // Everything by value: float stores through theta, m and v could otherwise alias captured
+    // references and reload the scalars every iteration.
     const uint8_t* __restrict keep_flags = keep;
     float* __restrict prior_values = prior_buffer;
-    auto update_views = [theta, g, m, v, keep_flags, prior_values, inv_grad_scale, prior, adamw](
-                            int64_t begin, int64_t end, auto prior_term) __attribute__((noinline)) {
+    auto update_views = [theta, keep_flags, prior_values, inv_grad_scale, prior, adamw](
+                            int64_t begin, int64_t end, const typename PL::T* g_at,
+                            typename SL::T* m_at, typename SL::T* v_at,
+                            auto prior_term) __attribute__((noinline)) {
       constexpr bool kWeighted = std::is_same_v<decltype(prior_term), WeightedTerm>;
       constexpr PriorTerm kTerm = kTermOf<decltype(prior_term)>;
       // The scalars as locals: read through the closure, GCC reloaded and recomputed them in
@@ -454,29 +453,36 @@ void update_chunk(const StepTensor& t, const Chunk& chunk, const StepOptions& op
       const PriorConstants local_prior = prior;
       const AdamWScalars local_adamw = adamw;
       const float local_inv_grad_scale = inv_grad_scale;
+      auto* __restrict theta_at = theta + begin;
+      const auto* __restrict g = g_at;
+      auto* __restrict m = m_at;
+      auto* __restrict v = v_at;
+      const uint8_t* __restrict keep_at = keep_flags + begin;
+      float* __restrict prior_at = prior_values + begin;
+      const int64_t count = end - begin;
       constexpr bool kSplit =
           !kWeighted && kTerm == PriorTerm::kSpikeAndSlab && kSplitSpikePath<P, S>;
       if constexpr (kSplit) {
 #pragma omp simd
-        for (int64_t i = begin; i < end; ++i) {
-          prior_values[i] = step_gradient<kTerm>(PL::load(theta[i]), PL::load(g[i]),
+        for (int64_t i = 0; i < count; ++i) {
+          prior_at[i] = step_gradient<kTerm>(PL::load(theta_at[i]), PL::load(g[i]),
                                              local_inv_grad_scale, local_prior);
         }
       }
       // step_element, with the gradient from the first loop when the path is split.
 #pragma omp simd
-      for (int64_t i = begin; i < end; ++i) {
-        float theta_i = PL::load(theta[i]);
+      for (int64_t i = 0; i < count; ++i) {
+        float theta_i = PL::load(theta_at[i]);
         float m_i = SL::load(m[i]);
         float v_i = SL::load(v[i]);
         const float g_i =
-            kSplit      ? prior_values[i]
+            kSplit      ? prior_at[i]
             : kWeighted ? weighted_step_gradient(theta_i, PL::load(g[i]), local_inv_grad_scale,
-                                                 prior_values[i], local_prior)
+                                                 prior_at[i], local_prior)
                         : step_gradient<kTerm>(theta_i, PL::load(g[i]), local_inv_grad_scale,
                                                local_prior);
-        step_update(theta_i, m_i, v_i, g_i, !kMask || keep_flags[i] != 0, local_adamw);
-        theta[i] = PL::store(theta_i);
+        step_update(theta_i, m_i, v_i, g_i, !kMask || keep_at[i] != 0, local_adamw);
+        theta_at[i] = PL::store(theta_i);
         m[i] = SL::store(m_i);
         v[i] = SL::store(v_i);
       }
@@ -494,20 +500,29 @@ void update_chunk(const StepTensor& t, const Chunk& chunk, const StepOptions& op
           prefetch_lines(grad, ahead_begin, ahead_end);
           prefetch_lines(exp_avg, ahead_begin, ahead_end);
           prefetch_lines(exp_avg_sq, ahead_begin, ahead_end);
-          update_views(piece, piece_end, prior_term);
+          update_views(piece, piece_end, grad + block + piece, exp_avg + block + piece,
+                       exp_avg_sq + block + piece, prior_term);
         }
       } else if constexpr (!kStaged<P> && !kStaged<S>) {
-        update_views(begin, end, prior_term);
+        update_views(begin, end, grad + block + begin, exp_avg + block + begin,
+                     exp_avg_sq + block + begin, prior_term);
       } else {
         for (int64_t piece = begin; piece < end; piece += kPiece) {
-          const int64_t length = std::min(kPiece, end - piece);
-          stage_in<P>(grad + block + piece, grad_buffer + piece, length);
-          stage_in<S>(exp_avg + block + piece, m_buffer + piece, length);
-          stage_in<S>(exp_avg_sq + block + piece, v_buffer + piece, length);
-          update_views(piece, piece + length, prior_term);
-          stage_out<P>(theta_buffer + piece, param + block + piece, length);
-          stage_out<S>(m_buffer + piece, exp_avg + block + piece, length);
-          stage_out<S>(v_buffer + piece, exp_avg_sq + block + piece, length);
+          const int64_t count = std::min(kPiece, end - piece);
+          if constexpr (kStaged<P>) {
+            const int64_t ahead = block + length + piece;
+            prefetch_lines(param, std::min(ahead, chunk.end), std::min(ahead + count, chunk.end));
+          }
+          const auto* g_at = loop_view<P>(grad + block + piece, grad_piece);
+          auto* m_at = loop_view<S>(exp_avg + block + piece, m_piece);
+          auto* v_at = loop_view<S>(exp_avg_sq + block + piece, v_piece);
+          stage_in<P>(grad + block + piece, grad_piece, count);
+          stage_in<S>(exp_avg + block + piece, m_piece, count);
+          stage_in<S>(exp_avg_sq + block + piece, v_piece, count);
+          update_views(piece, piece + count, g_at, m_at, v_at, prior_term);
+          stage_out<P>(theta_buffer + piece, param + block + piece, count);
+          stage_out<S>(m_piece, exp_avg + block + piece, count);
+          stage_out<S>(v_piece, exp_avg_sq + block + piece, count);
         }
       }
     };
